@@ -1,0 +1,274 @@
+"""Enums, configuration classes and paths.
+
+A leaf module: it imports nothing of the rest of the package but ``exceptions``,
+and never torch or mlflow.
+
+Paths and service addresses are read from the environment each time they are
+used, never frozen at import, so a process that sets ``RF_HOME`` after importing
+the library still gets the right database.  Module attributes such as
+``constants.DB_PATH`` are computed on access (PEP 562); the functions
+:func:`rf_home`, :func:`db_path`, :func:`log_path` do the same explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable
+
+from rapidfire_state.exceptions import ConfigError
+
+
+class StrEnum(str, Enum):
+    """An enum whose values equal their names, so SQL and JSON read naturally."""
+
+    def __str__(self) -> str:  # "ONGOING", not "RunStatus.ONGOING"
+        return self.value
+
+
+class ExperimentStatus(StrEnum):
+    NEW = "NEW"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+
+class RunStatus(StrEnum):
+    NEW = "NEW"
+    ONGOING = "ONGOING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+    KILLED = "KILLED"
+
+
+class RunSource(StrEnum):
+    USER = "USER"
+    CLONE_MODIFY = "CLONE_MODIFY"
+
+
+class RunEndedBy(StrEnum):
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    KILLED = "KILLED"
+    STOPPED = "STOPPED"
+
+
+class TaskStatus(StrEnum):
+    PENDING = "PENDING"
+    SCHEDULED = "SCHEDULED"
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+
+class ExperimentTask(StrEnum):
+    IDLE = "IDLE"
+    CREATE_MODELS = "CREATE_MODELS"
+    IC_OPS = "IC_OPS"
+    RUN_FIT = "RUN_FIT"
+
+
+class ControllerTask(StrEnum):
+    RUN_FIT = "RUN_FIT"
+    CREATE_MODELS = "CREATE_MODELS"
+    IC_DELETE = "IC_DELETE"
+    IC_STOP = "IC_STOP"
+    IC_RESUME = "IC_RESUME"
+    IC_CLONE_MODIFY = "IC_CLONE_MODIFY"
+    IC_CLONE_MODIFY_WARM = "IC_CLONE_MODIFY_WARM"
+    EPOCH_BOUNDARY = "EPOCH_BOUNDARY"
+    GET_RUN_METRICS = "GET_RUN_METRICS"
+
+
+class WorkerTask(StrEnum):
+    CREATE_MODELS = "CREATE_MODELS"
+    TRAIN_VAL = "TRAIN_VAL"
+
+
+class SHMObjectType(StrEnum):
+    MODEL = "MODEL"
+    CHECKPOINT = "CHECKPOINT"
+
+
+class SHMLocation(StrEnum):
+    """Where the payload of a ``shm_objects`` row lives."""
+
+    SHM = "SHM"
+    DISK = "DISK"
+
+
+# --- environment helpers ------------------------------------------------------------
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean; use one of 1/0, true/false, yes/no, on/off")
+
+
+def _env_port(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a port number; use an integer 1-65535") from None
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{name}={raw!r} is out of range; use an integer 1-65535")
+    return port
+
+
+def rf_home() -> Path:
+    """``$RF_HOME``, default ``~/rapidfireai``."""
+    raw = os.environ.get("RF_HOME")
+    return Path(raw).expanduser() if raw else Path.home() / "rapidfireai"
+
+
+def db_path() -> Path:
+    """The embedded SQLite database: ``$RF_HOME/db/rapidfire_state.db``."""
+    return rf_home() / "db" / "rapidfire_state.db"
+
+
+def log_path() -> Path:
+    """``$RF_LOG_PATH``, default ``$RF_HOME/logs``."""
+    raw = os.environ.get("RF_LOG_PATH")
+    return Path(raw).expanduser() if raw else rf_home() / "logs"
+
+
+def log_filename() -> str:
+    """``$RF_LOG_FILENAME``, default ``rapidfire.log``."""
+    return os.environ.get("RF_LOG_FILENAME") or "rapidfire.log"
+
+
+def use_shared_memory() -> bool:
+    """``$RF_USE_SHARED_MEMORY``, default True."""
+    return _env_bool("RF_USE_SHARED_MEMORY", True)
+
+
+_DYNAMIC: dict[str, Callable[[], Any]] = {
+    "RF_HOME": rf_home,
+    "DB_PATH": db_path,
+    "RF_LOG_PATH": log_path,
+    "RF_LOG_FILENAME": log_filename,
+    "USE_SHARED_MEMORY": use_shared_memory,
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        return _DYNAMIC[name]()
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+# --- configuration classes ----------------------------------------------------------
+
+
+class _EnvValue:
+    """A class attribute read from the environment on every access."""
+
+    def __init__(self, read: Callable[[type], Any]):
+        self._read = read
+
+    def __get__(self, obj: Any, owner: type) -> Any:
+        return self._read(owner)
+
+
+class _ServiceConfig:
+    """Host, port and URL of one service; ``RF_<NAME>_HOST/PORT/URL`` override."""
+
+    ENV_PREFIX = ""
+    DEFAULT_PORT = 0
+    DEFAULT_HOST = "127.0.0.1"
+
+    HOST = _EnvValue(lambda cls: os.environ.get(f"RF_{cls.ENV_PREFIX}_HOST") or cls.DEFAULT_HOST)
+    PORT = _EnvValue(lambda cls: _env_port(f"RF_{cls.ENV_PREFIX}_PORT", cls.DEFAULT_PORT))
+    URL = _EnvValue(
+        lambda cls: os.environ.get(f"RF_{cls.ENV_PREFIX}_URL") or f"http://{cls.HOST}:{cls.PORT}/"
+    )
+
+
+class DispatcherConfig(_ServiceConfig):
+    """The dispatcher (REST API for interactive control); default port 8851."""
+
+    ENV_PREFIX = "DISPATCHER"
+    DEFAULT_PORT = 8851
+
+
+class MLFlowConfig(_ServiceConfig):
+    """The MLflow tracking server; default port 8852."""
+
+    ENV_PREFIX = "MLFLOW"
+    DEFAULT_PORT = 8852
+
+
+class FrontendConfig(_ServiceConfig):
+    """The dashboard front end; default port 8853."""
+
+    ENV_PREFIX = "FRONTEND"
+    DEFAULT_PORT = 8853
+
+
+class DBConfig:
+    """Where the state database lives and how it is opened.
+
+    ``URL`` is ``$RF_DB_URL`` or the embedded SQLite file; ``BUSY_TIMEOUT_MS``
+    (``$RF_DB_BUSY_TIMEOUT_MS``) is SQLite's wait for a lock before the write
+    unit is retried; ``WRITE_RETRY_SECONDS`` (``$RF_DB_WRITE_RETRY_SECONDS``) bounds
+    the total time a write unit is retried.
+    """
+
+    URL = _EnvValue(lambda cls: os.environ.get("RF_DB_URL") or f"sqlite:///{db_path()}")
+    BUSY_TIMEOUT_MS = _EnvValue(lambda cls: _env_int("RF_DB_BUSY_TIMEOUT_MS", 5000))
+    WRITE_RETRY_SECONDS = _EnvValue(lambda cls: float(_env_int("RF_DB_WRITE_RETRY_SECONDS", 120)))
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if value < 0:
+        raise ConfigError(f"{name}={raw!r} must be >= 0")
+    return value
+
+
+__all__ = [
+    "StrEnum",
+    "ExperimentStatus",
+    "RunStatus",
+    "RunSource",
+    "RunEndedBy",
+    "TaskStatus",
+    "ExperimentTask",
+    "ControllerTask",
+    "WorkerTask",
+    "SHMObjectType",
+    "SHMLocation",
+    "DBConfig",
+    "DispatcherConfig",
+    "MLFlowConfig",
+    "FrontendConfig",
+    "rf_home",
+    "db_path",
+    "log_path",
+    "log_filename",
+    "use_shared_memory",
+    "RF_HOME",
+    "DB_PATH",
+    "RF_LOG_PATH",
+    "RF_LOG_FILENAME",
+    "USE_SHARED_MEMORY",
+]

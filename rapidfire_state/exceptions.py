@@ -1,0 +1,136 @@
+"""Every error the library raises derives from :class:`RapidFireError`.
+
+The first group are the classes of the original utilities; the second group are
+the state-layer errors.  Messages always name the offending value and, where it
+helps, what would have been allowed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+
+class RapidFireError(Exception):
+    """Base class of every error raised by ``rapidfire_state``."""
+
+
+# --- the original utilities' errors -------------------------------------------------
+
+
+class ExperimentException(RapidFireError):
+    """Experiment-level error (naming, lifecycle, cleanup)."""
+
+
+class ControllerException(RapidFireError):
+    """Error raised by controller code."""
+
+
+class WorkerException(RapidFireError):
+    """Error raised by worker code or worker process management."""
+
+
+class DispatcherException(RapidFireError):
+    """Error raised by the dispatcher service."""
+
+
+class DBException(RapidFireError):
+    """Database error: connection, driver or constraint failures are wrapped in it."""
+
+
+class AutoMLException(RapidFireError):
+    """Invalid AutoML configuration or search space."""
+
+
+class NoGPUsFoundException(RapidFireError):
+    """No GPU is available where one is required."""
+
+
+# --- state-layer errors -------------------------------------------------------------
+
+
+class ConfigError(RapidFireError, ValueError):
+    """A configuration value (argument or environment variable) is invalid."""
+
+
+class NotFoundError(RapidFireError, LookupError):
+    """A row that the caller named does not exist."""
+
+    def __init__(self, entity: str, entity_id: Any):
+        self.entity = entity
+        self.entity_id = entity_id
+        super().__init__(f"{entity} {entity_id!r} does not exist")
+
+
+class InvalidTransitionError(RapidFireError):
+    """A status change that the state machine does not allow.
+
+    Carries ``entity``, ``entity_id``, ``current`` (the status the row has),
+    ``wanted`` and ``allowed`` (the statuses from which ``wanted`` may be reached).
+    """
+
+    def __init__(
+        self,
+        entity: str,
+        entity_id: Any,
+        current: Any,
+        wanted: Any,
+        allowed: Iterable[Any] = (),
+        detail: str | None = None,
+    ):
+        self.entity = entity
+        self.entity_id = entity_id
+        self.current = current
+        self.wanted = wanted
+        self.allowed = tuple(allowed)
+        allowed_text = ", ".join(_name(a) for a in self.allowed) or "none"
+        message = (
+            f"{entity} {entity_id}: cannot move from {_name(current)} to {_name(wanted)}"
+            f" ({_name(wanted)} may be reached only from: {allowed_text})"
+        )
+        if detail:
+            message = f"{message}; {detail}"
+        super().__init__(message)
+
+
+class SchemaOutOfDateError(DBException):
+    """The database schema is behind this library's migrations."""
+
+
+class SchemaTooNewError(DBException):
+    """The database carries a migration revision this library does not know."""
+
+
+class PayloadIntegrityError(RapidFireError):
+    """A serialized payload failed its integrity check; nothing was unpickled."""
+
+
+class InsufficientSharedMemoryError(RapidFireError):
+    """An object fits neither in shared memory nor on disk."""
+
+
+class DataPathException(RapidFireError):
+    """A data path is used before initialisation or would escape its base directory."""
+
+
+def _name(value: Any) -> str:
+    return str(getattr(value, "value", value))
+
+
+__all__ = [
+    "RapidFireError",
+    "ExperimentException",
+    "ControllerException",
+    "WorkerException",
+    "DispatcherException",
+    "DBException",
+    "AutoMLException",
+    "NoGPUsFoundException",
+    "ConfigError",
+    "NotFoundError",
+    "InvalidTransitionError",
+    "SchemaOutOfDateError",
+    "SchemaTooNewError",
+    "PayloadIntegrityError",
+    "InsufficientSharedMemoryError",
+    "DataPathException",
+]

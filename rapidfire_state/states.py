@@ -1,0 +1,131 @@
+"""The three state machines as data: the single source of truth.
+
+The database layer, the API, the README's diagrams and the tests all read the
+tables below.  Nothing else lives here.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from types import MappingProxyType
+from typing import Mapping
+
+from rapidfire_state.constants import ExperimentStatus, RunStatus, TaskStatus
+from rapidfire_state.exceptions import ConfigError
+
+E, R, T = ExperimentStatus, RunStatus, TaskStatus
+
+EXPERIMENT_TRANSITIONS: Mapping[ExperimentStatus, frozenset[ExperimentStatus]] = MappingProxyType(
+    {
+        E.NEW: frozenset({E.RUNNING, E.FAILED}),
+        E.RUNNING: frozenset({E.COMPLETED, E.FAILED}),
+        E.COMPLETED: frozenset(),
+        E.FAILED: frozenset(),
+    }
+)
+
+RUN_TRANSITIONS: Mapping[RunStatus, frozenset[RunStatus]] = MappingProxyType(
+    {
+        R.NEW: frozenset({R.ONGOING, R.STOPPED, R.FAILED, R.KILLED}),
+        R.ONGOING: frozenset({R.STOPPED, R.COMPLETED, R.FAILED, R.KILLED}),
+        R.STOPPED: frozenset({R.ONGOING, R.FAILED, R.KILLED}),
+        R.COMPLETED: frozenset(),
+        R.FAILED: frozenset(),
+        R.KILLED: frozenset(),
+    }
+)
+
+TASK_TRANSITIONS: Mapping[TaskStatus, frozenset[TaskStatus]] = MappingProxyType(
+    {
+        T.PENDING: frozenset({T.SCHEDULED, T.FAILED}),
+        T.SCHEDULED: frozenset({T.IN_PROGRESS, T.FAILED}),
+        T.IN_PROGRESS: frozenset({T.COMPLETED, T.FAILED}),
+        T.COMPLETED: frozenset(),
+        T.FAILED: frozenset(),
+    }
+)
+
+#: machine name -> (status enum, transition table)
+MACHINES: Mapping[str, tuple[type[Enum], Mapping]] = MappingProxyType(
+    {
+        "experiment": (ExperimentStatus, EXPERIMENT_TRANSITIONS),
+        "run": (RunStatus, RUN_TRANSITIONS),
+        "task": (TaskStatus, TASK_TRANSITIONS),
+    }
+)
+
+#: the status a freshly created row of each machine has
+INITIAL_STATES: Mapping[str, Enum] = MappingProxyType(
+    {"experiment": E.NEW, "run": R.NEW, "task": T.PENDING}
+)
+
+
+def _machine(machine: str) -> tuple[type[Enum], Mapping]:
+    try:
+        return MACHINES[machine]
+    except (KeyError, TypeError):
+        raise ConfigError(
+            f"unknown state machine {machine!r}; allowed: {', '.join(MACHINES)}"
+        ) from None
+
+
+def coerce_status(machine: str, status: object) -> Enum:
+    """Return ``status`` as the machine's enum; accept the enum or its exact string value."""
+    enum_cls, _ = _machine(machine)
+    if isinstance(status, enum_cls):
+        return status
+    if isinstance(status, str) and not isinstance(status, Enum):
+        try:
+            return enum_cls(status)
+        except ValueError:
+            pass
+    allowed = ", ".join(member.value for member in enum_cls)
+    raise ConfigError(
+        f"{status!r} is not a {enum_cls.__name__} of the {machine} machine; allowed: {allowed}"
+    )
+
+
+def can_transition(machine: str, from_status: object, to_status: object) -> bool:
+    """True when ``from_status -> to_status`` is a legal change of ``machine``."""
+    _, table = _machine(machine)
+    return coerce_status(machine, to_status) in table[coerce_status(machine, from_status)]
+
+
+def allowed_from(machine: str, to_status: object) -> frozenset:
+    """Every status from which ``to_status`` may be reached."""
+    _, table = _machine(machine)
+    wanted = coerce_status(machine, to_status)
+    return frozenset(source for source, targets in table.items() if wanted in targets)
+
+
+def terminal_states(machine: str) -> frozenset:
+    """Statuses with no way out."""
+    _, table = _machine(machine)
+    return frozenset(status for status, targets in table.items() if not targets)
+
+
+def mermaid_diagram(machine: str) -> str:
+    """The machine as a Mermaid ``stateDiagram-v2``; the README embeds this text."""
+    enum_cls, table = _machine(machine)
+    lines = ["stateDiagram-v2", f"    [*] --> {INITIAL_STATES[machine].value}"]
+    for source in enum_cls:
+        for target in sorted(table[source], key=lambda s: list(enum_cls).index(s)):
+            lines.append(f"    {source.value} --> {target.value}")
+    for status in enum_cls:
+        if status in terminal_states(machine):
+            lines.append(f"    {status.value} --> [*]")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "EXPERIMENT_TRANSITIONS",
+    "RUN_TRANSITIONS",
+    "TASK_TRANSITIONS",
+    "MACHINES",
+    "INITIAL_STATES",
+    "coerce_status",
+    "can_transition",
+    "allowed_from",
+    "terminal_states",
+    "mermaid_diagram",
+]
