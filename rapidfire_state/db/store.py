@@ -1,0 +1,1580 @@
+"""``StateDB``: the one entry point to the state database.
+
+Transaction discipline
+----------------------
+* Every public write method is one unit of work run by :meth:`StateDB._write`:
+  a fresh session, ``BEGIN IMMEDIATE`` on SQLite, commit on success.  A unit that
+  meets a busy database (or a PostgreSQL serialization failure/deadlock) is run
+  again whole, with jittered exponential backoff, until
+  ``DBConfig.WRITE_RETRY_SECONDS`` have passed.
+* Helpers that take a session (``_cas``, ``_record_transition``, ...) never commit.
+* Status changes are single compare-and-set statements
+  (``UPDATE … SET previous_status = status, status = :to WHERE id = :id AND
+  status IN (:allowed) RETURNING …``) plus one history row in the same
+  transaction; legality is decided by the database, never by a prior read.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import socket
+import threading
+import time
+import weakref
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar
+
+from sqlalchemy import Table, and_, func, insert, literal, or_, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from rapidfire_state import states
+from rapidfire_state.constants import (
+    ControllerTask,
+    DBConfig,
+    ExperimentStatus,
+    ExperimentTask,
+    RunEndedBy,
+    RunSource,
+    RunStatus,
+    SHMLocation,
+    SHMObjectType,
+    TaskStatus,
+    WorkerTask,
+)
+from rapidfire_state.db.engine import (
+    WRITE_OPTION,
+    create_state_engine,
+    is_retryable,
+    is_unique_violation,
+    resolve_url,
+    sqlite_file,
+)
+from rapidfire_state.db.models import (
+    TRANSITION_ENTITIES,
+    ControllerTaskRow,
+    Experiment,
+    Run,
+    SHMObject,
+    StateTransition,
+    Worker,
+    WorkerTaskRow,
+    db_now,
+)
+from rapidfire_state.db.records import (
+    CleanupReport,
+    ExperimentRecord,
+    RunRecord,
+    SHMObjectRecord,
+    StaleWorkerReport,
+    TaskRecord,
+    TransitionRecord,
+    WorkerRecord,
+)
+from rapidfire_state.exceptions import (
+    ConfigError,
+    DBException,
+    ExperimentException,
+    InvalidTransitionError,
+    NotFoundError,
+    RapidFireError,
+    WorkerException,
+)
+
+T = TypeVar("T")
+
+DEFAULT_EXPERIMENT_NAME = "rf-exp"
+MAX_EXPERIMENT_NAME_LENGTH = 128
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
+_SUFFIX_PATTERN = re.compile(r"^(?P<stem>.+)_(?P<n>\d+)$")
+
+#: the counters ``update_run_progress`` may set, and their kinds
+PROGRESS_COUNTERS: Mapping[str, type] = {
+    "completed_steps": int,
+    "total_steps": int,
+    "num_chunks_visited": int,
+    "num_epochs_completed": int,
+    "chunk_offset": int,
+    "estimated_runtime": float,
+    "required_workers": int,
+    "progress": float,
+}
+
+_HOST = socket.gethostname()
+
+
+class _Machine:
+    """How one entity's status column is changed: its table, key and state machine."""
+
+    def __init__(self, entity: str, machine: str, table: Table, key: str):
+        self.entity = entity
+        self.machine = machine
+        self.table = table
+        self.key = key
+
+    @property
+    def key_column(self) -> Any:
+        return self.table.c[self.key]
+
+
+_EXPERIMENT = _Machine("experiment", "experiment", Experiment.__table__, "experiment_id")
+_RUN = _Machine("run", "run", Run.__table__, "run_id")
+_WORKER_TASK = _Machine("worker_task", "task", WorkerTaskRow.__table__, "task_id")
+_CONTROLLER_TASK = _Machine("controller_task", "task", ControllerTaskRow.__table__, "task_id")
+_TASK_MACHINES = {"worker": _WORKER_TASK, "controller": _CONTROLLER_TASK}
+_HISTORY_MACHINES = {m.entity: m for m in (_EXPERIMENT, _RUN, _WORKER_TASK, _CONTROLLER_TASK)}
+
+_OPEN_TASK_STATUSES = (TaskStatus.PENDING.value, TaskStatus.SCHEDULED.value, TaskStatus.IN_PROGRESS.value)
+
+_LIVE_DATABASES: "weakref.WeakSet[StateDB]" = weakref.WeakSet()
+
+
+def _dispose_after_fork() -> None:
+    # A forked child must not reuse the parent's pooled connections.
+    for database in list(_LIVE_DATABASES):
+        database._engine.dispose(close=False)
+        if database._write_engine is not None:
+            database._write_engine = database._engine.execution_options(**{WRITE_OPTION: True})
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_dispose_after_fork)
+
+
+def validate_experiment_name(name: Any) -> str:
+    """The cleaned experiment name, or :class:`ExperimentException` naming the value.
+
+    A name becomes a directory under ``experiments_path``, so it must be one
+    safe path component: at most 128 letters, digits, ``-``, ``_``, ``.``; no
+    leading dot, no ``..``; surrounding whitespace is stripped and an empty
+    name becomes ``rf-exp``.
+    """
+    if name is None:
+        return DEFAULT_EXPERIMENT_NAME
+    if not isinstance(name, str):
+        raise ExperimentException(
+            f"experiment name {name!r} is a {type(name).__name__}; a str is required"
+        )
+    cleaned = name.strip()
+    if cleaned == "":
+        return DEFAULT_EXPERIMENT_NAME
+    allowed = "at most 128 characters of letters, digits, '-', '_', '.', not starting with '.', no '..'"
+    if len(cleaned) > MAX_EXPERIMENT_NAME_LENGTH:
+        raise ExperimentException(f"experiment name {name!r} is {len(cleaned)} characters long; allowed: {allowed}")
+    if not _NAME_PATTERN.fullmatch(cleaned) or cleaned.startswith(".") or ".." in cleaned:
+        raise ExperimentException(f"experiment name {name!r} is not allowed; allowed: {allowed}")
+    return cleaned
+
+
+def _check_id(name: str, value: Any, *, optional: bool = False) -> Optional[int]:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name}={value!r} is not valid; a non-negative int is required")
+    return value
+
+
+def _enum_value(enum_cls: type, value: Any, what: str) -> str:
+    if isinstance(value, enum_cls):
+        return value.value
+    if isinstance(value, str):
+        try:
+            return enum_cls(value).value
+        except ValueError:
+            pass
+    allowed = ", ".join(member.value for member in enum_cls)
+    raise ConfigError(f"{what} {value!r} is not a {enum_cls.__name__}; allowed: {allowed}")
+
+
+class StateDB:
+    """The state database of one deployment (SQLite file or PostgreSQL).
+
+    ``StateDB(url=None, *, auto_upgrade=None)``: ``url`` defaults to
+    ``$RF_DB_URL``, else ``$RF_HOME/db/rapidfire_state.db``.  Opening applies the
+    open policy of :mod:`rapidfire_state.db.migrate` (empty → migrate under a
+    lock; behind → SQLite backed up then upgraded, a server database refused
+    unless ``auto_upgrade=True``; unknown/newer → :class:`SchemaTooNewError`).
+
+    Reads go through :meth:`session`, writes through :meth:`transaction` or the
+    store methods, each of which is one unit of work.  Instances pickle as
+    their URL, so they can be handed to spawned processes.
+    """
+
+    def __init__(self, url: Any = None, *, auto_upgrade: Optional[bool] = None):
+        self._url = resolve_url(url)
+        self._auto_upgrade = auto_upgrade
+        self._engine = create_state_engine(self._url)
+        self._write_engine: Optional[Engine] = self._engine.execution_options(**{WRITE_OPTION: True})
+        self._cleanup_hooks: list[Callable[[Sequence[SHMObjectRecord]], None]] = []
+        self._hooks_lock = threading.Lock()
+        #: ``(from_revision, to_revision)`` when this instance migrated the database
+        self.last_migration: Optional[tuple[Optional[str], str]] = None
+        #: the SQLite backup taken before an upgrade by this instance
+        self.backup_path: Optional[str] = None
+        from rapidfire_state.db import migrate
+
+        try:
+            migrate.ensure_schema(self, auto_upgrade=auto_upgrade)
+        except BaseException:
+            self._engine.dispose()
+            raise
+        _LIVE_DATABASES.add(self)
+
+    # --- plumbing ------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return f"StateDB({self.url_text!r})"
+
+    def __reduce__(self) -> tuple:
+        return (_reopen, (self._url.render_as_string(hide_password=False), self._auto_upgrade))
+
+    @property
+    def url(self) -> Any:
+        """The SQLAlchemy URL of the database."""
+        return self._url
+
+    @property
+    def url_text(self) -> str:
+        """The URL as text with any password hidden."""
+        return self._url.render_as_string(hide_password=True)
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine (reads begin deferred)."""
+        return self._engine
+
+    @property
+    def dialect(self) -> str:
+        return self._url.get_backend_name()
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.dialect == "sqlite"
+
+    @property
+    def sqlite_path(self) -> Optional[str]:
+        path = sqlite_file(self._url)
+        return str(path) if path is not None else None
+
+    def close(self) -> None:
+        """Close every pooled connection; the instance may not be used afterwards."""
+        self._engine.dispose()
+        self._write_engine = None
+        _LIVE_DATABASES.discard(self)
+
+    def __enter__(self) -> "StateDB":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def schema_revision(self) -> Optional[str]:
+        """The Alembic revision the database is at (None when unversioned)."""
+        from rapidfire_state.db import migrate
+
+        return migrate.current_revision(self)
+
+    def upgrade(self, revision: str = "head") -> None:
+        """Migrate to ``revision`` (SQLite: the whole upgrade is one transaction)."""
+        from rapidfire_state.db import migrate
+
+        migrate.run_upgrade(self, revision)
+
+    def downgrade(self, revision: str) -> None:
+        """Migrate down to ``revision`` (``"base"`` drops everything)."""
+        from rapidfire_state.db import migrate
+
+        migrate.run_downgrade(self, revision)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A read session: a deferred transaction that never takes the write lock.
+
+        The ORM classes of :mod:`rapidfire_state.db.models` may be queried in it.
+        Writes belong in :meth:`transaction`.
+        """
+        session = Session(self._engine, expire_on_commit=False, autoflush=False)
+        try:
+            yield session
+        finally:
+            session.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """One write unit: ``BEGIN IMMEDIATE`` on SQLite, commit on success.
+
+        Waiting for the write lock is retried here before the body runs; the
+        body itself runs once.  For a unit that may be retried whole, use
+        :meth:`run_in_transaction`.
+        """
+        write_engine = self._write_engine
+        if write_engine is None:
+            raise DBException(f"{self!r} is closed")
+        deadline = time.monotonic() + float(DBConfig.WRITE_RETRY_SECONDS)
+        attempt = 0
+        while True:
+            session = Session(write_engine, expire_on_commit=False, autoflush=False)
+            try:
+                session.connection()  # emits BEGIN IMMEDIATE: take the write lock now
+                break
+            except SQLAlchemyError as exc:
+                session.close()
+                if not is_retryable(exc) or time.monotonic() >= deadline:
+                    raise DBException(f"cannot begin a write transaction on {self.url_text}: {exc}") from exc
+                attempt += 1
+                _backoff(attempt)
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def run_in_transaction(
+        self, unit: Callable[[Session], T], *, retry_on_unique: bool = False
+    ) -> T:
+        """Run ``unit(session)`` as one write transaction, retried whole when busy.
+
+        Retried on a busy/locked SQLite database, a PostgreSQL serialization
+        failure or deadlock, and (when ``retry_on_unique``) a UNIQUE violation.
+        Other driver errors are raised as :class:`DBException`.
+        """
+        deadline = time.monotonic() + float(DBConfig.WRITE_RETRY_SECONDS)
+        attempt = 0
+        while True:
+            try:
+                with self.transaction() as session:
+                    return unit(session)
+            except RapidFireError:
+                raise
+            except SQLAlchemyError as exc:
+                retry = is_retryable(exc) or (retry_on_unique and is_unique_violation(exc))
+                if not retry or time.monotonic() >= deadline:
+                    raise _wrap(exc, self) from exc
+                attempt += 1
+                _backoff(attempt)
+
+    _write = run_in_transaction
+
+    def _read(self, unit: Callable[[Session], T]) -> T:
+        try:
+            with self.session() as session:
+                return unit(session)
+        except RapidFireError:
+            raise
+        except SQLAlchemyError as exc:
+            raise _wrap(exc, self) from exc
+
+    def now(self) -> Any:
+        """The database clock (UTC, aware)."""
+        return self._read(lambda s: s.execute(select(db_now())).scalar_one())
+
+    # --- generic compare-and-set -------------------------------------------------------
+
+    def _cas(
+        self,
+        session: Session,
+        machine: _Machine,
+        entity_id: Any,
+        to: Any,
+        *,
+        expected: Optional[Iterable[Any]] = None,
+        values: Optional[dict[str, Any]] = None,
+        extra_where: Sequence[Any] = (),
+        reason: Optional[str] = None,
+        blocked_detail: Optional[Callable[[Any], Optional[str]]] = None,
+    ) -> tuple[Optional[Any], Mapping[str, Any]]:
+        """Move one row to ``to`` if its status allows it; never commits.
+
+        Returns ``(from_status, row)``; ``from_status`` is None when the row
+        already had status ``to`` (an idempotent repeat: nothing written).
+        """
+        _check_id(f"{machine.entity}_id", entity_id)
+        to_status = states.coerce_status(machine.machine, to)
+        allowed = states.allowed_from(machine.machine, to_status)
+        if expected is not None:
+            if isinstance(expected, (str, bytes)) or not isinstance(expected, Iterable):
+                expected = [expected]
+            expected_set = {states.coerce_status(machine.machine, e) for e in expected}
+            cas_from = allowed & expected_set
+        else:
+            cas_from = allowed
+        table = machine.table
+        assignments = {"previous_status": table.c.status, "status": to_status.value}
+        assignments.update(values or {})
+        row = None
+        if cas_from:
+            statement = (
+                update(table)
+                .where(machine.key_column == entity_id)
+                .where(table.c.status.in_(sorted(s.value for s in cas_from)))
+                .where(*extra_where)
+                .values(**assignments)
+                .returning(*table.c)
+            )
+            row = session.execute(statement).mappings().first()
+        if row is not None:
+            from_status = states.coerce_status(machine.machine, row["previous_status"])
+            self._record_transition(session, machine.entity, entity_id, from_status.value, to_status.value, reason)
+            return from_status, row
+        current_row = session.execute(select(table).where(machine.key_column == entity_id)).mappings().first()
+        if current_row is None:
+            raise NotFoundError(machine.entity, entity_id)
+        current = states.coerce_status(machine.machine, current_row["status"])
+        if current == to_status:
+            return None, current_row
+        detail = blocked_detail(current_row) if blocked_detail else None
+        if expected is not None and current in allowed and current not in cas_from:
+            detail = f"expected one of {', '.join(sorted(str(e) for e in expected_set))}"
+        raise InvalidTransitionError(machine.entity, entity_id, current, to_status, sorted(allowed, key=str), detail)
+
+    @staticmethod
+    def _record_transition(
+        session: Session,
+        entity: str,
+        entity_id: int,
+        from_status: Optional[str],
+        to_status: str,
+        reason: Optional[str],
+    ) -> None:
+        session.execute(
+            insert(StateTransition.__table__).values(
+                entity=entity,
+                entity_id=entity_id,
+                from_status=from_status,
+                to_status=to_status,
+                at=db_now(),
+                pid=os.getpid(),
+                host=_HOST,
+                reason=reason,
+            )
+        )
+
+    # --- experiments -------------------------------------------------------------------
+
+    def create_experiment(
+        self,
+        name: Any,
+        experiments_path: Any,
+        *,
+        config_options: Optional[dict] = None,
+        unique: bool = False,
+        owner_pid: Optional[int] = None,
+        owner_host: Optional[str] = None,
+    ) -> ExperimentRecord:
+        """Insert a NEW experiment named ``name``.
+
+        With ``unique=False`` a taken name raises :class:`ExperimentException`.
+        With ``unique=True`` the name is made unique in the same transaction
+        that inserts it: ``my_exp`` → ``my_exp_1`` → ``my_exp_2``; a taken
+        ``name_N`` continues from the highest ``name_<k>`` in use.
+        """
+        cleaned = validate_experiment_name(name)
+        if not isinstance(experiments_path, (str, os.PathLike)) or str(experiments_path).strip() == "":
+            raise ExperimentException(f"experiments_path {experiments_path!r} is not a path")
+        if config_options is not None and not isinstance(config_options, dict):
+            raise ConfigError(f"config_options {config_options!r} is not a dict")
+        path_text = os.path.abspath(os.fspath(experiments_path))
+
+        def unit(session: Session) -> ExperimentRecord:
+            chosen = self._unique_name(session, cleaned) if unique else cleaned
+            try:
+                with session.begin_nested():
+                    experiment_id = session.execute(
+                        insert(Experiment.__table__)
+                        .values(
+                            name=chosen,
+                            status=ExperimentStatus.NEW.value,
+                            current_task=ExperimentTask.IDLE.value,
+                            experiments_path=path_text,
+                            config_options=config_options,
+                            owner_pid=owner_pid,
+                            owner_host=owner_host,
+                        )
+                        .returning(Experiment.__table__.c.experiment_id)
+                    ).scalar_one()
+            except IntegrityError as exc:
+                if is_unique_violation(exc) and not unique:
+                    raise ExperimentException(
+                        f"experiment name {chosen!r} is already taken; choose another name or pass unique=True"
+                    ) from exc
+                raise
+            self._record_transition(session, "experiment", experiment_id, None, ExperimentStatus.NEW.value, "created")
+            return self._experiment(session, experiment_id)
+
+        return self._write(unit, retry_on_unique=unique)
+
+    @staticmethod
+    def _unique_name(session: Session, name: str) -> str:
+        table = Experiment.__table__
+        taken = session.execute(select(table.c.name).where(table.c.name == name)).first()
+        if taken is None:
+            return name
+        match = _SUFFIX_PATTERN.match(name)
+        stem, start = (match["stem"], int(match["n"]) + 1) if match else (name, 1)
+        escaped = stem.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        family = session.execute(
+            select(table.c.name).where(table.c.name.like(f"{escaped}\\_%", escape="\\"))
+        ).scalars()
+        highest = start - 1
+        prefix = f"{stem}_"
+        for existing in family:
+            suffix = existing[len(prefix):]
+            if suffix.isdigit():
+                highest = max(highest, int(suffix))
+        candidate = f"{stem}_{highest + 1}"
+        if len(candidate) > MAX_EXPERIMENT_NAME_LENGTH:
+            raise ExperimentException(
+                f"no unique name can be made from {name!r} within {MAX_EXPERIMENT_NAME_LENGTH} characters"
+            )
+        return candidate
+
+    def _experiment(self, session: Session, experiment_id: int) -> ExperimentRecord:
+        row = session.execute(
+            select(Experiment.__table__).where(Experiment.__table__.c.experiment_id == experiment_id)
+        ).mappings().first()
+        if row is None:
+            raise NotFoundError("experiment", experiment_id)
+        return ExperimentRecord.from_row(row)
+
+    def get_experiment(self, experiment_id: int) -> ExperimentRecord:
+        """The experiment, or :class:`NotFoundError`."""
+        _check_id("experiment_id", experiment_id)
+        return self._read(lambda s: self._experiment(s, experiment_id))
+
+    def get_experiment_by_name(self, name: str) -> ExperimentRecord:
+        """The experiment called ``name``, or :class:`NotFoundError`."""
+        if not isinstance(name, str):
+            raise ConfigError(f"experiment name {name!r} is not a str")
+
+        def unit(session: Session) -> ExperimentRecord:
+            row = session.execute(
+                select(Experiment.__table__).where(Experiment.__table__.c.name == name)
+            ).mappings().first()
+            if row is None:
+                raise NotFoundError("experiment", name)
+            return ExperimentRecord.from_row(row)
+
+        return self._read(unit)
+
+    def get_running_experiment(self) -> Optional[ExperimentRecord]:
+        """The one RUNNING experiment, or None."""
+
+        def unit(session: Session) -> Optional[ExperimentRecord]:
+            row = session.execute(
+                select(Experiment.__table__).where(Experiment.__table__.c.status == ExperimentStatus.RUNNING.value)
+            ).mappings().first()
+            return ExperimentRecord.from_row(row) if row is not None else None
+
+        return self._read(unit)
+
+    def list_experiments(self, statuses: Optional[Iterable[Any]] = None) -> list[ExperimentRecord]:
+        """All experiments, oldest first, optionally only those with ``statuses``."""
+        wanted = self._statuses("experiment", statuses)
+        table = Experiment.__table__
+
+        def unit(session: Session) -> list[ExperimentRecord]:
+            query = select(table).order_by(table.c.experiment_id)
+            if wanted is not None:
+                query = query.where(table.c.status.in_(wanted))
+            return [ExperimentRecord.from_row(r) for r in session.execute(query).mappings()]
+
+        return self._read(unit)
+
+    def transition_experiment(
+        self,
+        experiment_id: int,
+        to: Any,
+        *,
+        error: Optional[str] = None,
+        reason: Optional[str] = None,
+        expected: Optional[Iterable[Any]] = None,
+    ) -> ExperimentRecord:
+        """Compare-and-set the experiment's status (NEW → RUNNING → COMPLETED/FAILED)."""
+        to_status = states.coerce_status("experiment", to)
+
+        def unit(session: Session) -> ExperimentRecord:
+            self._transition_experiment(session, experiment_id, to_status, error=error, reason=reason, expected=expected)
+            return self._experiment(session, experiment_id)
+
+        return self._write(unit)
+
+    def _transition_experiment(
+        self,
+        session: Session,
+        experiment_id: int,
+        to_status: ExperimentStatus,
+        *,
+        error: Optional[str] = None,
+        reason: Optional[str] = None,
+        expected: Optional[Iterable[Any]] = None,
+    ) -> Optional[Any]:
+        table = Experiment.__table__
+        values: dict[str, Any] = {"updated_at": db_now()}
+        if to_status == ExperimentStatus.RUNNING:
+            values["started_at"] = func.coalesce(table.c.started_at, db_now())
+        if to_status in states.terminal_states("experiment"):
+            values["ended_at"] = db_now()
+            values["current_task"] = ExperimentTask.IDLE.value
+        if error is not None:
+            values["error"] = str(error)
+        try:
+            with session.begin_nested():
+                from_status, _ = self._cas(
+                    session, _EXPERIMENT, experiment_id, to_status, expected=expected, values=values, reason=reason
+                )
+        except IntegrityError as exc:
+            if to_status == ExperimentStatus.RUNNING and is_unique_violation(exc):
+                running = session.execute(
+                    select(table.c.experiment_id, table.c.name).where(table.c.status == ExperimentStatus.RUNNING.value)
+                ).first()
+                other = f"experiment {running.experiment_id} ({running.name!r})" if running else "another experiment"
+                raise InvalidTransitionError(
+                    "experiment",
+                    experiment_id,
+                    ExperimentStatus.NEW,
+                    to_status,
+                    [ExperimentStatus.NEW],
+                    detail=f"{other} is already RUNNING; at most one experiment runs at a time",
+                ) from exc
+            raise
+        return from_status
+
+    def set_experiment_task(self, experiment_id: int, task: Any) -> ExperimentRecord:
+        """Set what the experiment is doing now (an :class:`ExperimentTask`)."""
+        _check_id("experiment_id", experiment_id)
+        task_value = _enum_value(ExperimentTask, task, "experiment task")
+        table = Experiment.__table__
+
+        def unit(session: Session) -> ExperimentRecord:
+            result = session.execute(
+                update(table)
+                .where(table.c.experiment_id == experiment_id)
+                .values(current_task=task_value, updated_at=db_now())
+            )
+            if result.rowcount == 0:
+                raise NotFoundError("experiment", experiment_id)
+            return self._experiment(session, experiment_id)
+
+        return self._write(unit)
+
+    def set_experiment_metric_id(self, experiment_id: int, metric_experiment_id: Optional[str]) -> ExperimentRecord:
+        """Record the metric store's (MLflow's) experiment id."""
+        _check_id("experiment_id", experiment_id)
+        if metric_experiment_id is not None and not isinstance(metric_experiment_id, str):
+            raise ConfigError(f"metric_experiment_id {metric_experiment_id!r} is not a str")
+        table = Experiment.__table__
+
+        def unit(session: Session) -> ExperimentRecord:
+            result = session.execute(
+                update(table)
+                .where(table.c.experiment_id == experiment_id)
+                .values(metric_experiment_id=metric_experiment_id, updated_at=db_now())
+            )
+            if result.rowcount == 0:
+                raise NotFoundError("experiment", experiment_id)
+            return self._experiment(session, experiment_id)
+
+        return self._write(unit)
+
+    # --- runs --------------------------------------------------------------------------
+
+    def create_run(
+        self,
+        experiment_id: int,
+        config_leaf: Any,
+        *,
+        source: Any = RunSource.USER,
+        cloned_from: Optional[int] = None,
+        warm_started_from: Optional[int] = None,
+        total_steps: int = 0,
+        required_workers: int = 1,
+        metric_run_id: Optional[str] = None,
+    ) -> RunRecord:
+        """Insert a NEW run; ``config_leaf`` is stored as a signed payload and flattened for SQL."""
+        from rapidfire_state.serialize import encode_payload, flatten_config
+
+        _check_id("experiment_id", experiment_id)
+        source_value = _enum_value(RunSource, source, "run source")
+        _check_id("cloned_from", cloned_from, optional=True)
+        _check_id("warm_started_from", warm_started_from, optional=True)
+        _check_id("total_steps", total_steps)
+        if isinstance(required_workers, bool) or not isinstance(required_workers, int) or required_workers < 1:
+            raise ConfigError(f"required_workers={required_workers!r} is not valid; an int >= 1 is required")
+        if metric_run_id is not None and not isinstance(metric_run_id, str):
+            raise ConfigError(f"metric_run_id {metric_run_id!r} is not a str")
+        payload = encode_payload(config_leaf)
+        flattened = flatten_config(config_leaf) if isinstance(config_leaf, dict) else None
+
+        def unit(session: Session) -> RunRecord:
+            self._experiment(session, experiment_id)
+            for field, parent in (("cloned_from", cloned_from), ("warm_started_from", warm_started_from)):
+                if parent is not None and session.get(Run, parent) is None:
+                    raise NotFoundError("run", parent)
+            run_id = session.execute(
+                insert(Run.__table__)
+                .values(
+                    experiment_id=experiment_id,
+                    status=RunStatus.NEW.value,
+                    source=source_value,
+                    config_leaf=payload,
+                    flattened_config=flattened,
+                    cloned_from=cloned_from,
+                    warm_started_from=warm_started_from,
+                    total_steps=total_steps,
+                    required_workers=required_workers,
+                    metric_run_id=metric_run_id,
+                )
+                .returning(Run.__table__.c.run_id)
+            ).scalar_one()
+            self._record_transition(session, "run", run_id, None, RunStatus.NEW.value, "created")
+            return self._run(session, run_id)
+
+        return self._write(unit)
+
+    def _run(self, session: Session, run_id: int) -> RunRecord:
+        row = session.execute(select(Run.__table__).where(Run.__table__.c.run_id == run_id)).mappings().first()
+        if row is None:
+            raise NotFoundError("run", run_id)
+        return RunRecord.from_row(row)
+
+    def get_run(self, run_id: int) -> RunRecord:
+        """The run, or :class:`NotFoundError`."""
+        _check_id("run_id", run_id)
+        return self._read(lambda s: self._run(s, run_id))
+
+    def list_runs(self, experiment_id: Optional[int] = None, statuses: Optional[Iterable[Any]] = None) -> list[RunRecord]:
+        """Runs in id order, filtered by experiment and/or statuses."""
+        _check_id("experiment_id", experiment_id, optional=True)
+        wanted = self._statuses("run", statuses)
+        table = Run.__table__
+
+        def unit(session: Session) -> list[RunRecord]:
+            query = select(table).order_by(table.c.run_id)
+            if experiment_id is not None:
+                query = query.where(table.c.experiment_id == experiment_id)
+            if wanted is not None:
+                query = query.where(table.c.status.in_(wanted))
+            return [RunRecord.from_row(r) for r in session.execute(query).mappings()]
+
+        return self._read(unit)
+
+    @staticmethod
+    def _statuses(machine: str, statuses: Optional[Iterable[Any]]) -> Optional[list[str]]:
+        if statuses is None:
+            return None
+        if isinstance(statuses, (str, bytes)) or not isinstance(statuses, Iterable):
+            statuses = [statuses]
+        return sorted({states.coerce_status(machine, s).value for s in statuses})
+
+    def transition_run(
+        self,
+        run_id: int,
+        to: Any,
+        *,
+        expected: Optional[Iterable[Any]] = None,
+        error: Optional[str] = None,
+        reason: Optional[str] = None,
+    ) -> RunRecord:
+        """Compare-and-set the run's status.
+
+        ``expected`` narrows the statuses the run may move from (a caller's
+        optimistic check).  Terminal statuses set ``ended_at`` and ``ended_by``;
+        ONGOING sets ``started_at`` once; resuming a STOPPED run requires its
+        experiment to be RUNNING.
+        """
+        to_status = states.coerce_status("run", to)
+
+        def unit(session: Session) -> RunRecord:
+            self._transition_run(session, run_id, to_status, expected=expected, error=error, reason=reason)
+            return self._run(session, run_id)
+
+        return self._write(unit)
+
+    def _transition_run(
+        self,
+        session: Session,
+        run_id: int,
+        to_status: RunStatus,
+        *,
+        expected: Optional[Iterable[Any]] = None,
+        error: Optional[str] = None,
+        reason: Optional[str] = None,
+    ) -> Optional[Any]:
+        table = Run.__table__
+        values: dict[str, Any] = {"updated_at": db_now()}
+        extra_where: list[Any] = []
+        if to_status in states.terminal_states("run"):
+            values["ended_at"] = db_now()
+            values["ended_by"] = to_status.value
+        elif to_status == RunStatus.ONGOING:
+            values["started_at"] = func.coalesce(table.c.started_at, db_now())
+            values["ended_by"] = None
+            experiments = Experiment.__table__
+            running = select(experiments.c.experiment_id).where(
+                experiments.c.status == ExperimentStatus.RUNNING.value
+            )
+            extra_where.append(or_(table.c.status != RunStatus.STOPPED.value, table.c.experiment_id.in_(running)))
+        if error is not None:
+            values["error"] = str(error)
+
+        def blocked(row: Mapping[str, Any]) -> Optional[str]:
+            if to_status == RunStatus.ONGOING and row["status"] == RunStatus.STOPPED.value:
+                return f"a STOPPED run is resumed only while its experiment ({row['experiment_id']}) is RUNNING"
+            return None
+
+        from_status, _ = self._cas(
+            session, _RUN, run_id, to_status, expected=expected, values=values,
+            extra_where=extra_where, reason=reason, blocked_detail=blocked,
+        )
+        return from_status
+
+    def update_run_progress(self, run_id: int, **counters: Any) -> RunRecord:
+        """Set progress counters (see ``PROGRESS_COUNTERS``); never the status."""
+        _check_id("run_id", run_id)
+        if not counters:
+            raise ConfigError(f"update_run_progress needs at least one of: {', '.join(PROGRESS_COUNTERS)}")
+        values: dict[str, Any] = {}
+        for field, value in counters.items():
+            kind = PROGRESS_COUNTERS.get(field)
+            if kind is None:
+                raise ConfigError(
+                    f"{field!r} is not a progress counter; allowed: {', '.join(PROGRESS_COUNTERS)}"
+                    + ("; change status with transition_run" if field in ("status", "ended_by") else "")
+                )
+            if kind is int:
+                minimum = 1 if field == "required_workers" else 0
+                if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                    raise ConfigError(f"{field}={value!r} is not valid; an int >= {minimum} is required")
+            else:
+                if field == "estimated_runtime" and value is None:
+                    values[field] = None
+                    continue
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0) or value == float("inf"):
+                    raise ConfigError(f"{field}={value!r} is not valid; a finite number >= 0 is required")
+                value = float(value)
+            values[field] = value
+        values["updated_at"] = db_now()
+        table = Run.__table__
+
+        def unit(session: Session) -> RunRecord:
+            result = session.execute(update(table).where(table.c.run_id == run_id).values(**values))
+            if result.rowcount == 0:
+                raise NotFoundError("run", run_id)
+            return self._run(session, run_id)
+
+        return self._write(unit)
+
+    def set_metric_run_id(self, run_id: int, metric_run_id: Optional[str]) -> RunRecord:
+        """Record the metric store's (MLflow's) run id of the run."""
+        _check_id("run_id", run_id)
+        if metric_run_id is not None and not isinstance(metric_run_id, str):
+            raise ConfigError(f"metric_run_id {metric_run_id!r} is not a str")
+        table = Run.__table__
+
+        def unit(session: Session) -> RunRecord:
+            result = session.execute(
+                update(table).where(table.c.run_id == run_id).values(metric_run_id=metric_run_id, updated_at=db_now())
+            )
+            if result.rowcount == 0:
+                raise NotFoundError("run", run_id)
+            return self._run(session, run_id)
+
+        return self._write(unit)
+
+    # --- tasks -------------------------------------------------------------------------
+
+    def create_worker_task(
+        self,
+        experiment_id: int,
+        run_id: Optional[int],
+        worker_id: int,
+        chunk_id: Optional[int],
+        *,
+        task_type: Any = WorkerTask.TRAIN_VAL,
+        config_options: Optional[dict] = None,
+        status: Any = TaskStatus.SCHEDULED,
+    ) -> TaskRecord:
+        """Queue a task for ``worker_id`` (SCHEDULED by default, or PENDING)."""
+        _check_id("experiment_id", experiment_id)
+        _check_id("run_id", run_id, optional=True)
+        _check_id("worker_id", worker_id)
+        _check_id("chunk_id", chunk_id, optional=True)
+        type_value = _enum_value(WorkerTask, task_type, "worker task type")
+        status_value = self._initial_task_status(status)
+        if config_options is not None and not isinstance(config_options, dict):
+            raise ConfigError(f"config_options {config_options!r} is not a dict")
+        table = WorkerTaskRow.__table__
+
+        def unit(session: Session) -> TaskRecord:
+            self._experiment(session, experiment_id)
+            if run_id is not None:
+                self._run(session, run_id)
+            task_id = session.execute(
+                insert(table)
+                .values(
+                    experiment_id=experiment_id,
+                    run_id=run_id,
+                    worker_id=worker_id,
+                    chunk_id=chunk_id,
+                    task_type=type_value,
+                    status=status_value,
+                    config_options=config_options,
+                )
+                .returning(table.c.task_id)
+            ).scalar_one()
+            self._record_transition(session, "worker_task", task_id, None, status_value, "created")
+            return self._task(session, "worker", task_id)
+
+        return self._write(unit)
+
+    @staticmethod
+    def _initial_task_status(status: Any) -> str:
+        value = states.coerce_status("task", status)
+        if value not in (TaskStatus.PENDING, TaskStatus.SCHEDULED):
+            raise ConfigError(f"a task is created PENDING or SCHEDULED, not {value.value}")
+        return value.value
+
+    def _task(self, session: Session, kind: str, task_id: int) -> TaskRecord:
+        machine = _TASK_MACHINES[kind]
+        row = session.execute(select(machine.table).where(machine.key_column == task_id)).mappings().first()
+        if row is None:
+            raise NotFoundError(machine.entity, task_id)
+        return TaskRecord.from_row(row, kind=kind)
+
+    @staticmethod
+    def _task_kind(kind: Any) -> _Machine:
+        machine = _TASK_MACHINES.get(kind) if isinstance(kind, str) else None
+        if machine is None:
+            raise ConfigError(f"task kind {kind!r} is not valid; allowed: worker, controller")
+        return machine
+
+    def get_task(self, kind: str, task_id: int) -> TaskRecord:
+        """A worker or controller task, or :class:`NotFoundError`."""
+        self._task_kind(kind)
+        _check_id("task_id", task_id)
+        return self._read(lambda s: self._task(s, kind, task_id))
+
+    def list_tasks(
+        self,
+        kind: str,
+        *,
+        experiment_id: Optional[int] = None,
+        statuses: Optional[Iterable[Any]] = None,
+        worker_id: Optional[int] = None,
+        run_id: Optional[int] = None,
+    ) -> list[TaskRecord]:
+        """Tasks of one kind in id order, filtered."""
+        machine = self._task_kind(kind)
+        wanted = self._statuses("task", statuses)
+        for name, value in (("experiment_id", experiment_id), ("worker_id", worker_id), ("run_id", run_id)):
+            _check_id(name, value, optional=True)
+        if worker_id is not None and kind != "worker":
+            raise ConfigError("worker_id filters worker tasks only")
+        table = machine.table
+
+        def unit(session: Session) -> list[TaskRecord]:
+            query = select(table).order_by(table.c.task_id)
+            if experiment_id is not None:
+                query = query.where(table.c.experiment_id == experiment_id)
+            if wanted is not None:
+                query = query.where(table.c.status.in_(wanted))
+            if worker_id is not None:
+                query = query.where(table.c.worker_id == worker_id)
+            if run_id is not None:
+                query = query.where(table.c.run_id == run_id)
+            return [TaskRecord.from_row(r, kind=kind) for r in session.execute(query).mappings()]
+
+        return self._read(unit)
+
+    def _claim(self, session: Session, machine: _Machine, conditions: Sequence[Any]) -> Optional[int]:
+        table = machine.table
+        # The oldest SCHEDULED task; on PostgreSQL rows locked by another
+        # claimer are skipped, on SQLite the write lock already serialises us.
+        candidate = (
+            select(table.c.task_id)
+            .where(table.c.status == TaskStatus.SCHEDULED.value, *conditions)
+            .order_by(table.c.task_id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        row = session.execute(
+            update(table)
+            .where(table.c.task_id == candidate, table.c.status == TaskStatus.SCHEDULED.value)
+            .values(
+                previous_status=table.c.status,
+                status=TaskStatus.IN_PROGRESS.value,
+                started_at=db_now(),
+            )
+            .returning(table.c.task_id)
+        ).first()
+        if row is None:
+            return None
+        self._record_transition(
+            session, machine.entity, row.task_id, TaskStatus.SCHEDULED.value, TaskStatus.IN_PROGRESS.value, "claimed"
+        )
+        return row.task_id
+
+    def claim_worker_task(self, worker_id: int, *, experiment_id: Optional[int] = None) -> Optional[TaskRecord]:
+        """Atomically move the oldest SCHEDULED task of ``worker_id`` to IN_PROGRESS; None when idle."""
+        _check_id("worker_id", worker_id)
+        _check_id("experiment_id", experiment_id, optional=True)
+        table = WorkerTaskRow.__table__
+        conditions = [table.c.worker_id == worker_id]
+        if experiment_id is not None:
+            conditions.append(table.c.experiment_id == experiment_id)
+
+        def unit(session: Session) -> Optional[TaskRecord]:
+            task_id = self._claim(session, _WORKER_TASK, conditions)
+            return self._task(session, "worker", task_id) if task_id is not None else None
+
+        return self._write(unit)
+
+    def finish_worker_task(self, task_id: int, *, ok: bool = True, error: Optional[str] = None) -> TaskRecord:
+        """IN_PROGRESS → COMPLETED (``ok``) or FAILED with ``error``."""
+        return self.transition_task("worker", task_id, TaskStatus.COMPLETED if ok else TaskStatus.FAILED, error=error)
+
+    def create_controller_task(
+        self,
+        experiment_id: int,
+        task_type: Any,
+        *,
+        run_id: Optional[int] = None,
+        config_leaf: Any = None,
+        status: Any = TaskStatus.SCHEDULED,
+    ) -> TaskRecord:
+        """Queue a request for the controller; ``config_leaf`` is stored as a signed payload."""
+        _check_id("experiment_id", experiment_id)
+        _check_id("run_id", run_id, optional=True)
+        type_value = _enum_value(ControllerTask, task_type, "controller task type")
+        status_value = self._initial_task_status(status)
+        payload = None
+        if config_leaf is not None:
+            from rapidfire_state.serialize import encode_payload
+
+            payload = encode_payload(config_leaf)
+        table = ControllerTaskRow.__table__
+
+        def unit(session: Session) -> TaskRecord:
+            self._experiment(session, experiment_id)
+            if run_id is not None:
+                self._run(session, run_id)
+            task_id = session.execute(
+                insert(table)
+                .values(
+                    experiment_id=experiment_id,
+                    run_id=run_id,
+                    task_type=type_value,
+                    status=status_value,
+                    config_leaf=payload,
+                )
+                .returning(table.c.task_id)
+            ).scalar_one()
+            self._record_transition(session, "controller_task", task_id, None, status_value, "created")
+            return self._task(session, "controller", task_id)
+
+        return self._write(unit)
+
+    def claim_controller_task(self, experiment_id: Optional[int] = None) -> Optional[TaskRecord]:
+        """Atomically move the oldest SCHEDULED controller task to IN_PROGRESS; None when idle."""
+        _check_id("experiment_id", experiment_id, optional=True)
+        table = ControllerTaskRow.__table__
+        conditions = [table.c.experiment_id == experiment_id] if experiment_id is not None else []
+
+        def unit(session: Session) -> Optional[TaskRecord]:
+            task_id = self._claim(session, _CONTROLLER_TASK, conditions)
+            return self._task(session, "controller", task_id) if task_id is not None else None
+
+        return self._write(unit)
+
+    def finish_controller_task(self, task_id: int, *, ok: bool = True, error: Optional[str] = None) -> TaskRecord:
+        """IN_PROGRESS → COMPLETED (``ok``) or FAILED with ``error``."""
+        return self.transition_task(
+            "controller", task_id, TaskStatus.COMPLETED if ok else TaskStatus.FAILED, error=error
+        )
+
+    def transition_task(
+        self,
+        kind: str,
+        task_id: int,
+        to: Any,
+        *,
+        error: Optional[str] = None,
+        reason: Optional[str] = None,
+        expected: Optional[Iterable[Any]] = None,
+    ) -> TaskRecord:
+        """Compare-and-set a task's status; ``kind`` is ``"worker"`` or ``"controller"``."""
+        machine = self._task_kind(kind)
+        to_status = states.coerce_status("task", to)
+
+        def unit(session: Session) -> TaskRecord:
+            self._transition_task(session, machine, task_id, to_status, error=error, reason=reason, expected=expected)
+            return self._task(session, kind, task_id)
+
+        return self._write(unit)
+
+    def _transition_task(
+        self,
+        session: Session,
+        machine: _Machine,
+        task_id: int,
+        to_status: TaskStatus,
+        *,
+        error: Optional[str] = None,
+        reason: Optional[str] = None,
+        expected: Optional[Iterable[Any]] = None,
+    ) -> Optional[Any]:
+        table = machine.table
+        values: dict[str, Any] = {}
+        if to_status == TaskStatus.IN_PROGRESS:
+            values["started_at"] = func.coalesce(table.c.started_at, db_now())
+        if to_status in states.terminal_states("task"):
+            values["ended_at"] = db_now()
+        if error is not None:
+            values["error"] = str(error)
+        from_status, _ = self._cas(session, machine, task_id, to_status, expected=expected, values=values, reason=reason)
+        return from_status
+
+    # --- workers -----------------------------------------------------------------------
+
+    def register_worker(self, experiment_id: int, worker_id: int, pid: int, *, host: Optional[str] = None) -> WorkerRecord:
+        """Record (or re-record, after a restart) worker ``worker_id``'s process."""
+        _check_id("experiment_id", experiment_id)
+        _check_id("worker_id", worker_id)
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+            raise ConfigError(f"pid={pid!r} is not valid; a positive int is required")
+        host = host or _HOST
+        started = _process_start_time(pid) if host == _HOST else None
+        table = Worker.__table__
+
+        def unit(session: Session) -> WorkerRecord:
+            self._experiment(session, experiment_id)
+            values = dict(
+                pid=pid, host=host, process_started_at=started, started_at=db_now(),
+                heartbeat_at=db_now(), exited_at=None, exit_code=None,
+            )
+            result = session.execute(
+                update(table)
+                .where(table.c.experiment_id == experiment_id, table.c.worker_id == worker_id)
+                .values(**values)
+            )
+            if result.rowcount == 0:
+                session.execute(insert(table).values(experiment_id=experiment_id, worker_id=worker_id, **values))
+            return self._worker(session, experiment_id, worker_id)
+
+        return self._write(unit, retry_on_unique=True)
+
+    def _worker(self, session: Session, experiment_id: int, worker_id: int) -> WorkerRecord:
+        table = Worker.__table__
+        row = session.execute(
+            select(table).where(table.c.experiment_id == experiment_id, table.c.worker_id == worker_id)
+        ).mappings().first()
+        if row is None:
+            raise NotFoundError("worker", f"{worker_id} of experiment {experiment_id}")
+        return WorkerRecord.from_row(row)
+
+    def heartbeat(self, experiment_id: int, worker_id: int) -> WorkerRecord:
+        """Stamp the worker's heartbeat with the database clock.
+
+        Raises :class:`WorkerException` when the worker was marked exited (for
+        instance failed as stale): such a worker must stop, its tasks are gone.
+        """
+        _check_id("experiment_id", experiment_id)
+        _check_id("worker_id", worker_id)
+        table = Worker.__table__
+
+        def unit(session: Session) -> WorkerRecord:
+            result = session.execute(
+                update(table)
+                .where(table.c.experiment_id == experiment_id, table.c.worker_id == worker_id, table.c.exited_at.is_(None))
+                .values(heartbeat_at=db_now())
+            )
+            record = self._worker(session, experiment_id, worker_id)
+            if result.rowcount == 0:
+                raise WorkerException(
+                    f"worker {worker_id} of experiment {experiment_id} was marked exited at {record.exited_at}"
+                )
+            return record
+
+        return self._write(unit)
+
+    def mark_worker_exited(self, experiment_id: int, worker_id: int, exit_code: Optional[int] = None) -> WorkerRecord:
+        """Mark the worker exited (idempotent: a second call keeps the first time)."""
+        _check_id("experiment_id", experiment_id)
+        _check_id("worker_id", worker_id)
+        if exit_code is not None and (isinstance(exit_code, bool) or not isinstance(exit_code, int)):
+            raise ConfigError(f"exit_code={exit_code!r} is not an int")
+        table = Worker.__table__
+
+        def unit(session: Session) -> WorkerRecord:
+            session.execute(
+                update(table)
+                .where(table.c.experiment_id == experiment_id, table.c.worker_id == worker_id, table.c.exited_at.is_(None))
+                .values(exited_at=db_now(), exit_code=exit_code)
+            )
+            return self._worker(session, experiment_id, worker_id)
+
+        return self._write(unit)
+
+    def list_workers(self, experiment_id: Optional[int] = None, *, alive_only: bool = False) -> list[WorkerRecord]:
+        """Worker rows, optionally only those not marked exited."""
+        _check_id("experiment_id", experiment_id, optional=True)
+        table = Worker.__table__
+
+        def unit(session: Session) -> list[WorkerRecord]:
+            query = select(table).order_by(table.c.experiment_id, table.c.worker_id)
+            if experiment_id is not None:
+                query = query.where(table.c.experiment_id == experiment_id)
+            if alive_only:
+                query = query.where(table.c.exited_at.is_(None))
+            return [WorkerRecord.from_row(r) for r in session.execute(query).mappings()]
+
+        return self._read(unit)
+
+    def fail_stale_workers(self, grace_seconds: float, *, experiment_id: Optional[int] = None) -> list[StaleWorkerReport]:
+        """Fail every worker that is gone: its pid dead on this host, or its heartbeat too old.
+
+        In one transaction, for each such worker: its IN_PROGRESS tasks become
+        FAILED, their runs FAILED with an error naming the worker, and the
+        worker row is marked exited.  Returns what changed.
+        """
+        if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, (int, float)) or grace_seconds < 0:
+            raise ConfigError(f"grace_seconds={grace_seconds!r} is not valid; a number >= 0 is required")
+        _check_id("experiment_id", experiment_id, optional=True)
+        table = Worker.__table__
+
+        def unit(session: Session) -> list[StaleWorkerReport]:
+            now = session.execute(select(db_now())).scalar_one()
+            query = select(table).where(table.c.exited_at.is_(None))
+            if experiment_id is not None:
+                query = query.where(table.c.experiment_id == experiment_id)
+            reports = []
+            for row in session.execute(query).mappings().all():
+                worker = WorkerRecord.from_row(row)
+                reason = _staleness(worker, now, grace_seconds)
+                if reason is None:
+                    continue
+                reports.append(self._fail_worker(session, worker, reason))
+            return reports
+
+        return self._write(unit)
+
+    def _fail_worker(self, session: Session, worker: WorkerRecord, reason: str) -> StaleWorkerReport:
+        tasks = WorkerTaskRow.__table__
+        message = f"worker {worker.worker_id} (pid {worker.pid} on {worker.host}) {reason}"
+        failed = session.execute(
+            update(tasks)
+            .where(
+                tasks.c.experiment_id == worker.experiment_id,
+                tasks.c.worker_id == worker.worker_id,
+                tasks.c.status == TaskStatus.IN_PROGRESS.value,
+            )
+            .values(previous_status=tasks.c.status, status=TaskStatus.FAILED.value, ended_at=db_now(), error=message)
+            .returning(tasks.c.task_id, tasks.c.run_id)
+        ).all()
+        run_ids: list[int] = []
+        for task in sorted(failed):
+            self._record_transition(
+                session, "worker_task", task.task_id, TaskStatus.IN_PROGRESS.value, TaskStatus.FAILED.value, message
+            )
+            if task.run_id is not None and task.run_id not in run_ids:
+                try:
+                    with session.begin_nested():
+                        if self._transition_run(session, task.run_id, RunStatus.FAILED, error=message, reason=message):
+                            run_ids.append(task.run_id)
+                except InvalidTransitionError:
+                    pass  # the run already ended (e.g. COMPLETED): keep its outcome
+        session.execute(
+            update(Worker.__table__)
+            .where(Worker.__table__.c.id == worker.id, Worker.__table__.c.exited_at.is_(None))
+            .values(exited_at=db_now())
+        )
+        return StaleWorkerReport(
+            worker=self._worker(session, worker.experiment_id, worker.worker_id),
+            reason=message,
+            failed_task_ids=tuple(sorted(t.task_id for t in failed)),
+            failed_run_ids=tuple(run_ids),
+        )
+
+    # --- shared-memory object metadata ----------------------------------------------------
+
+    def upsert_shm_object(
+        self,
+        key: str,
+        *,
+        object_type: Any = SHMObjectType.CHECKPOINT,
+        location: Any = SHMLocation.SHM,
+        disk_path: Optional[str] = None,
+        num_bytes: int = 0,
+        tensor_count: int = 0,
+        experiment_id: Optional[int] = None,
+        run_id: Optional[int] = None,
+        chunk_id: Optional[int] = None,
+        manager_name: Optional[str] = None,
+    ) -> SHMObjectRecord:
+        """Insert or replace the metadata row of the shared-memory object ``key``."""
+        if not isinstance(key, str) or key == "" or len(key) > 512:
+            raise ConfigError(f"shm key {key!r} is not valid; a non-empty str of at most 512 characters is required")
+        values = dict(
+            object_type=_enum_value(SHMObjectType, object_type, "shm object type"),
+            location=_enum_value(SHMLocation, location, "shm location"),
+            disk_path=None if disk_path is None else os.fspath(disk_path),
+            num_bytes=_check_id("num_bytes", num_bytes),
+            tensor_count=_check_id("tensor_count", tensor_count),
+            experiment_id=_check_id("experiment_id", experiment_id, optional=True),
+            run_id=_check_id("run_id", run_id, optional=True),
+            chunk_id=_check_id("chunk_id", chunk_id, optional=True),
+            manager_name=manager_name,
+        )
+        if (values["location"] == SHMLocation.DISK.value) != (values["disk_path"] is not None):
+            raise ConfigError("disk_path is required for location DISK and not allowed for SHM")
+        table = SHMObject.__table__
+
+        def unit(session: Session) -> SHMObjectRecord:
+            result = session.execute(
+                update(table).where(table.c.key == key).values(updated_at=db_now(), **values)
+            )
+            if result.rowcount == 0:
+                session.execute(insert(table).values(key=key, **values))
+            return self._shm_object(session, key)
+
+        return self._write(unit, retry_on_unique=True)
+
+    def _shm_object(self, session: Session, key: str) -> SHMObjectRecord:
+        table = SHMObject.__table__
+        row = session.execute(select(table).where(table.c.key == key)).mappings().first()
+        if row is None:
+            raise NotFoundError("shm object", key)
+        return SHMObjectRecord.from_row(row)
+
+    def get_shm_object(self, key: str) -> Optional[SHMObjectRecord]:
+        """The metadata row of ``key``, or None."""
+        table = SHMObject.__table__
+
+        def unit(session: Session) -> Optional[SHMObjectRecord]:
+            row = session.execute(select(table).where(table.c.key == key)).mappings().first()
+            return SHMObjectRecord.from_row(row) if row is not None else None
+
+        return self._read(unit)
+
+    def list_shm_objects(
+        self, *, experiment_id: Optional[int] = None, run_id: Optional[int] = None, manager_name: Optional[str] = None
+    ) -> list[SHMObjectRecord]:
+        """Metadata rows, filtered."""
+        table = SHMObject.__table__
+
+        def unit(session: Session) -> list[SHMObjectRecord]:
+            query = select(table).order_by(table.c.shm_object_id)
+            if experiment_id is not None:
+                query = query.where(table.c.experiment_id == experiment_id)
+            if run_id is not None:
+                query = query.where(table.c.run_id == run_id)
+            if manager_name is not None:
+                query = query.where(table.c.manager_name == manager_name)
+            return [SHMObjectRecord.from_row(r) for r in session.execute(query).mappings()]
+
+        return self._read(unit)
+
+    def delete_shm_objects(self, keys: Iterable[str]) -> list[SHMObjectRecord]:
+        """Delete the rows of ``keys``; returns the rows that existed."""
+        wanted = list(keys)
+        table = SHMObject.__table__
+        if not wanted:
+            return []
+
+        def unit(session: Session) -> list[SHMObjectRecord]:
+            rows = session.execute(
+                table.delete().where(table.c.key.in_(wanted)).returning(*table.c)
+            ).mappings().all()
+            return [SHMObjectRecord.from_row(r) for r in rows]
+
+        return self._write(unit)
+
+    def add_cleanup_hook(self, hook: Callable[[Sequence[SHMObjectRecord]], None]) -> None:
+        """Call ``hook(removed_rows)`` after an experiment cleanup commits.
+
+        The shared-memory manager registers one to drop the payloads whose
+        metadata the cleanup removed.  Hook errors are logged, never raised.
+        """
+        with self._hooks_lock:
+            if hook not in self._cleanup_hooks:
+                self._cleanup_hooks.append(hook)
+
+    def remove_cleanup_hook(self, hook: Callable[[Sequence[SHMObjectRecord]], None]) -> None:
+        with self._hooks_lock:
+            if hook in self._cleanup_hooks:
+                self._cleanup_hooks.remove(hook)
+
+    # --- experiment cleanup -----------------------------------------------------------------
+
+    def cleanup_experiment_state(
+        self,
+        experiment_id: int,
+        *,
+        status: Any = ExperimentStatus.COMPLETED,
+        run_status: Any = RunStatus.KILLED,
+        reason: Optional[str] = None,
+        error: Optional[str] = None,
+    ) -> CleanupReport:
+        """End an experiment's state in one transaction; idempotent.
+
+        Open tasks → FAILED; NEW/ONGOING runs → ``run_status`` (KILLED, or FAILED
+        after a crash); STOPPED runs frozen with ``ended_by = STOPPED``; workers
+        marked exited; the experiment's ``shm_objects`` rows removed (cleanup
+        hooks drop their payloads after commit); the experiment → ``status``
+        (COMPLETED or FAILED) unless it already ended.  Runs and history stay.
+        """
+        _check_id("experiment_id", experiment_id)
+        final = states.coerce_status("experiment", status)
+        if final not in (ExperimentStatus.COMPLETED, ExperimentStatus.FAILED):
+            raise ConfigError(f"cleanup ends an experiment COMPLETED or FAILED, not {final.value}")
+        run_final = states.coerce_status("run", run_status)
+        if run_final not in (RunStatus.KILLED, RunStatus.FAILED):
+            raise ConfigError(f"cleanup ends live runs KILLED or FAILED, not {run_final.value}")
+        why = reason or f"experiment cleanup ({final.value})"
+
+        def unit(session: Session) -> CleanupReport:
+            experiment = self._experiment(session, experiment_id)
+            failed_tasks: list[tuple[str, int]] = []
+            for kind, machine in _TASK_MACHINES.items():
+                table = machine.table
+                rows = session.execute(
+                    update(table)
+                    .where(table.c.experiment_id == experiment_id, table.c.status.in_(_OPEN_TASK_STATUSES))
+                    .values(previous_status=table.c.status, status=TaskStatus.FAILED.value, ended_at=db_now(),
+                            error=func.coalesce(table.c.error, why))
+                    .returning(table.c.task_id, table.c.previous_status)
+                ).all()
+                for row in sorted(rows):
+                    self._record_transition(session, machine.entity, row.task_id, row.previous_status, TaskStatus.FAILED.value, why)
+                    failed_tasks.append((kind, row.task_id))
+            runs = Run.__table__
+            ended = session.execute(
+                update(runs)
+                .where(runs.c.experiment_id == experiment_id,
+                       runs.c.status.in_([RunStatus.NEW.value, RunStatus.ONGOING.value]))
+                .values(previous_status=runs.c.status, status=run_final.value, ended_by=run_final.value,
+                        ended_at=db_now(), updated_at=db_now(),
+                        error=func.coalesce(runs.c.error, error) if error else runs.c.error)
+                .returning(runs.c.run_id, runs.c.previous_status)
+            ).all()
+            for row in sorted(ended):
+                self._record_transition(session, "run", row.run_id, row.previous_status, run_final.value, why)
+            frozen = session.execute(
+                update(runs)
+                .where(runs.c.experiment_id == experiment_id, runs.c.status == RunStatus.STOPPED.value,
+                       runs.c.ended_by.is_(None))
+                .values(ended_by=RunEndedBy.STOPPED.value, ended_at=db_now(), updated_at=db_now())
+                .returning(runs.c.run_id)
+            ).scalars().all()
+            workers = Worker.__table__
+            exited = session.execute(
+                update(workers)
+                .where(workers.c.experiment_id == experiment_id, workers.c.exited_at.is_(None))
+                .values(exited_at=db_now())
+                .returning(workers.c.worker_id)
+            ).scalars().all()
+            shm = SHMObject.__table__
+            removed = session.execute(
+                shm.delete().where(shm.c.experiment_id == experiment_id).returning(*shm.c)
+            ).mappings().all()
+            if experiment.status not in states.terminal_states("experiment"):
+                self._transition_experiment(session, experiment_id, final, error=error, reason=why)
+            return CleanupReport(
+                experiment_id=experiment_id,
+                experiment_status=self._experiment(session, experiment_id).status,
+                failed_task_ids=tuple(failed_tasks),
+                ended_run_ids=tuple(sorted(r.run_id for r in ended)),
+                frozen_run_ids=tuple(sorted(frozen)),
+                exited_worker_ids=tuple(sorted(exited)),
+                removed_shm_objects=tuple(SHMObjectRecord.from_row(r) for r in removed),
+            )
+
+        report = self._write(unit)
+        if report.removed_shm_objects:
+            self._run_cleanup_hooks(report.removed_shm_objects)
+        return report
+
+    def _run_cleanup_hooks(self, removed: Sequence[SHMObjectRecord]) -> None:
+        with self._hooks_lock:
+            hooks = list(self._cleanup_hooks)
+        for hook in hooks:
+            try:
+                hook(removed)
+            except Exception as exc:  # a payload left behind is repaired by reconcile()
+                import warnings
+
+                warnings.warn(f"cleanup hook {hook!r} failed: {exc!r}", RuntimeWarning, stacklevel=2)
+
+    # --- history -----------------------------------------------------------------------
+
+    def history(self, entity: str, entity_id: int) -> list[TransitionRecord]:
+        """Every status change of one row, oldest first (creation has ``from_status`` None)."""
+        if entity not in TRANSITION_ENTITIES:
+            raise ConfigError(f"history entity {entity!r} is not valid; allowed: {', '.join(TRANSITION_ENTITIES)}")
+        _check_id(f"{entity}_id", entity_id)
+        machine = _HISTORY_MACHINES[entity]
+        table = StateTransition.__table__
+
+        def unit(session: Session) -> list[TransitionRecord]:
+            rows = session.execute(
+                select(table)
+                .where(table.c.entity == entity, table.c.entity_id == entity_id)
+                .order_by(table.c.transition_id)
+            ).mappings().all()
+            if not rows and session.execute(select(machine.key_column).where(machine.key_column == entity_id)).first() is None:
+                raise NotFoundError(entity, entity_id)
+            return [TransitionRecord.from_row(r) for r in rows]
+
+        return self._read(unit)
+
+
+def _reopen(url: str, auto_upgrade: Optional[bool]) -> StateDB:
+    return StateDB(url, auto_upgrade=auto_upgrade)
+
+
+def _backoff(attempt: int) -> None:
+    # Full jitter: writers that collided do not collide again in lockstep.
+    time.sleep(random.uniform(0, min(0.25, 0.002 * (2 ** min(attempt, 10)))))
+
+
+def _wrap(exc: SQLAlchemyError, database: StateDB) -> DBException:
+    orig = getattr(exc, "orig", None)
+    detail = str(orig) if orig is not None else str(exc)
+    return DBException(f"database error on {database.url_text}: {detail}")
+
+
+def _process_start_time(pid: int) -> Optional[float]:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def _staleness(worker: WorkerRecord, now: Any, grace_seconds: float) -> Optional[str]:
+    """Why the worker counts as gone, or None while it looks alive."""
+    if worker.host == _HOST:
+        import psutil
+
+        try:
+            process = psutil.Process(worker.pid)
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return "has exited (zombie process)"
+            if worker.process_started_at is not None and abs(process.create_time() - worker.process_started_at) > 1.0:
+                return "has exited (its pid now belongs to another process)"
+        except psutil.NoSuchProcess:
+            return "has exited (pid not running)"
+        except psutil.AccessDenied:
+            pass
+    age = (now - worker.heartbeat_at).total_seconds()
+    if age > grace_seconds:
+        return f"missed its heartbeat ({age:.1f} s old, grace {grace_seconds} s)"
+    return None
