@@ -70,15 +70,28 @@ def alembic_config(database: "StateDB", connection: Any = None) -> Any:
 
 def current_revision(database: "StateDB") -> Optional[str]:
     """The revision stamped in the database, None when unversioned or missing."""
-    path = database.sqlite_path
+    return read_revision(database.url, database.engine)
+
+
+def read_revision(url: Any, engine: Any = None) -> Optional[str]:
+    """The revision stamped in the database at ``url``; never migrates or writes."""
+    from rapidfire_state.db.engine import create_state_engine, sqlite_file
+
+    path = sqlite_file(url)
     if path is not None:
-        return _sqlite_revision(Path(path))
+        return _sqlite_revision(path)
     from sqlalchemy import inspect, text
 
-    with database.engine.connect() as connection:
-        if not inspect(connection).has_table("alembic_version"):
-            return None
-        return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    own_engine = engine is None
+    engine = engine if engine is not None else create_state_engine(url)
+    try:
+        with engine.connect() as connection:
+            if not inspect(connection).has_table("alembic_version"):
+                return None
+            return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    finally:
+        if own_engine:
+            engine.dispose()
 
 
 def _sqlite_revision(path: Path) -> Optional[str]:
