@@ -66,7 +66,7 @@ def validate_component(value: object, what: str = "name") -> str:
         DataPathException: naming the value and what is allowed.
     """
     allowed = (
-        f"a {what} must be 1-{MAX_COMPONENT_LENGTH} characters of letters, digits, "
+        f"the {what} must be 1-{MAX_COMPONENT_LENGTH} ASCII letters, digits, "
         "'-', '_' or '.', not start with '.', and not contain '..'"
     )
     if not isinstance(value, str):

@@ -45,6 +45,7 @@ from rapidfire_state.constants import (
     TaskStatus,
     WorkerTask,
 )
+from rapidfire_state.datapaths import MAX_COMPONENT_LENGTH, validate_component
 from rapidfire_state.db.engine import (
     WRITE_OPTION,
     create_state_engine,
@@ -76,6 +77,7 @@ from rapidfire_state.db.records import (
 )
 from rapidfire_state.exceptions import (
     ConfigError,
+    DataPathException,
     DBException,
     ExperimentException,
     InvalidTransitionError,
@@ -87,8 +89,7 @@ from rapidfire_state.exceptions import (
 T = TypeVar("T")
 
 DEFAULT_EXPERIMENT_NAME = "rf-exp"
-MAX_EXPERIMENT_NAME_LENGTH = 128
-_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
+MAX_EXPERIMENT_NAME_LENGTH = MAX_COMPONENT_LENGTH
 _SUFFIX_PATTERN = re.compile(r"^(?P<stem>.+)_(?P<n>\d+)$")
 
 #: the counters ``update_run_progress`` may set, and their kinds
@@ -148,25 +149,21 @@ def validate_experiment_name(name: Any) -> str:
     """The cleaned experiment name, or :class:`ExperimentException` naming the value.
 
     A name becomes a directory under ``experiments_path``, so it must be one
-    safe path component: at most 128 letters, digits, ``-``, ``_``, ``.``; no
-    leading dot, no ``..``; surrounding whitespace is stripped and an empty
-    name becomes ``rf-exp``.
+    safe path component (:func:`rapidfire_state.datapaths.validate_component`):
+    at most 128 ASCII letters, digits, ``-``, ``_``, ``.``; no leading dot, no
+    ``..``.  Surrounding whitespace is stripped; an empty name becomes ``rf-exp``.
     """
     if name is None:
         return DEFAULT_EXPERIMENT_NAME
     if not isinstance(name, str):
-        raise ExperimentException(
-            f"experiment name {name!r} is a {type(name).__name__}; a str is required"
-        )
+        raise ExperimentException(f"experiment name {name!r} is a {type(name).__name__}; a str is required")
     cleaned = name.strip()
     if cleaned == "":
         return DEFAULT_EXPERIMENT_NAME
-    allowed = "at most 128 characters of letters, digits, '-', '_', '.', not starting with '.', no '..'"
-    if len(cleaned) > MAX_EXPERIMENT_NAME_LENGTH:
-        raise ExperimentException(f"experiment name {name!r} is {len(cleaned)} characters long; allowed: {allowed}")
-    if not _NAME_PATTERN.fullmatch(cleaned) or cleaned.startswith(".") or ".." in cleaned:
-        raise ExperimentException(f"experiment name {name!r} is not allowed; allowed: {allowed}")
-    return cleaned
+    try:
+        return validate_component(cleaned, "experiment name")
+    except DataPathException as exc:
+        raise ExperimentException(str(exc)) from None
 
 
 def _check_id(name: str, value: Any, *, optional: bool = False) -> Optional[int]:
