@@ -1,0 +1,616 @@
+"""MLflow tracking, embedded by default.
+
+:class:`MLflowManager` is a thin, validating wrapper around
+:class:`mlflow.tracking.MlflowClient`.  Each RapidFire run maps to one MLflow run:
+parameters are logged when the run is created, metrics during training, and
+checkpoints as artifacts.
+
+Where the tracking data goes (``tracking_uri``):
+
+* ``None`` (the default): an embedded SQLite store,
+  ``sqlite:///$RF_HOME/mlflow/mlflow.db``, with artifacts under
+  ``$RF_HOME/mlflow/artifacts``.  No server to start.
+* ``sqlite:///...``, ``postgresql[+driver]://...``, ``mysql[+driver]://...``,
+  ``mssql[+driver]://...``: that database, used in-process.
+* ``http://...`` / ``https://...``: an MLflow tracking server (``mlflow server``);
+  the server decides where artifacts go.
+
+A plain directory or ``file:`` URI (MLflow's old file store) is refused with
+:class:`~rapidfire_state.exceptions.ConfigError`: MLflow 3 refuses it itself, and
+only after importing everything.
+
+Design notes:
+
+* ``mlflow`` is imported inside the constructor and methods, never at module
+  import: importing it costs seconds, and ``import rapidfire_state`` and the CLI
+  must stay cheap.
+* The manager never touches MLflow's global state (``mlflow.set_tracking_uri``,
+  ``MLFLOW_TRACKING_URI``, the active run): every call goes through its own
+  ``MlflowClient(tracking_uri=...)``, so several managers with different stores
+  coexist in one process, and user code that uses ``mlflow.*`` is not disturbed.
+* Every MLflow failure is re-raised as a :class:`MetricLoggingError` (or one of
+  its subclasses) with the original exception chained (``raise ... from exc``).
+
+MLflow behaviours worth knowing (MLflow 3.17):
+
+* ``NaN`` metric values are stored as such; ``+inf``/``-inf`` are stored by the SQL
+  store as ``±sys.float_info.max``.  This manager passes them through unchanged.
+* A parameter value longer than MLflow's limit (6000 characters) would be
+  *silently truncated* by MLflow; this manager refuses it instead, so a logged
+  hyperparameter is never quietly different from the one used.
+* Logging a parameter twice with a different value is an error (parameters are
+  immutable); logging the same value again is accepted.
+* On a *new* ``sqlite:///`` store this manager creates the tables itself so that
+  MLflow's "Default" experiment (id 0) keeps its artifacts under ``artifact_root``;
+  on other new databases MLflow gives it ``./mlruns/0`` relative to the working
+  directory.  Experiments made by :meth:`MLflowManager.get_experiment` always get
+  a location under ``artifact_root``.
+* Against a server, a connection failure is retried by MLflow with exponential
+  backoff (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7) before it is reported,
+  which can take minutes.  :meth:`MLflowManager.check_server` answers in seconds.
+* Against a server, ``end_run`` makes MLflow print "View run ... at: <url>" on stdout
+  (``MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT=true`` silences it; this manager does
+  not set it, environment being global state).
+* Measured: embedded SQLite ``log_metric`` ~10 ms a call, ``log_batch`` of 1000
+  metrics ~0.15 s; prefer :meth:`MLflowManager.log_metrics` for many values.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+from urllib.parse import urlparse
+
+from rapidfire_state import constants
+from rapidfire_state.exceptions import ConfigError, NotFoundError, RapidFireError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only, never imported at runtime
+    from mlflow.entities import Experiment
+    from mlflow.tracking import MlflowClient
+
+
+# --- errors ---------------------------------------------------------------------------
+
+
+class MetricLoggingError(RapidFireError):
+    """MLflow failed or refused a tracking operation (the cause is chained)."""
+
+
+class MetricInputError(MetricLoggingError, ValueError):
+    """An argument of a tracking call is invalid (bad key, value, step or status)."""
+
+
+class MetricNotFoundError(MetricLoggingError, NotFoundError):
+    """The MLflow run or experiment named by the caller does not exist."""
+
+
+# --- constants --------------------------------------------------------------------------
+
+#: URI schemes (before any ``+driver``) that MLflow serves from a SQL database in-process.
+DATABASE_SCHEMES = frozenset({"sqlite", "postgresql", "mysql", "mssql"})
+#: URI schemes of an MLflow tracking server.
+SERVER_SCHEMES = frozenset({"http", "https"})
+
+_ALLOWED_URIS = (
+    "sqlite:///<absolute path>.db, postgresql[+driver]://..., mysql[+driver]://..., "
+    "mssql[+driver]://..., or http(s)://<host>:<port> of an MLflow server"
+)
+
+#: Statuses an MLflow run may end with.
+END_STATUSES = ("FINISHED", "FAILED", "KILLED")
+# RapidFire's own vocabulary says COMPLETED where MLflow says FINISHED.
+_STATUS_ALIASES = {"COMPLETED": "FINISHED"}
+
+# MLflow's limit on a parameter value; read from mlflow when available (see _max_param_length).
+_DEFAULT_MAX_PARAM_LENGTH = 6000
+
+_UNSAFE_DIR_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def default_tracking_uri() -> str:
+    """The embedded store: ``sqlite:///$RF_HOME/mlflow/mlflow.db`` (absolute path)."""
+    db_file = (constants.rf_home() / "mlflow" / "mlflow.db").resolve()
+    return f"sqlite:///{db_file}"
+
+
+def default_artifact_root() -> Path:
+    """Where artifacts of embedded/database stores go: ``$RF_HOME/mlflow/artifacts``."""
+    return (constants.rf_home() / "mlflow" / "artifacts").resolve()
+
+
+def validate_tracking_uri(tracking_uri: object) -> str:
+    """Return ``tracking_uri`` if MLflow 3 can use it, else raise :class:`ConfigError`.
+
+    Accepted: see :data:`DATABASE_SCHEMES` and :data:`SERVER_SCHEMES`.  Refused: plain
+    paths and ``file:`` URIs (MLflow 3 no longer accepts the file store), anything else.
+    """
+    if isinstance(tracking_uri, Path):
+        raise ConfigError(
+            f"tracking_uri={str(tracking_uri)!r} is a path; MLflow 3 refuses the plain file "
+            f"store. Use sqlite:///{Path(tracking_uri).expanduser().resolve()}/mlflow.db for an "
+            f"embedded store there, or one of: {_ALLOWED_URIS}"
+        )
+    if not isinstance(tracking_uri, str) or not tracking_uri.strip():
+        raise ConfigError(
+            f"tracking_uri={tracking_uri!r} is not a non-empty string; use None for the "
+            f"embedded store, or one of: {_ALLOWED_URIS}"
+        )
+    uri = tracking_uri.strip()
+    scheme = urlparse(uri).scheme.lower()
+    base_scheme = scheme.split("+", 1)[0]
+    if scheme in ("", "file"):
+        raise ConfigError(
+            f"tracking_uri={tracking_uri!r} is a plain file store, which MLflow 3 refuses; "
+            f"use sqlite:///<absolute path>/mlflow.db for an embedded store, or one of: "
+            f"{_ALLOWED_URIS}"
+        )
+    if scheme in SERVER_SCHEMES:
+        if not urlparse(uri).netloc:
+            raise ConfigError(
+                f"tracking_uri={tracking_uri!r} has no host; use e.g. http://127.0.0.1:8852, or one of: "
+                f"{_ALLOWED_URIS}"
+            )
+        return uri
+    if base_scheme in DATABASE_SCHEMES and (scheme == base_scheme or "+" in scheme):
+        return uri
+    raise ConfigError(f"tracking_uri={tracking_uri!r} has an unsupported scheme {scheme!r}; use {_ALLOWED_URIS}")
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, or None (in-memory, other backends)."""
+    if not uri.lower().startswith("sqlite:///"):
+        return None
+    raw = uri[len("sqlite:///") :].split("?", 1)[0]
+    if not raw or raw == ":memory:":
+        return None
+    return Path(raw)
+
+
+# --- input validation ---------------------------------------------------------------------
+
+
+def _check_str(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise MetricInputError(f"{what}={value!r} must be a non-empty string")
+    return value
+
+
+def _check_key(key: object, what: str = "key") -> str:
+    # MLflow validates the characters itself; the type check gives a clearer error
+    # than MLflow's for the common mistakes (None, ints, enums).
+    if not isinstance(key, str) or not key:
+        raise MetricInputError(f"{what}={key!r} must be a non-empty string")
+    return key
+
+
+def _check_value(key: str, value: object) -> float:
+    if isinstance(value, (str, bytes)):
+        raise MetricInputError(f"metric {key!r}: value={value!r} is not a number")
+    try:
+        number = float(value)  # type: ignore[arg-type]  # ints, numpy and 1-element torch scalars
+    except Exception as exc:  # TypeError, ValueError, a multi-element tensor's RuntimeError
+        raise MetricInputError(f"metric {key!r}: value={value!r} is not a number") from exc
+    # NaN and +-inf are accepted (a diverging loss is worth recording); see the module notes.
+    return number
+
+
+def _check_step(step: object) -> int:
+    if step is None:
+        return 0
+    # bool is an int subclass (and has __index__); True as a step is always a mistake.
+    if isinstance(step, bool):
+        raise MetricInputError(f"step={step!r} must be a non-negative integer or None")
+    if not isinstance(step, int):
+        try:
+            step = operator.index(step)  # numpy integers
+        except TypeError:
+            raise MetricInputError(f"step={step!r} must be a non-negative integer or None") from None
+    if step < 0:  # MLflow refuses it too, but its message names 'timestamp'
+        raise MetricInputError(f"step={step!r} must be a non-negative integer or None")
+    return int(step)
+
+
+def _max_param_length() -> int:
+    try:
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+    except ImportError:  # pragma: no cover - older/newer mlflow layout
+        return _DEFAULT_MAX_PARAM_LENGTH
+    return int(MAX_PARAM_VAL_LENGTH)
+
+
+def _check_param_value(key: str, value: object, limit: int) -> str:
+    text = str(value)
+    if len(text) > limit:
+        raise MetricInputError(
+            f"param {key!r}: value is {len(text)} characters; MLflow stores at most {limit} "
+            "(and would silently truncate it)"
+        )
+    return text
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _first_paragraph(exc: BaseException) -> str:
+    # MLflow's messages sometimes carry a long tutorial after a blank line.
+    text = str(exc).strip()
+    return text.split("\n\n", 1)[0]
+
+
+# --- the manager -----------------------------------------------------------------------------
+
+
+class MLflowManager:
+    """Experiments, runs, metrics, parameters and artifacts in MLflow.
+
+    Args:
+        tracking_uri: ``None`` for the embedded SQLite store under ``$RF_HOME/mlflow``,
+            a database URI (``sqlite:///...``, ``postgresql://...``) or the URL of an
+            MLflow server (``http(s)://...``).
+        artifact_root: Where experiments created by this manager keep their artifacts
+            (a directory). Default: next to a ``sqlite:///`` file (``<dir>/artifacts``),
+            ``$RF_HOME/mlflow/artifacts`` for the embedded store and other databases;
+            ignored for a server, which decides itself.
+
+    Raises:
+        ConfigError: the URI is not one MLflow 3 can use.
+        MetricLoggingError: the store could not be opened.
+
+    Example::
+
+        mlflow = MLflowManager()                      # embedded, no server
+        experiment = mlflow.get_experiment("my_experiment")
+        run_id = mlflow.create_run(experiment.experiment_id)
+        mlflow.log_metric(run_id, "loss", 0.5, step=100)
+        mlflow.end_run(run_id)
+    """
+
+    def __init__(self, tracking_uri: str | None = None, *, artifact_root: str | Path | None = None):
+        if tracking_uri is None:
+            uri = default_tracking_uri()
+        else:
+            uri = validate_tracking_uri(tracking_uri)
+        scheme = urlparse(uri).scheme.lower()
+        self.tracking_uri: str = uri
+        self.is_server: bool = scheme in SERVER_SCHEMES
+
+        sqlite_file = _sqlite_file(uri)
+        self.artifact_root: Path | None
+        if self.is_server:
+            self.artifact_root = None
+        elif artifact_root is not None:
+            self.artifact_root = Path(artifact_root).expanduser().resolve()
+        elif sqlite_file is not None and tracking_uri is not None:
+            self.artifact_root = sqlite_file.resolve().parent / "artifacts"
+        else:
+            self.artifact_root = default_artifact_root()
+
+        try:
+            if sqlite_file is not None:
+                # SQLite does not create missing parent directories.
+                sqlite_file.resolve().parent.mkdir(parents=True, exist_ok=True)
+            if self.artifact_root is not None:
+                self.artifact_root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the MLflow directories for {uri!r}: {exc}") from exc
+
+        self._max_param_length = _DEFAULT_MAX_PARAM_LENGTH
+        self._client: MlflowClient = self._open(sqlite_file)
+
+    def _open(self, sqlite_file: Path | None) -> MlflowClient:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            if sqlite_file is None:
+                client = MlflowClient(tracking_uri=self.tracking_uri)
+            else:
+                # MLflow creates and migrates a new SQLite store without any locking:
+                # measured, 4 processes opening one new store at once all failed
+                # ("duplicate column", "table _alembic_tmp_tags already exists").  The
+                # controller and the workers do exactly that, so opening a SQLite store
+                # is serialised by a lock file next to the database.
+                from filelock import FileLock
+
+                with FileLock(str(sqlite_file.resolve()) + ".lock", timeout=300):
+                    if not sqlite_file.exists():
+                        self._create_sqlite_store()
+                    client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._max_param_length = _max_param_length()
+        except ImportError as exc:
+            raise MetricLoggingError(f"mlflow is not installed ({exc}); pip install mlflow") from exc
+        except RapidFireError:
+            raise
+        except Exception as exc:
+            raise MetricLoggingError(
+                f"cannot open the MLflow tracking store {self.tracking_uri!r}: {_first_paragraph(exc)}"
+            ) from exc
+        return client
+
+    def _create_sqlite_store(self) -> None:
+        # A new SQLite store creates its "Default" experiment (id 0) with an artifact
+        # location derived from the store's artifact root, which an MlflowClient sets
+        # to ./mlruns in the *current directory*.  Creating the store ourselves first,
+        # with our root, puts that experiment's artifacts under artifact_root instead;
+        # MlflowClient then finds the tables ready.
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        assert self.artifact_root is not None
+        SqlAlchemyStore(self.tracking_uri, self.artifact_root.as_uri()).engine.dispose()
+
+    def __repr__(self) -> str:
+        return f"MLflowManager(tracking_uri={self.tracking_uri!r})"
+
+    @property
+    def client(self) -> MlflowClient:
+        """The underlying :class:`mlflow.tracking.MlflowClient` (for calls not wrapped here)."""
+        return self._client
+
+    def check_server(self, timeout: float = 2.0) -> None:
+        """Fail fast when the tracking server does not answer ``/health``.
+
+        MLflow itself retries a refused connection with exponential backoff for
+        minutes before reporting it; call this first to learn in ``timeout`` seconds.
+        A no-op for database stores.
+
+        Raises:
+            MetricLoggingError: the server did not answer ``/health`` with 2xx.
+        """
+        if not self.is_server:
+            return
+        from rapidfire_state.ping import ping_service  # stdlib only
+
+        url = self.tracking_uri.rstrip("/") + "/health"
+        result = ping_service(url, timeout, name="mlflow", max_status=299)
+        if not result.up:
+            raise MetricLoggingError(f"the MLflow server at {self.tracking_uri} is not healthy: {url}: {result.error}")
+
+    # --- error translation -------------------------------------------------------------
+
+    def _wrap(
+        self, exc: Exception, action: str, entity: str | None = None, entity_id: Any = None
+    ) -> RapidFireError:
+        """Translate an exception raised by MLflow into one of this module's errors."""
+        code = getattr(exc, "error_code", None)
+        message = _first_paragraph(exc)
+        if code == "RESOURCE_DOES_NOT_EXIST" and entity is not None:
+            error: RapidFireError = MetricNotFoundError(entity, entity_id)
+            error.args = (f"{action}: {entity} {entity_id!r} does not exist in {self.tracking_uri} ({message})",)
+            return error
+        if code == "INVALID_PARAMETER_VALUE":
+            return MetricInputError(f"{action}: {message}")
+        return MetricLoggingError(f"{action} failed ({self.tracking_uri}): {type(exc).__name__}: {message}")
+
+    # --- experiments and runs ------------------------------------------------------------
+
+    def get_experiment(self, name: str) -> Experiment:
+        """Return the MLflow experiment called ``name``, creating it if needed.
+
+        A deleted experiment of that name is restored (MLflow keeps the name
+        reserved, so it could not be created again).  Safe when several processes
+        get the same new name at once: the loser of the creation race reads the
+        winner's experiment.
+
+        Returns:
+            The :class:`mlflow.entities.Experiment` (``.experiment_id``, ``.name``,
+            ``.artifact_location``).
+        """
+        name = _check_str(name, "name")
+        client = self._client
+        try:
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                try:
+                    location = self._artifact_location(name)
+                    experiment_id = client.create_experiment(name, artifact_location=location)
+                except Exception as exc:
+                    if getattr(exc, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                    # Another process created it between our read and our insert.
+                    experiment = client.get_experiment_by_name(name)
+                    if experiment is None:
+                        raise
+                else:
+                    return client.get_experiment(experiment_id)
+            if experiment.lifecycle_stage == "deleted":
+                client.restore_experiment(experiment.experiment_id)
+                experiment = client.get_experiment(experiment.experiment_id)
+            return experiment
+        except RapidFireError:
+            raise
+        except Exception as exc:
+            raise self._wrap(exc, f"get_experiment({name!r})") from exc
+
+    def _artifact_location(self, name: str) -> str | None:
+        if self.artifact_root is None:
+            return None  # a server chooses (its --default-artifact-root / artifact proxy)
+        # The experiment id is not known before creation (MLflow's own layout uses it);
+        # a readable name plus a random suffix is unique and easy to find on disk.
+        safe = _UNSAFE_DIR_CHARS.sub("_", name).strip("._")[:64] or "experiment"
+        return (self.artifact_root / f"{safe}-{uuid.uuid4().hex[:8]}").as_uri()
+
+    def create_run(self, experiment_id: str | int, run_name: str | None = None) -> str:
+        """Create a run in ``experiment_id`` (status RUNNING) and return its run id."""
+        if isinstance(experiment_id, bool) or not isinstance(experiment_id, (str, int)) or not str(experiment_id):
+            raise MetricInputError(f"experiment_id={experiment_id!r} must be a non-empty string or an integer")
+        if run_name is not None:
+            _check_str(run_name, "run_name")
+        try:
+            run = self._client.create_run(str(experiment_id), run_name=run_name)
+        except Exception as exc:
+            raise self._wrap(exc, "create_run", "mlflow experiment", str(experiment_id)) from exc
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        """Mark run ``run_id`` ended with ``status``: FINISHED (alias COMPLETED), FAILED or KILLED."""
+        run_id = _check_str(run_id, "run_id")
+        raw = getattr(status, "value", status)  # accepts enums such as RunEndedBy
+        if not isinstance(raw, str):
+            raise MetricInputError(f"status={status!r} must be one of {', '.join(END_STATUSES)}")
+        wanted = _STATUS_ALIASES.get(raw.upper(), raw.upper())
+        if wanted not in END_STATUSES:
+            raise MetricInputError(
+                f"status={status!r} is not an end status; use one of {', '.join(END_STATUSES)} "
+                "(COMPLETED is accepted for FINISHED)"
+            )
+        try:
+            self._client.set_terminated(run_id, status=wanted)
+        except Exception as exc:
+            raise self._wrap(exc, "end_run", "mlflow run", run_id) from exc
+
+    def delete_run(self, run_id: str) -> None:
+        """Delete run ``run_id`` (MLflow's soft delete: hidden, restorable, data kept)."""
+        run_id = _check_str(run_id, "run_id")
+        try:
+            self._client.delete_run(run_id)
+        except Exception as exc:
+            raise self._wrap(exc, "delete_run", "mlflow run", run_id) from exc
+
+    def get_run_status(self, run_id: str) -> str:
+        """The MLflow status of ``run_id``: RUNNING, SCHEDULED, FINISHED, FAILED or KILLED."""
+        run_id = _check_str(run_id, "run_id")
+        try:
+            return str(self._client.get_run(run_id).info.status)
+        except Exception as exc:
+            raise self._wrap(exc, "get_run_status", "mlflow run", run_id) from exc
+
+    # --- metrics and parameters -------------------------------------------------------------
+
+    def log_metric(self, run_id: str, key: str, value: float, step: int | None = None) -> None:
+        """Log one metric value at ``step`` (default 0).
+
+        ~10 ms a call on the embedded store; use :meth:`log_metrics` for several.
+        """
+        run_id = _check_str(run_id, "run_id")
+        key = _check_key(key)
+        number = _check_value(key, value)
+        step_ = _check_step(step)
+        try:
+            self._client.log_metric(run_id, key, number, timestamp=_now_ms(), step=step_)
+        except Exception as exc:
+            raise self._wrap(exc, f"log_metric({key!r})", "mlflow run", run_id) from exc
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log several metrics at one ``step`` in one batch (``log_batch``).
+
+        All values are validated before anything is sent, so a bad value logs nothing.
+        MLflow splits batches above its limit (1000 metrics) itself.
+        """
+        run_id = _check_str(run_id, "run_id")
+        if not isinstance(metrics, Mapping):
+            raise MetricInputError(f"metrics must be a mapping of name to number, got {type(metrics).__name__}")
+        step_ = _check_step(step)
+        checked = [(_check_key(k), _check_value(k, v)) for k, v in metrics.items()]
+        if not checked:
+            return
+        try:
+            from mlflow.entities import Metric
+
+            timestamp = _now_ms()
+            batch = [Metric(key=k, value=v, timestamp=timestamp, step=step_) for k, v in checked]
+            self._client.log_batch(run_id, metrics=batch)
+        except Exception as exc:
+            raise self._wrap(exc, "log_metrics", "mlflow run", run_id) from exc
+
+    def log_param(self, run_id: str, key: str, value: Any) -> None:
+        """Log one parameter (stored as ``str(value)``; parameters are immutable)."""
+        run_id = _check_str(run_id, "run_id")
+        key = _check_key(key)
+        text = _check_param_value(key, value, self._max_param_length)
+        try:
+            self._client.log_param(run_id, key, text)
+        except Exception as exc:
+            raise self._wrap(exc, f"log_param({key!r})", "mlflow run", run_id) from exc
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Log several parameters in batches (``log_batch``; MLflow sends 100 per request)."""
+        run_id = _check_str(run_id, "run_id")
+        if not isinstance(params, Mapping):
+            raise MetricInputError(f"params must be a mapping of name to value, got {type(params).__name__}")
+        checked = [(_check_key(k), _check_param_value(k, v, self._max_param_length)) for k, v in params.items()]
+        if not checked:
+            return
+        try:
+            from mlflow.entities import Param
+
+            self._client.log_batch(run_id, params=[Param(k, v) for k, v in checked])
+        except Exception as exc:
+            raise self._wrap(exc, "log_params", "mlflow run", run_id) from exc
+
+    def get_run_metrics(self, run_id: str) -> dict[str, list[tuple[int, float]]]:
+        """Every metric of ``run_id`` with its full history: ``{key: [(step, value), ...]}``.
+
+        Histories are ordered by step, then by logging time.
+        """
+        run_id = _check_str(run_id, "run_id")
+        try:
+            run = self._client.get_run(run_id)
+            result: dict[str, list[tuple[int, float]]] = {}
+            for key in sorted(run.data.metrics):
+                history = self._client.get_metric_history(run_id, key)
+                ordered = sorted(history, key=lambda m: (m.step, m.timestamp))
+                result[key] = [(int(m.step), float(m.value)) for m in ordered]
+            return result
+        except Exception as exc:
+            raise self._wrap(exc, "get_run_metrics", "mlflow run", run_id) from exc
+
+    def get_run_params(self, run_id: str) -> dict[str, str]:
+        """The parameters of ``run_id`` (values are strings, as MLflow stores them)."""
+        run_id = _check_str(run_id, "run_id")
+        try:
+            return dict(self._client.get_run(run_id).data.params)
+        except Exception as exc:
+            raise self._wrap(exc, "get_run_params", "mlflow run", run_id) from exc
+
+    # --- artifacts -------------------------------------------------------------------------------
+
+    def log_artifact(self, run_id: str, artifact_path: str | Path, artifact_dir: str | None = None) -> None:
+        """Copy the local file (or directory) ``artifact_path`` into the run's artifacts.
+
+        Args:
+            run_id: The MLflow run.
+            artifact_path: A local file or directory that must exist.
+            artifact_dir: Optional sub-directory inside the run's artifact root.
+        """
+        run_id = _check_str(run_id, "run_id")
+        if not isinstance(artifact_path, (str, Path)) or str(artifact_path) == "":
+            raise MetricInputError(f"artifact_path={artifact_path!r} must be a path to a local file")
+        path = Path(artifact_path).expanduser()
+        if not path.exists():
+            raise MetricInputError(f"artifact_path={str(artifact_path)!r} does not exist; nothing was logged")
+        if artifact_dir is not None:
+            _check_str(artifact_dir, "artifact_dir")
+        try:
+            if path.is_dir():
+                target = f"{artifact_dir}/{path.name}" if artifact_dir else path.name
+                self._client.log_artifacts(run_id, str(path), artifact_path=target)
+            else:
+                self._client.log_artifact(run_id, str(path), artifact_path=artifact_dir)
+        except Exception as exc:
+            raise self._wrap(exc, f"log_artifact({str(path)!r})", "mlflow run", run_id) from exc
+
+    def list_artifacts(self, run_id: str, path: str | None = None) -> list[str]:
+        """The artifact paths directly under ``path`` (the root by default) of ``run_id``."""
+        run_id = _check_str(run_id, "run_id")
+        try:
+            return [info.path for info in self._client.list_artifacts(run_id, path)]
+        except Exception as exc:
+            raise self._wrap(exc, "list_artifacts", "mlflow run", run_id) from exc
+
+
+__all__ = [
+    "MLflowManager",
+    "MetricLoggingError",
+    "MetricInputError",
+    "MetricNotFoundError",
+    "DATABASE_SCHEMES",
+    "SERVER_SCHEMES",
+    "END_STATUSES",
+    "default_tracking_uri",
+    "default_artifact_root",
+    "validate_tracking_uri",
+]

@@ -1,0 +1,596 @@
+"""MLflowManager against real MLflow stores (embedded SQLite; a server in the slow test).
+
+Opening a new SQLite store runs MLflow's migrations (~1.5 s), so most tests share
+one module-scoped manager and make their own experiments and runs in it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from rapidfire_state.exceptions import ConfigError, NotFoundError, RapidFireError
+from rapidfire_state.metric_manager import (
+    MetricInputError,
+    MetricLoggingError,
+    MetricNotFoundError,
+    MLflowManager,
+)
+
+UNKNOWN_RUN = "0" * 32
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("mlflow_store")
+
+
+@pytest.fixture(scope="module")
+def manager(store_dir) -> MLflowManager:
+    return MLflowManager(f"sqlite:///{store_dir / 'mlflow.db'}")
+
+
+@pytest.fixture
+def run_id(manager) -> str:
+    experiment = manager.get_experiment(f"exp-{uuid.uuid4().hex[:8]}")
+    return manager.create_run(experiment.experiment_id)
+
+
+# --- stores -------------------------------------------------------------------------------
+
+
+def test_default_store_lives_under_rf_home(rf_home, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's own default would put artifacts in ./mlruns
+    manager = MLflowManager()
+    home = Path(rf_home).resolve()
+    assert manager.tracking_uri == f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+    assert (home / "mlflow" / "mlflow.db").is_file()
+    assert manager.artifact_root == home / "mlflow" / "artifacts"
+    assert manager.artifact_root.is_dir()
+
+    # The "Default" experiment MLflow creates with the store, and ours, keep their
+    # artifacts under RF_HOME, and nothing is written to the working directory.
+    default = manager.client.get_experiment("0")
+    assert default.artifact_location == (home / "mlflow" / "artifacts" / "0").as_uri()
+    experiment = manager.get_experiment("default store")
+    assert experiment.artifact_location.startswith((home / "mlflow" / "artifacts").as_uri() + "/")
+    for experiment_id in ("0", experiment.experiment_id):
+        run = manager.create_run(experiment_id)
+        artifact = tmp_path / "note.txt"
+        artifact.write_text("x")
+        manager.log_artifact(run, artifact)
+    assert not (tmp_path / "mlruns").exists()
+    assert len(list((home / "mlflow" / "artifacts").rglob("note.txt"))) == 2
+
+
+def test_store_survives_reopening(store_dir, manager):
+    experiment = manager.get_experiment("reopened")
+    run = manager.create_run(experiment.experiment_id)
+    manager.log_metric(run, "loss", 0.25, step=3)
+    again = MLflowManager(f"sqlite:///{store_dir / 'mlflow.db'}")
+    assert again.get_experiment("reopened").experiment_id == experiment.experiment_id
+    assert again.get_run_metrics(run) == {"loss": [(3, 0.25)]}
+
+
+@pytest.mark.parametrize(
+    "uri, hint",
+    [
+        ("/tmp/mlruns", "file store"),
+        ("./mlruns", "file store"),
+        ("file:///tmp/mlruns", "file store"),
+        (Path("/tmp/mlruns"), "is a path"),
+        ("", "non-empty"),
+        ("   ", "non-empty"),
+        (42, "non-empty"),
+        ("ftp://host/x", "unsupported scheme"),
+        ("databricks", "file store"),
+        ("http://", "no host"),
+        ("sqlitex:///a.db", "unsupported scheme"),
+    ],
+)
+def test_bad_store_uri(uri, hint):
+    with pytest.raises(ConfigError, match=hint) as info:
+        MLflowManager(uri)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "sqlite:///" in message and "http" in message
+    if isinstance(uri, str) and uri.strip():
+        assert repr(uri) in message
+
+
+def test_server_uri_is_accepted_without_contacting_it():
+    # The REST store is lazy: constructing a manager for a server that is not
+    # running must not block or fail (the first call would).
+    manager = MLflowManager("http://127.0.0.1:1")
+    assert manager.is_server and manager.artifact_root is None
+    # MLflow would retry for minutes; check_server says so at once.
+    started = time.monotonic()
+    with pytest.raises(MetricLoggingError, match="not healthy.*connection refused"):
+        manager.check_server(timeout=1.0)
+    assert time.monotonic() - started < 5
+
+
+def test_check_server_is_a_no_op_for_databases(manager):
+    manager.check_server()
+
+
+def test_managers_with_different_stores_coexist(manager, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    global_uri = mlflow.get_tracking_uri()
+    other = MLflowManager(f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}")
+    assert other.artifact_root == (tmp_path / "other" / "artifacts").resolve()
+    a = manager.get_experiment("only in the first store")
+    b = other.get_experiment("only in the second store")
+    assert manager.client.get_experiment_by_name("only in the second store") is None
+    assert other.client.get_experiment_by_name("only in the first store") is None
+    assert a.artifact_location != b.artifact_location
+    # No global MLflow state was touched.
+    assert mlflow.get_tracking_uri() == global_uri
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert mlflow.active_run() is None
+
+
+_RACER = """
+import sys, time
+from pathlib import Path
+import mlflow.tracking  # imported before the start signal, so that the opens overlap
+from rapidfire_state.metric_manager import MLflowManager
+work = Path(sys.argv[1])
+(work / f"ready-{sys.argv[2]}").touch()
+while not (work / "go").exists():
+    time.sleep(0.01)
+manager = MLflowManager(f"sqlite:///{work / 'store' / 'mlflow.db'}")
+print(manager.get_experiment("shared").experiment_id)
+"""
+
+
+@pytest.mark.slow
+def test_processes_opening_a_new_store_at_once(tmp_path):
+    # Unserialised, MLflow's table creation races ("duplicate column", "table
+    # _alembic_tmp_tags already exists") and every process but one fails.
+    count = 3
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, str(tmp_path), str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(count)
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("ready-*"))) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (tmp_path / "go").touch()
+        outputs = [racer.communicate(timeout=120) for racer in racers]
+    finally:
+        for racer in racers:
+            if racer.poll() is None:
+                racer.kill()
+                racer.wait()
+    for racer, (out, err) in zip(racers, outputs):
+        assert racer.returncode == 0, err[-2000:]
+    assert len({out.strip() for out, _ in outputs}) == 1
+
+
+# --- experiments and runs ---------------------------------------------------------------------
+
+
+def test_get_experiment_gets_or_creates(manager):
+    first = manager.get_experiment("my_experiment")
+    second = manager.get_experiment("my_experiment")
+    assert first.experiment_id == second.experiment_id
+    assert first.name == "my_experiment"
+    assert first.lifecycle_stage == "active"
+    assert manager.get_experiment("another").experiment_id != first.experiment_id
+
+
+def test_deleted_experiment_is_restored(manager):
+    experiment = manager.get_experiment("to be deleted")
+    manager.client.delete_experiment(experiment.experiment_id)
+    restored = manager.get_experiment("to be deleted")
+    assert restored.experiment_id == experiment.experiment_id
+    assert restored.lifecycle_stage == "active"
+
+
+@pytest.mark.parametrize("name", ["", "   ", None, 3])
+def test_get_experiment_bad_name(manager, name):
+    with pytest.raises(MetricInputError, match="name"):
+        manager.get_experiment(name)  # type: ignore[arg-type]
+
+
+def test_create_run_and_end_run(manager):
+    experiment = manager.get_experiment("lifecycle")
+    run = manager.create_run(experiment.experiment_id)
+    assert isinstance(run, str) and len(run) == 32
+    assert manager.get_run_status(run) == "RUNNING"
+    manager.end_run(run)
+    assert manager.get_run_status(run) == "FINISHED"
+
+    failed = manager.create_run(int(experiment.experiment_id), run_name="r-failed")
+    manager.end_run(failed, "failed")
+    assert manager.get_run_status(failed) == "FAILED"
+
+    from rapidfire_state.constants import RunEndedBy
+
+    completed = manager.create_run(experiment.experiment_id)
+    manager.end_run(completed, RunEndedBy.COMPLETED)  # RapidFire's word for FINISHED
+    assert manager.get_run_status(completed) == "FINISHED"
+
+
+@pytest.mark.parametrize("status", ["BOGUS", "RUNNING", "STOPPED", "", 3])
+def test_end_run_bad_status(manager, run_id, status):
+    with pytest.raises(MetricInputError, match="FINISHED, FAILED, KILLED"):
+        manager.end_run(run_id, status)  # type: ignore[arg-type]
+    assert manager.get_run_status(run_id) == "RUNNING"
+
+
+def test_create_run_unknown_experiment(manager):
+    with pytest.raises(MetricNotFoundError) as info:
+        manager.create_run("987654")
+    assert info.value.entity_id == "987654"
+    assert "987654" in str(info.value)
+    with pytest.raises(MetricInputError):
+        manager.create_run("")
+
+
+def test_delete_run(manager, run_id):
+    manager.log_metric(run_id, "loss", 1.0)
+    manager.delete_run(run_id)
+    assert manager.client.get_run(run_id).info.lifecycle_stage == "deleted"
+    # MLflow refuses to log to a deleted run.
+    with pytest.raises(MetricInputError, match="active"):
+        manager.log_metric(run_id, "loss", 2.0)
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+
+def test_metrics_with_steps(manager, run_id):
+    manager.log_metric(run_id, "loss", 0.9, step=0)
+    manager.log_metric(run_id, "loss", 0.5, step=2)
+    manager.log_metric(run_id, "loss", 0.7, step=1)
+    manager.log_metric(run_id, "accuracy", 1)  # int, default step 0
+    assert manager.get_run_metrics(run_id) == {
+        "accuracy": [(0, 1.0)],
+        "loss": [(0, 0.9), (1, 0.7), (2, 0.5)],
+    }
+
+
+def test_non_finite_values(manager, run_id):
+    manager.log_metric(run_id, "nan", float("nan"), step=1)
+    manager.log_metric(run_id, "inf", float("inf"), step=1)
+    metrics = manager.get_run_metrics(run_id)
+    assert math.isnan(metrics["nan"][0][1])
+    # MLflow's SQL store clamps +inf to the largest float.
+    assert metrics["inf"][0][1] in (math.inf, sys.float_info.max)
+
+
+@pytest.mark.parametrize(
+    "key, value, step, match",
+    [
+        ("loss", "0.5", None, "not a number"),
+        ("loss", None, None, "not a number"),
+        ("loss", [1.0], None, "not a number"),
+        (None, 1.0, None, "key"),
+        (3, 1.0, None, "key"),
+        ("", 1.0, None, "key"),
+        ("bad key!", 1.0, None, "alphanumerics"),  # MLflow's own check, translated
+        ("loss", 1.0, -1, "step"),
+        ("loss", 1.0, 1.5, "step"),
+        ("loss", 1.0, True, "step"),
+        ("loss", 1.0, "3", "step"),
+    ],
+)
+def test_log_metric_bad_input(manager, run_id, key, value, step, match):
+    with pytest.raises(MetricInputError, match=match):
+        manager.log_metric(run_id, key, value, step=step)
+    assert manager.get_run_metrics(run_id) == {}
+
+
+def test_log_metrics_batch(manager, run_id):
+    metrics = {f"m{i}": i / 10 for i in range(1000)}
+    started = time.perf_counter()
+    manager.log_metrics(run_id, metrics, step=7)
+    elapsed = time.perf_counter() - started
+    stored = manager.get_run_metrics(run_id)
+    assert len(stored) == 1000
+    assert stored["m999"] == [(7, 99.9)]
+    # ~0.15 s measured; a per-metric loop would take ~10 s.  Generous bound for CI.
+    assert elapsed < 5, elapsed
+    manager.log_metrics(run_id, {})  # nothing to do, no error
+
+
+def test_log_metrics_validates_everything_first(manager, run_id):
+    with pytest.raises(MetricInputError, match="'bad'"):
+        manager.log_metrics(run_id, {"good": 1.0, "bad": "x"})
+    assert manager.get_run_metrics(run_id) == {}
+    with pytest.raises(MetricInputError, match="mapping"):
+        manager.log_metrics(run_id, [("a", 1.0)])  # type: ignore[arg-type]
+
+
+# --- parameters ---------------------------------------------------------------------------------
+
+
+def test_params(manager, run_id):
+    manager.log_param(run_id, "lr", 0.001)
+    manager.log_params(run_id, {"batch_size": 32, "optimizer": "adam", **{f"p{i}": i for i in range(250)}})
+    params = manager.get_run_params(run_id)
+    assert params["lr"] == "0.001"
+    assert params["batch_size"] == "32" and params["optimizer"] == "adam"
+    assert len(params) == 253  # more than MLflow's 100 per request: split into batches
+    manager.log_param(run_id, "lr", 0.001)  # the same value again is accepted
+
+
+def test_param_is_immutable(manager, run_id):
+    manager.log_param(run_id, "lr", 0.1)
+    with pytest.raises(MetricInputError, match="Changing param values is not allowed") as info:
+        manager.log_param(run_id, "lr", 0.2)
+    assert "Incorrect Example" not in str(info.value)  # MLflow's tutorial is cut
+    assert manager.get_run_params(run_id) == {"lr": "0.1"}
+
+
+def test_too_long_param_is_refused_not_truncated(manager, run_id):
+    with pytest.raises(MetricInputError, match="6001 characters"):
+        manager.log_param(run_id, "config", "x" * 6001)
+    with pytest.raises(MetricInputError, match="truncate"):
+        manager.log_params(run_id, {"ok": 1, "config": "x" * 6001})
+    assert manager.get_run_params(run_id) == {}
+    manager.log_param(run_id, "config", "x" * 6000)
+    assert len(manager.get_run_params(run_id)["config"]) == 6000
+
+
+# --- artifacts --------------------------------------------------------------------------------------
+
+
+def test_log_artifact_file_and_directory(manager, run_id, tmp_path):
+    checkpoint = tmp_path / "checkpoint_chunk_2.pt"
+    checkpoint.write_bytes(b"\x00weights")
+    manager.log_artifact(run_id, checkpoint)
+    manager.log_artifact(run_id, str(checkpoint), artifact_dir="checkpoints")
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    (folder / "loss.png").write_bytes(b"png")
+    manager.log_artifact(run_id, folder)
+
+    assert sorted(manager.list_artifacts(run_id)) == ["checkpoint_chunk_2.pt", "checkpoints", "plots"]
+    assert manager.list_artifacts(run_id, "plots") == ["plots/loss.png"]
+    copies = list(manager.artifact_root.rglob("checkpoint_chunk_2.pt"))
+    assert len(copies) == 2 and all(c.read_bytes() == b"\x00weights" for c in copies)
+
+
+def test_log_artifact_missing_file(manager, run_id, tmp_path):
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(MetricInputError, match="nope.pt.*does not exist"):
+        manager.log_artifact(run_id, missing)
+    with pytest.raises(MetricInputError):
+        manager.log_artifact(run_id, "")
+    assert manager.list_artifacts(run_id) == []
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: m.log_metric(UNKNOWN_RUN, "loss", 1.0),
+        lambda m: m.log_metrics(UNKNOWN_RUN, {"loss": 1.0}),
+        lambda m: m.log_param(UNKNOWN_RUN, "lr", 1),
+        lambda m: m.log_params(UNKNOWN_RUN, {"lr": 1}),
+        lambda m: m.end_run(UNKNOWN_RUN),
+        lambda m: m.get_run_metrics(UNKNOWN_RUN),
+        lambda m: m.get_run_status(UNKNOWN_RUN),
+        lambda m: m.delete_run(UNKNOWN_RUN),
+    ],
+)
+def test_unknown_run_id(manager, call):
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MetricNotFoundError) as info:
+        call(manager)
+    error = info.value
+    assert isinstance(error, NotFoundError) and isinstance(error, MetricLoggingError)
+    assert isinstance(error, RapidFireError)
+    assert error.entity == "mlflow run" and error.entity_id == UNKNOWN_RUN
+    assert UNKNOWN_RUN in str(error)
+    assert isinstance(error.__cause__, MlflowException)
+
+
+def test_unknown_run_id_artifact(manager, tmp_path):
+    artifact = tmp_path / "a.txt"
+    artifact.write_text("a")
+    with pytest.raises(MetricLoggingError):
+        manager.log_artifact(UNKNOWN_RUN, artifact)
+
+
+@pytest.mark.parametrize("run", ["", None, 5])
+def test_bad_run_id(manager, run):
+    with pytest.raises(MetricInputError, match="run_id"):
+        manager.log_metric(run, "loss", 1.0)  # type: ignore[arg-type]
+
+
+# --- imports --------------------------------------------------------------------------------------------
+
+
+def test_import_does_not_load_mlflow():
+    code = (
+        "import sys\n"
+        "import rapidfire_state.metric_manager\n"
+        "from rapidfire_state.metric_mlflow_manager import MLflowManager\n"
+        "import rapidfire_state\n"
+        "assert rapidfire_state.MLflowManager is MLflowManager\n"
+        "assert MLflowManager is rapidfire_state.metric_manager.MLflowManager\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'torch'))\n"
+        "print(loaded)\n"
+        "sys.exit(1 if loaded else 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_bad_uri_is_refused_before_importing_mlflow():
+    code = (
+        "import sys\n"
+        "from rapidfire_state.metric_manager import MLflowManager\n"
+        "from rapidfire_state.exceptions import ConfigError\n"
+        "try:\n"
+        "    MLflowManager('/tmp/mlruns')\n"
+        "except ConfigError:\n"
+        "    sys.exit(1 if 'mlflow' in sys.modules else 0)\n"
+        "sys.exit(2)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- a real MLflow server -------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path) -> Iterator[str]:
+    """``mlflow server --workers 1`` on a free port with a SQLite backend in tmp_path."""
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    if not mlflow_cli.exists():
+        pytest.skip("the mlflow command is not installed next to this Python")
+    port = _free_port()
+    env = dict(os.environ)
+    # The job runner (huey) is not needed here, and it is what makes the server
+    # create a temporary directory in /dev/shm that it never removes.
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    log = (tmp_path / "server.log").open("w")
+    process = subprocess.Popen(
+        [
+            str(mlflow_cli),
+            "server",
+            "--workers",
+            "1",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp_path,
+    )
+    url = f"http://127.0.0.1:{port}"
+    huey_dirs: set[str] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"mlflow server exited early:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not healthy within 60 s:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        huey_dirs = _huey_dirs(process.pid)
+        yield url
+    finally:
+        _stop_tree(process)
+        log.close()
+        # Should the job runner be on anyway (an MLflow that ignores the variable),
+        # remove the /dev/shm directory named in this server's own environment.
+        for path in huey_dirs:
+            if path.startswith("/dev/shm/"):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _huey_dirs(pid: int) -> set[str]:
+    import psutil
+
+    found: set[str] = set()
+    try:
+        processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return found
+    for proc in processes:
+        try:
+            value = proc.environ().get("_MLFLOW_HUEY_STORAGE_PATH")
+        except psutil.Error:
+            continue
+        if value:
+            found.add(value)
+    return found
+
+
+def _stop_tree(process: subprocess.Popen) -> None:
+    import psutil
+
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    process.terminate()
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    for child in children:  # by pid: only the processes this server started
+        try:
+            child.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=5)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+
+
+@pytest.mark.slow
+def test_against_a_real_server(mlflow_server, tmp_path):
+    manager = MLflowManager(mlflow_server)
+    assert manager.is_server
+    manager.check_server()
+    experiment = manager.get_experiment("served")
+    assert manager.get_experiment("served").experiment_id == experiment.experiment_id
+    run = manager.create_run(experiment.experiment_id)
+    manager.log_metric(run, "loss", 0.5, step=100)
+    manager.log_metrics(run, {"a": 1.0, "b": 2.0}, step=101)
+    manager.log_params(run, {"lr": 0.01})
+    artifact = tmp_path / "model.txt"
+    artifact.write_text("weights")
+    manager.log_artifact(run, artifact)
+    manager.end_run(run)
+    assert manager.get_run_metrics(run) == {"a": [(101, 1.0)], "b": [(101, 2.0)], "loss": [(100, 0.5)]}
+    assert manager.get_run_params(run) == {"lr": "0.01"}
+    assert manager.list_artifacts(run) == ["model.txt"]
+    assert manager.get_run_status(run) == "FINISHED"
+    assert list((tmp_path / "server-artifacts").rglob("model.txt"))
+    with pytest.raises(MetricNotFoundError):
+        manager.log_metric(UNKNOWN_RUN, "loss", 1.0)
+    with pytest.raises(MetricInputError):
+        manager.log_metric(run, "bad key!", 1.0)
