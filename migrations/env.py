@@ -52,14 +52,19 @@ def _run_on(connection) -> None:
             connection.commit()
         raw.execute("PRAGMA foreign_keys = OFF")
     connection.execution_options(**{WRITE_OPTION: True})
-    context.configure(
-        connection=connection,
-        target_metadata=target_metadata,
-        render_as_batch=is_sqlite,
-        compare_type=True,
-    )
     try:
         with connection.begin():
+            # Configured inside our transaction, Alembic sees an external
+            # transaction and does not commit per migration (it would on
+            # SQLite, whose DDL it treats as non-transactional): the whole
+            # upgrade, and the foreign-key check, are one unit, and no
+            # transaction is open when enforcement is switched back on below.
+            context.configure(
+                connection=connection,
+                target_metadata=target_metadata,
+                render_as_batch=is_sqlite,
+                compare_type=True,
+            )
             with context.begin_transaction():
                 context.run_migrations()
             if is_sqlite:

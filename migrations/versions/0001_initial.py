@@ -181,7 +181,7 @@ def upgrade() -> None:
     sa.Column('object_type', sa.String(length=16), nullable=False),
     sa.Column('location', sa.String(length=8), nullable=False),
     sa.Column('disk_path', sa.Text(), nullable=True),
-    sa.Column('num_bytes', sa.Integer(), nullable=False),
+    sa.Column('num_bytes', sa.BigInteger(), nullable=False),
     sa.Column('tensor_count', sa.Integer(), nullable=False),
     sa.Column('manager_name', sa.String(length=255), nullable=True),
     sa.Column('created_at', sa.DateTime(), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),

@@ -28,7 +28,7 @@ CONSTRAINT = "ended_by_matches_status"
 CONDITION = (
     "(status IN ('NEW', 'ONGOING') AND ended_by IS NULL)"
     " OR (status = 'STOPPED' AND (ended_by IS NULL OR ended_by = 'STOPPED'))"
-    " OR (status IN ('COMPLETED', 'FAILED', 'KILLED') AND ended_by = status)"
+    " OR (status IN ('COMPLETED', 'FAILED', 'KILLED') AND ended_by IS NOT NULL AND ended_by = status)"
 )
 
 

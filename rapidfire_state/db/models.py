@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     CheckConstraint,
     DateTime,
     Float,
@@ -193,7 +194,7 @@ class Run(Base):
         CheckConstraint(
             "(status IN ('NEW', 'ONGOING') AND ended_by IS NULL)"
             " OR (status = 'STOPPED' AND (ended_by IS NULL OR ended_by = 'STOPPED'))"
-            " OR (status IN ('COMPLETED', 'FAILED', 'KILLED') AND ended_by = status)",
+            " OR (status IN ('COMPLETED', 'FAILED', 'KILLED') AND ended_by IS NOT NULL AND ended_by = status)",
             name="ended_by_matches_status",
         ),
         CheckConstraint("completed_steps >= 0 AND total_steps >= 0", name="steps_non_negative"),
@@ -336,7 +337,7 @@ class SHMObject(Base):
     object_type: Mapped[str] = mapped_column(String(16), nullable=False)
     location: Mapped[str] = mapped_column(String(8), nullable=False)
     disk_path: Mapped[Optional[str]] = mapped_column(Text)
-    num_bytes: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    num_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     tensor_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     manager_name: Mapped[Optional[str]] = mapped_column(String(255))
     created_at: Mapped[datetime] = _created_at()

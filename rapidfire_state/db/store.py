@@ -16,6 +16,7 @@ Transaction discipline
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import re
@@ -24,9 +25,11 @@ import threading
 import time
 import weakref
 from contextlib import contextmanager
+from enum import Enum
+from types import MappingProxyType
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar
 
-from sqlalchemy import Table, and_, func, insert, literal, or_, select, update
+from sqlalchemy import Table, and_, bindparam, func, insert, literal, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -132,6 +135,11 @@ _OPEN_TASK_STATUSES = (TaskStatus.PENDING.value, TaskStatus.SCHEDULED.value, Tas
 
 _LIVE_DATABASES: "weakref.WeakSet[StateDB]" = weakref.WeakSet()
 
+# Statements built once and reused: SQLAlchemy memoises a statement object's
+# cache key, so a reused object skips construction, coercion and cache-key work.
+_INSERT_TRANSITION = insert(StateTransition.__table__).values(at=db_now())
+_CAS_STATEMENTS: dict[tuple, Any] = {}
+
 
 def _dispose_after_fork() -> None:
     # A forked child must not reuse the parent's pooled connections.
@@ -177,7 +185,9 @@ def _check_id(name: str, value: Any, *, optional: bool = False) -> Optional[int]
 def _enum_value(enum_cls: type, value: Any, what: str) -> str:
     if isinstance(value, enum_cls):
         return value.value
-    if isinstance(value, str):
+    # the exact string value, never another enum that happens to share it
+    # (ControllerTask.RUN_FIT is not an ExperimentTask), as states.coerce_status
+    if isinstance(value, str) and not isinstance(value, Enum):
         try:
             return enum_cls(value).value
         except ValueError:
@@ -385,11 +395,20 @@ class StateDB:
         extra_where: Sequence[Any] = (),
         reason: Optional[str] = None,
         blocked_detail: Optional[Callable[[Any], Optional[str]]] = None,
+        params: Optional[Mapping[str, Any]] = None,
+        cacheable: bool = False,
     ) -> tuple[Optional[Any], Mapping[str, Any]]:
         """Move one row to ``to`` if its status allows it; never commits.
 
         Returns ``(from_status, row)``; ``from_status`` is None when the row
         already had status ``to`` (an idempotent repeat: nothing written).
+
+        ``params`` binds the ``bindparam()`` placeholders of ``values``.  With
+        ``cacheable`` the caller guarantees that the SQL of ``values`` and
+        ``extra_where`` depends only on the entity, ``to``, the keys of
+        ``values`` and the number of ``extra_where`` clauses (every other datum
+        goes through ``params``): the UPDATE is then built once and reused, so
+        SQLAlchemy neither rebuilds it nor recomputes its cache key.
         """
         _check_id(f"{machine.entity}_id", entity_id)
         to_status = states.coerce_status(machine.machine, to)
@@ -406,25 +425,41 @@ class StateDB:
         assignments.update(values or {})
         row = None
         if cas_from:
-            statement = (
-                update(table)
-                .where(machine.key_column == entity_id)
-                .where(table.c.status.in_(sorted(s.value for s in cas_from)))
-                .where(*extra_where)
-                .values(**assignments)
-                .returning(*table.c)
-            )
-            row = session.execute(statement).mappings().first()
-        if row is not None:
-            from_status = states.coerce_status(machine.machine, row["previous_status"])
-            self._record_transition(session, machine.entity, entity_id, from_status.value, to_status.value, reason)
-            return from_status, row
-        current_row = session.execute(select(table).where(machine.key_column == entity_id)).mappings().first()
-        if current_row is None:
-            raise NotFoundError(machine.entity, entity_id)
-        current = states.coerce_status(machine.machine, current_row["status"])
-        if current == to_status:
-            return None, current_row
+            from_values = tuple(sorted(s.value for s in cas_from))
+            key = (machine.entity, to_status.value, from_values, tuple(sorted(assignments)), len(extra_where))
+            statement = _CAS_STATEMENTS.get(key) if cacheable else None
+            if statement is None:
+                statement = (
+                    update(table)
+                    .where(machine.key_column == bindparam("rf_entity_id"))
+                    .where(table.c.status.in_(from_values))
+                    .where(*extra_where)
+                    .values(**assignments)
+                    .returning(*table.c)
+                )
+                if cacheable:
+                    _CAS_STATEMENTS[key] = statement
+            bound = {"rf_entity_id": entity_id, **(params or {})}
+        # On PostgreSQL (READ COMMITTED) the UPDATE may miss a row that a
+        # concurrent transaction moved away and another moved back before our
+        # re-read; the re-read then shows a status the compare-and-set accepts.
+        # Compare-and-set again (a few times at most) rather than report a
+        # refusal that names an allowed status.
+        for _attempt in range(3):
+            if cas_from:
+                row = session.execute(statement, bound).mappings().first()
+            if row is not None:
+                from_status = states.coerce_status(machine.machine, row["previous_status"])
+                self._record_transition(session, machine.entity, entity_id, from_status.value, to_status.value, reason)
+                return from_status, row
+            current_row = session.execute(select(table).where(machine.key_column == entity_id)).mappings().first()
+            if current_row is None:
+                raise NotFoundError(machine.entity, entity_id)
+            current = states.coerce_status(machine.machine, current_row["status"])
+            if current == to_status:
+                return None, current_row
+            if current not in cas_from:
+                break
         detail = blocked_detail(current_row) if blocked_detail else None
         if expected is not None and current in allowed and current not in cas_from:
             detail = f"expected one of {', '.join(sorted(str(e) for e in expected_set))}"
@@ -440,16 +475,16 @@ class StateDB:
         reason: Optional[str],
     ) -> None:
         session.execute(
-            insert(StateTransition.__table__).values(
-                entity=entity,
-                entity_id=entity_id,
-                from_status=from_status,
-                to_status=to_status,
-                at=db_now(),
-                pid=os.getpid(),
-                host=_HOST,
-                reason=reason,
-            )
+            _INSERT_TRANSITION,
+            {
+                "entity": entity,
+                "entity_id": entity_id,
+                "from_status": from_status,
+                "to_status": to_status,
+                "pid": os.getpid(),
+                "host": _HOST,
+                "reason": reason,
+            },
         )
 
     # --- experiments -------------------------------------------------------------------
@@ -788,8 +823,8 @@ class StateDB:
         to_status = states.coerce_status("run", to)
 
         def unit(session: Session) -> RunRecord:
-            self._transition_run(session, run_id, to_status, expected=expected, error=error, reason=reason)
-            return self._run(session, run_id)
+            _, row = self._transition_run_row(session, run_id, to_status, expected=expected, error=error, reason=reason)
+            return RunRecord.from_row(row)  # RETURNING gave the whole row: no second SELECT
 
         return self._write(unit)
 
@@ -803,33 +838,34 @@ class StateDB:
         error: Optional[str] = None,
         reason: Optional[str] = None,
     ) -> Optional[Any]:
-        table = Run.__table__
-        values: dict[str, Any] = {"updated_at": db_now()}
-        extra_where: list[Any] = []
-        if to_status in states.terminal_states("run"):
-            values["ended_at"] = db_now()
-            values["ended_by"] = to_status.value
-        elif to_status == RunStatus.ONGOING:
-            values["started_at"] = func.coalesce(table.c.started_at, db_now())
-            values["ended_by"] = None
-            experiments = Experiment.__table__
-            running = select(experiments.c.experiment_id).where(
-                experiments.c.status == ExperimentStatus.RUNNING.value
-            )
-            extra_where.append(or_(table.c.status != RunStatus.STOPPED.value, table.c.experiment_id.in_(running)))
-        if error is not None:
-            values["error"] = str(error)
+        """Compare-and-set inside ``session``; the status moved from, None for a repeat."""
+        return self._transition_run_row(
+            session, run_id, to_status, expected=expected, error=error, reason=reason
+        )[0]
+
+    def _transition_run_row(
+        self,
+        session: Session,
+        run_id: int,
+        to_status: RunStatus,
+        *,
+        expected: Optional[Iterable[Any]] = None,
+        error: Optional[str] = None,
+        reason: Optional[str] = None,
+    ) -> tuple[Optional[Any], Mapping[str, Any]]:
+        values, extra_where = _run_cas_parts(to_status, error is not None)
+        params: dict[str, Any] = {} if error is None else {"rf_error": str(error)}
 
         def blocked(row: Mapping[str, Any]) -> Optional[str]:
             if to_status == RunStatus.ONGOING and row["status"] == RunStatus.STOPPED.value:
                 return f"a STOPPED run is resumed only while its experiment ({row['experiment_id']}) is RUNNING"
             return None
 
-        from_status, _ = self._cas(
+        return self._cas(
             session, _RUN, run_id, to_status, expected=expected, values=values,
             extra_where=extra_where, reason=reason, blocked_detail=blocked,
+            params=params, cacheable=True,
         )
-        return from_status
 
     def update_run_progress(self, run_id: int, **counters: Any) -> RunRecord:
         """Set progress counters (see ``PROGRESS_COUNTERS``); never the status."""
@@ -1133,9 +1169,14 @@ class StateDB:
             values["started_at"] = func.coalesce(table.c.started_at, db_now())
         if to_status in states.terminal_states("task"):
             values["ended_at"] = db_now()
+        params: dict[str, Any] = {}
         if error is not None:
-            values["error"] = str(error)
-        from_status, _ = self._cas(session, machine, task_id, to_status, expected=expected, values=values, reason=reason)
+            values["error"] = bindparam("rf_error")
+            params["rf_error"] = str(error)
+        from_status, _ = self._cas(
+            session, machine, task_id, to_status, expected=expected, values=values, reason=reason,
+            params=params, cacheable=True,
+        )
         return from_status
 
     # --- workers -----------------------------------------------------------------------
@@ -1202,7 +1243,11 @@ class StateDB:
         return self._write(unit)
 
     def mark_worker_exited(self, experiment_id: int, worker_id: int, exit_code: Optional[int] = None) -> WorkerRecord:
-        """Mark the worker exited (idempotent: a second call keeps the first time)."""
+        """Mark the worker exited; idempotent.
+
+        A second call keeps the first ``exited_at`` but fills an unknown exit
+        code (a worker failed as stale is marked before its code is known).
+        """
         _check_id("experiment_id", experiment_id)
         _check_id("worker_id", worker_id)
         if exit_code is not None and (isinstance(exit_code, bool) or not isinstance(exit_code, int)):
@@ -1210,11 +1255,16 @@ class StateDB:
         table = Worker.__table__
 
         def unit(session: Session) -> WorkerRecord:
-            session.execute(
+            result = session.execute(
                 update(table)
-                .where(table.c.experiment_id == experiment_id, table.c.worker_id == worker_id, table.c.exited_at.is_(None))
-                .values(exited_at=db_now(), exit_code=exit_code)
+                .where(table.c.experiment_id == experiment_id, table.c.worker_id == worker_id)
+                .values(
+                    exited_at=func.coalesce(table.c.exited_at, db_now()),
+                    exit_code=func.coalesce(table.c.exit_code, exit_code),
+                )
             )
+            if result.rowcount == 0:
+                raise NotFoundError("worker", f"{worker_id} of experiment {experiment_id}")
             return self._worker(session, experiment_id, worker_id)
 
         return self._write(unit)
@@ -1437,6 +1487,17 @@ class StateDB:
         why = reason or f"experiment cleanup ({final.value})"
 
         def unit(session: Session) -> CleanupReport:
+            # Lock the experiment row first (PostgreSQL; SQLite's BEGIN IMMEDIATE
+            # already serialises writers): concurrent cleanups of one experiment
+            # then run one after the other, and the later one sees the final
+            # status instead of failing its RUNNING -> COMPLETED/FAILED step.
+            locked = session.execute(
+                select(Experiment.__table__.c.experiment_id)
+                .where(Experiment.__table__.c.experiment_id == experiment_id)
+                .with_for_update(key_share=True)  # FOR NO KEY UPDATE: FK inserts (KEY SHARE) still proceed
+            ).first()
+            if locked is None:
+                raise NotFoundError("experiment", experiment_id)
             experiment = self._experiment(session, experiment_id)
             failed_tasks: list[tuple[str, int]] = []
             for kind, machine in _TASK_MACHINES.items():
@@ -1530,6 +1591,31 @@ class StateDB:
             return [TransitionRecord.from_row(r) for r in rows]
 
         return self._read(unit)
+
+
+@functools.lru_cache(maxsize=None)
+def _run_cas_parts(to_status: RunStatus, with_error: bool) -> tuple[Mapping[str, Any], tuple[Any, ...]]:
+    """The SET values and extra WHERE of a run's compare-and-set to ``to_status``.
+
+    Built once per shape (every datum that varies is a bound parameter), so the
+    cached UPDATE of :meth:`StateDB._cas` is found without rebuilding anything.
+    """
+    table = Run.__table__
+    values: dict[str, Any] = {"updated_at": db_now()}
+    extra_where: list[Any] = []
+    if to_status in states.terminal_states("run"):
+        values["ended_at"] = db_now()
+        values["ended_by"] = to_status.value
+    elif to_status == RunStatus.ONGOING:
+        values["started_at"] = func.coalesce(table.c.started_at, db_now())
+        values["ended_by"] = None
+        experiments = Experiment.__table__
+        running = select(experiments.c.experiment_id).where(experiments.c.status == ExperimentStatus.RUNNING.value)
+        # resuming a STOPPED run requires its experiment to be RUNNING
+        extra_where.append(or_(table.c.status != RunStatus.STOPPED.value, table.c.experiment_id.in_(running)))
+    if with_error:
+        values["error"] = bindparam("rf_error")
+    return MappingProxyType(values), tuple(extra_where)
 
 
 def _reopen(url: str, auto_upgrade: Optional[bool]) -> StateDB:

@@ -1,0 +1,722 @@
+"""Schema, migrations and the open policy, on SQLite and (when configured) PostgreSQL.
+
+Covers: the migrated schema equals the models (Alembic's ``compare_metadata``
+and ``alembic check``); ``alembic upgrade head`` from the repository root;
+downgrade/upgrade with and without data; ``migrate.REVISIONS`` against Alembic's
+own walk; 8 processes opening one new database; the unknown-revision, behind-head
+and backup paths; CHECK constraints and the partial unique index enforced by the
+database itself; the inspection views; no Alembic import on an up-to-date open.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sqlite3
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.exc import IntegrityError
+
+from rapidfire_state import StateDB
+from rapidfire_state.constants import (
+    ControllerTask,
+    ExperimentStatus,
+    ExperimentTask,
+    RunEndedBy,
+    RunSource,
+    RunStatus,
+    SHMLocation,
+    SHMObjectType,
+    TaskStatus,
+    WorkerTask,
+)
+from rapidfire_state.db import Base, migrate
+from rapidfire_state.db.engine import resolve_url
+from rapidfire_state.exceptions import DBException, RapidFireError, SchemaOutOfDateError, SchemaTooNewError
+
+REPO = Path(__file__).resolve().parents[1]
+HEAD = migrate.HEAD_REVISION
+FIRST = "0001_initial"
+VIEWS = ("run_overview", "active_tasks", "shm_usage")
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def schema_diff(database: StateDB) -> list:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    with database.engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        return compare_metadata(context, Base.metadata)
+
+
+def raw_engine(url: str):
+    """A plain engine (no StateDB policy) for raw SQL."""
+    return create_engine(resolve_url(url))
+
+
+def scalar(url: str, sql: str, **params):
+    engine = raw_engine(url)
+    try:
+        with engine.connect() as connection:
+            return connection.execute(text(sql), params).scalar()
+    finally:
+        engine.dispose()
+
+
+def execute(url: str, sql: str, **params) -> None:
+    engine = raw_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(sql), params)
+    finally:
+        engine.dispose()
+
+
+def table_names(url: str) -> set[str]:
+    engine = raw_engine(url)
+    try:
+        with engine.connect() as connection:
+            return set(inspect(connection).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def check_constraint_names(url: str, table: str) -> set[str]:
+    engine = raw_engine(url)
+    try:
+        with engine.connect() as connection:
+            return {c["name"] for c in inspect(connection).get_check_constraints(table)}
+    finally:
+        engine.dispose()
+
+
+def populate(database: StateDB, tmp_path: Path) -> dict:
+    """Rows in every table, in every run status; returns what to look for later."""
+    experiment = database.create_experiment("populated", str(tmp_path / "exps"), config_options={"k": 1})
+    database.transition_experiment(experiment.experiment_id, "RUNNING")
+    runs = {}
+    for status in ("NEW", "ONGOING", "STOPPED", "COMPLETED", "FAILED", "KILLED"):
+        run = database.create_run(experiment.experiment_id, {"lr": 0.1, "status": status})
+        if status != "NEW":
+            database.transition_run(run.run_id, "ONGOING")
+            if status != "ONGOING":
+                database.transition_run(run.run_id, status)
+        runs[status] = run.run_id
+    task = database.create_worker_task(experiment.experiment_id, runs["ONGOING"], 0, 3)
+    database.claim_worker_task(0)
+    database.create_controller_task(experiment.experiment_id, ControllerTask.IC_STOP, run_id=runs["STOPPED"])
+    database.register_worker(experiment.experiment_id, 0, os.getpid())
+    database.upsert_shm_object("model/1", object_type="MODEL", num_bytes=10, tensor_count=2,
+                               experiment_id=experiment.experiment_id, run_id=runs["ONGOING"])
+    return {"experiment_id": experiment.experiment_id, "runs": runs, "task_id": task.task_id}
+
+
+COUNT_TABLES = ("experiments", "runs", "worker_tasks", "controller_tasks", "workers", "shm_objects", "state_transitions")
+
+
+def row_counts(url: str) -> dict[str, int]:
+    engine = raw_engine(url)
+    try:
+        with engine.connect() as connection:
+            return {t: connection.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar() for t in COUNT_TABLES}
+    finally:
+        engine.dispose()
+
+
+def run_statuses(url: str) -> dict[int, tuple]:
+    engine = raw_engine(url)
+    try:
+        with engine.connect() as connection:
+            return {
+                r.run_id: (r.status, r.ended_by)
+                for r in connection.execute(text("SELECT run_id, status, ended_by FROM runs"))
+            }
+    finally:
+        engine.dispose()
+
+
+def alembic_cli(*args: str, url: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["RF_DB_URL"] = url
+    env.update(extra_env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "alembic", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+
+
+# --- the schema equals the models -------------------------------------------------------
+
+
+def test_fresh_database_is_migrated_and_equals_the_models(db, db_url):
+    assert db.schema_revision() == HEAD
+    assert db.last_migration == (None, HEAD)
+    assert schema_diff(db) == []
+    assert set(Base.metadata.tables) <= table_names(db_url)
+    # reopening an up-to-date database migrates nothing
+    again = StateDB(db_url)
+    try:
+        assert again.last_migration is None and again.backup_path is None
+    finally:
+        again.close()
+
+
+def test_every_enum_column_has_its_named_check_constraint(db, db_url):
+    expected = {
+        "experiments": {"ck_experiments_status", "ck_experiments_current_task"},
+        "runs": {"ck_runs_status", "ck_runs_source", "ck_runs_ended_by", "ck_runs_ended_by_matches_status"},
+        "worker_tasks": {"ck_worker_tasks_status", "ck_worker_tasks_task_type"},
+        "controller_tasks": {"ck_controller_tasks_status", "ck_controller_tasks_task_type"},
+        "shm_objects": {"ck_shm_objects_object_type", "ck_shm_objects_location"},
+        "state_transitions": {"ck_state_transitions_entity"},
+    }
+    for table, names in expected.items():
+        assert names <= check_constraint_names(db_url, table), table
+
+
+def test_alembic_check_finds_nothing(db, db_url):
+    result = alembic_cli("check", url=db_url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "No new upgrade operations detected" in result.stdout + result.stderr
+
+
+def test_alembic_check_notices_a_drifted_schema(db, db_url):
+    # the check above can fail: drop an index the models declare
+    execute(db_url, "DROP INDEX ix_runs_status")
+    result = alembic_cli("check", url=db_url)
+    assert result.returncode != 0
+    assert "ix_runs_status" in result.stdout + result.stderr
+
+
+def test_alembic_upgrade_head_from_the_repository_root(db_url):
+    result = alembic_cli("upgrade", "head", url=db_url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert scalar(db_url, "SELECT version_num FROM alembic_version") == HEAD
+    database = StateDB(db_url)
+    try:
+        assert database.last_migration is None  # already at head: nothing to do
+        assert schema_diff(database) == []
+    finally:
+        database.close()
+    # a second upgrade is a no-op
+    result = alembic_cli("upgrade", "head", url=db_url)
+    assert result.returncode == 0, result.stderr
+
+
+def test_alembic_upgrade_head_defaults_to_the_embedded_database(tmp_path):
+    home = tmp_path / "other_home"
+    env = dict(os.environ, RF_HOME=str(home))
+    env.pop("RF_DB_URL", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    path = home / "db" / "rapidfire_state.db"
+    assert path.exists()
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT version_num FROM alembic_version").fetchone() == (HEAD,)
+
+
+def test_downgrade_base_then_upgrade_head(db, db_url):
+    db.downgrade("base")
+    assert db.schema_revision() is None
+    assert table_names(db_url) & set(Base.metadata.tables) == set()
+    db.upgrade("head")
+    assert db.schema_revision() == HEAD
+    assert schema_diff(db) == []
+    # the schema works after the round trip, foreign keys enforced on the pooled connection
+    with pytest.raises(IntegrityError):
+        with db.engine.begin() as connection:
+            connection.execute(text("INSERT INTO workers (experiment_id, worker_id, pid, host) VALUES (999, 0, 1, 'h')"))
+    experiment = db.create_experiment("after_round_trip", "/tmp/x")
+    assert db.get_experiment(experiment.experiment_id).name == "after_round_trip"
+    for view in VIEWS:
+        scalar(db_url, f"SELECT COUNT(*) FROM {view}")
+
+
+def test_data_bearing_downgrade_and_upgrade_keep_rows(db, db_url, tmp_path):
+    info = populate(db, tmp_path)
+    counts = row_counts(db_url)
+    statuses = run_statuses(db_url)
+    assert counts["runs"] == 6 and counts["state_transitions"] > 10
+
+    db.downgrade(FIRST)
+    assert db.schema_revision() == FIRST
+    assert row_counts(db_url) == counts
+    assert run_statuses(db_url) == statuses
+    assert "ck_runs_ended_by_matches_status" not in check_constraint_names(db_url, "runs")
+    # 0001's own CHECKs survived the table rebuild
+    assert {"ck_runs_status", "ck_runs_ended_by"} <= check_constraint_names(db_url, "runs")
+    # ... and still refuse a bogus status (alone now: no ended_by_matches_status to trip first)
+    _refused(db_url, "UPDATE runs SET status = 'BOGUS' WHERE run_id = :r", "ck_runs_status", r=info["runs"]["NEW"])
+    for view in VIEWS:
+        scalar(db_url, f"SELECT COUNT(*) FROM {view}")
+
+    db.upgrade("head")
+    assert db.schema_revision() == HEAD
+    assert row_counts(db_url) == counts
+    assert run_statuses(db_url) == statuses
+    assert "ck_runs_ended_by_matches_status" in check_constraint_names(db_url, "runs")
+    assert schema_diff(db) == []
+    assert scalar(db_url, "SELECT COUNT(*) FROM run_overview") == 6
+    # the store still works on the migrated rows
+    run = db.transition_run(info["runs"]["STOPPED"], "ONGOING")
+    assert run.status is RunStatus.ONGOING
+    assert [h.to_status for h in db.history("run", run.run_id)][-1] is RunStatus.ONGOING
+
+
+def test_upgrade_is_refused_when_data_violates_the_new_check(db, db_url, tmp_path):
+    # a row 0001 accepts but 0002 forbids: the upgrade fails whole and changes nothing
+    populate(db, tmp_path)
+    db.downgrade(FIRST)
+    run_id = min(run_statuses(db_url))
+    execute(db_url, "UPDATE runs SET status = 'COMPLETED', ended_by = 'KILLED' WHERE run_id = :r", r=run_id)
+    counts = row_counts(db_url)
+    with pytest.raises(Exception):
+        db.upgrade("head")
+    assert db.schema_revision() == FIRST
+    assert row_counts(db_url) == counts
+
+
+def test_revisions_list_equals_alembic_script_directory():
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    for script in (
+        ScriptDirectory(str(migrate.migrations_dir())),
+        ScriptDirectory.from_config(Config(str(REPO / "alembic.ini"))),
+    ):
+        walked = [s.revision for s in script.walk_revisions("base", "heads")]
+        assert tuple(reversed(walked)) == migrate.REVISIONS
+        assert script.get_heads() == [migrate.HEAD_REVISION]
+        assert script.get_bases() == [migrate.REVISIONS[0]]
+        # a straight line: each revision's parent is the one before it
+        for previous, revision in zip((None,) + migrate.REVISIONS, migrate.REVISIONS):
+            assert script.get_revision(revision).down_revision == previous
+    assert migrate.HEAD_REVISION == migrate.REVISIONS[-1]
+
+
+# --- many processes opening one brand-new database --------------------------------------
+
+
+def _open_concurrently(url: str, barrier, results) -> None:
+    try:
+        from rapidfire_state import StateDB as _StateDB
+
+        barrier.wait(timeout=120)
+        database = _StateDB(url)
+        try:
+            results.put(("ok", os.getpid(), database.last_migration, database.schema_revision()))
+        finally:
+            database.close()
+    except BaseException:
+        results.put(("error", os.getpid(), traceback.format_exc(), None))
+
+
+def _race_open(url: str, processes: int = 8) -> list:
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(processes)
+    results = ctx.Queue()
+    children = [ctx.Process(target=_open_concurrently, args=(url, barrier, results)) for _ in range(processes)]
+    for child in children:
+        child.start()
+    try:
+        outcomes = [results.get(timeout=180) for _ in children]
+    finally:
+        for child in children:
+            child.join(timeout=60)
+            if child.is_alive():
+                child.kill()
+    assert all(child.exitcode == 0 for child in children), [c.exitcode for c in children]
+    return outcomes
+
+
+def _assert_migrated_once(outcomes: list) -> None:
+    errors = [o[2] for o in outcomes if o[0] != "ok"]
+    assert not errors, "\n".join(errors)
+    migrations = [o[2] for o in outcomes if o[2] is not None]
+    assert migrations == [(None, HEAD)], outcomes
+    assert all(o[3] == HEAD for o in outcomes)
+
+
+@pytest.mark.slow
+def test_eight_processes_open_a_new_sqlite_file_and_migrate_it_once(tmp_path):
+    path = tmp_path / "brand_new" / "state.db"
+    url = f"sqlite:///{path}"
+    _assert_migrated_once(_race_open(url))
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT COUNT(*) FROM alembic_version").fetchone() == (1,)
+        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert not list(path.parent.glob("*.bak"))
+
+
+@pytest.mark.slow
+def test_eight_processes_open_a_new_postgresql_database_and_migrate_it_once(pg_database_url):
+    _assert_migrated_once(_race_open(pg_database_url))
+    assert scalar(pg_database_url, "SELECT COUNT(*) FROM alembic_version") == 1
+
+
+# --- unknown, newer and older revisions ----------------------------------------------------
+
+
+def _sqlite_files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.parent.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("stamp", ["9999_from_the_future", "0003_not_shipped_yet"])
+def test_unknown_revision_on_sqlite_is_refused_and_file_untouched(tmp_path, stamp):
+    path = tmp_path / "db" / "state.db"
+    url = f"sqlite:///{path}"
+    database = StateDB(url)
+    database.create_experiment("keep_me", str(tmp_path))
+    database.close()
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = ?", (stamp,))
+    connection.close()
+    before = path.read_bytes()
+    files_before = _sqlite_files(path)
+    for auto_upgrade in (None, True, False):
+        with pytest.raises(SchemaTooNewError) as info:
+            StateDB(url, auto_upgrade=auto_upgrade)
+        assert isinstance(info.value, RapidFireError)
+        assert stamp in str(info.value)
+    assert path.read_bytes() == before
+    # no backup and no other file changed; a reader of a WAL database may leave
+    # the shared-memory index and an empty WAL behind, never WAL frames
+    after = _sqlite_files(path)
+    wal = after.pop("state.db-wal", b"")
+    after.pop("state.db-shm", None)
+    files_before.pop("state.db-shm", None)
+    files_before.pop("state.db-wal", None)
+    assert wal == b""
+    assert after == files_before
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT version_num FROM alembic_version").fetchone() == (stamp,)
+
+
+def test_unknown_revision_refused_on_every_backend(db, db_url):
+    db.create_experiment("keep_me", "/tmp/exps")
+    db.close()
+    execute(db_url, "UPDATE alembic_version SET version_num = 'ffff_unknown'")
+    counts = row_counts(db_url)
+    with pytest.raises(SchemaTooNewError, match="ffff_unknown"):
+        StateDB(db_url, auto_upgrade=True)
+    # the explicit upgrade refuses too
+    assert scalar(db_url, "SELECT version_num FROM alembic_version") == "ffff_unknown"
+    assert row_counts(db_url) == counts
+
+
+def _database_at_first_revision(url: str, tmp_path: Path) -> dict:
+    database = StateDB(url)
+    info = populate(database, tmp_path)
+    database.downgrade(FIRST)
+    assert database.schema_revision() == FIRST
+    database.close()
+    info["counts"] = row_counts(url)
+    info["statuses"] = run_statuses(url)
+    return info
+
+
+def test_sqlite_behind_head_is_backed_up_then_upgraded(tmp_path):
+    path = tmp_path / "db" / "state.db"
+    url = f"sqlite:///{path}"
+    info = _database_at_first_revision(url, tmp_path)
+
+    database = StateDB(url)
+    try:
+        assert database.last_migration == (FIRST, HEAD)
+        assert database.schema_revision() == HEAD
+        assert row_counts(url) == info["counts"]
+        assert run_statuses(url) == info["statuses"]
+        assert schema_diff(database) == []
+        backup = Path(database.backup_path)
+    finally:
+        database.close()
+    assert backup.exists() and backup != path and backup.parent == path.parent
+    with sqlite3.connect(f"{backup.as_uri()}?mode=ro", uri=True) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert connection.execute("SELECT version_num FROM alembic_version").fetchone() == (FIRST,)
+        for table, count in info["counts"].items():
+            assert connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone() == (count,), table
+        names = {r[0] for r in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert set(Base.metadata.tables) <= names
+    connection.close()
+    # the next open is a plain open: no second backup
+    again = StateDB(url)
+    again.close()
+    assert again.last_migration is None and again.backup_path is None
+    assert sorted(path.parent.glob("*.bak")) == [backup]
+
+
+def test_sqlite_behind_head_with_auto_upgrade_false_is_refused(tmp_path):
+    path = tmp_path / "db" / "state.db"
+    url = f"sqlite:///{path}"
+    info = _database_at_first_revision(url, tmp_path)
+    with pytest.raises(SchemaOutOfDateError) as info_exc:
+        StateDB(url, auto_upgrade=False)
+    message = str(info_exc.value)
+    assert migrate.UPGRADE_COMMAND in message and FIRST in message
+    assert isinstance(info_exc.value, DBException)
+    assert scalar(url, "SELECT version_num FROM alembic_version") == FIRST
+    assert row_counts(url) == info["counts"]
+    assert not list(path.parent.glob("*.bak"))
+
+
+def test_postgresql_behind_head_is_refused_unless_auto_upgrade(pg_database_url, tmp_path):
+    url = pg_database_url
+    info = _database_at_first_revision(url, tmp_path)
+    for auto_upgrade in (None, False):
+        with pytest.raises(SchemaOutOfDateError) as exc_info:
+            StateDB(url, auto_upgrade=auto_upgrade)
+        assert "rapidfire-state db upgrade" in str(exc_info.value)
+        assert FIRST in str(exc_info.value)
+        assert scalar(url, "SELECT version_num FROM alembic_version") == FIRST
+    database = StateDB(url, auto_upgrade=True)
+    try:
+        assert database.last_migration == (FIRST, HEAD)
+        assert database.backup_path is None
+        assert database.schema_revision() == HEAD
+        assert schema_diff(database) == []
+    finally:
+        database.close()
+    assert row_counts(url) == info["counts"]
+    assert run_statuses(url) == info["statuses"]
+
+
+def test_unversioned_database_with_foreign_tables_is_not_migrated_over(tmp_path):
+    # tables that look like ours but no alembic_version: refuse rather than guess
+    path = tmp_path / "db" / "state.db"
+    path.parent.mkdir(parents=True)
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE experiments (experiment_id INTEGER PRIMARY KEY, name TEXT)")
+        connection.execute("INSERT INTO experiments (name) VALUES ('mine')")
+    connection.close()
+    with pytest.raises(DBException, match="alembic_version"):
+        StateDB(f"sqlite:///{path}")
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT name FROM experiments").fetchall() == [("mine",)]
+    connection.close()
+
+
+# --- the database itself refuses bad values ------------------------------------------------
+
+
+def _ids(db: StateDB, tmp_path: Path) -> dict:
+    experiment = db.create_experiment("raw_sql", str(tmp_path))
+    run = db.create_run(experiment.experiment_id, {"a": 1})
+    task = db.create_worker_task(experiment.experiment_id, run.run_id, 0, 0)
+    ctask = db.create_controller_task(experiment.experiment_id, ControllerTask.RUN_FIT)
+    db.upsert_shm_object("k", experiment_id=experiment.experiment_id)
+    return {"experiment": experiment.experiment_id, "run": run.run_id, "task": task.task_id, "ctask": ctask.task_id}
+
+
+def _refused(url: str, sql: str, constraint, **params) -> None:
+    """``sql`` fails with IntegrityError naming ``constraint`` (or one of a tuple of names)."""
+    names = (constraint,) if isinstance(constraint, str) else constraint
+    with pytest.raises(IntegrityError) as info:
+        execute(url, sql, **params)
+    assert any(name in str(info.value.orig) for name in names), str(info.value.orig)
+
+
+BOGUS_UPDATES = [
+    ("UPDATE experiments SET status = 'BOGUS' WHERE experiment_id = :experiment", "ck_experiments_status"),
+    ("UPDATE experiments SET status = 'running' WHERE experiment_id = :experiment", "ck_experiments_status"),
+    ("UPDATE experiments SET current_task = 'NAP' WHERE experiment_id = :experiment", "ck_experiments_current_task"),
+    # a bogus run status breaks ended_by_matches_status as well; either may be reported
+    ("UPDATE runs SET status = 'BOGUS' WHERE run_id = :run", ("ck_runs_status", "ck_runs_ended_by_matches_status")),
+    ("UPDATE runs SET source = 'MAGIC' WHERE run_id = :run", "ck_runs_source"),
+    ("UPDATE runs SET status = 'COMPLETED', ended_by = 'DONE' WHERE run_id = :run", "ck_runs_ended_by"),
+    ("UPDATE worker_tasks SET status = 'BOGUS' WHERE task_id = :task", "ck_worker_tasks_status"),
+    ("UPDATE worker_tasks SET task_type = 'SLEEP' WHERE task_id = :task", "ck_worker_tasks_task_type"),
+    ("UPDATE controller_tasks SET status = 'ONGOING' WHERE task_id = :ctask", "ck_controller_tasks_status"),
+    ("UPDATE controller_tasks SET task_type = 'TRAIN_VAL' WHERE task_id = :ctask", "ck_controller_tasks_task_type"),
+    ("UPDATE shm_objects SET location = 'CLOUD' WHERE key = 'k'",
+     ("ck_shm_objects_location", "ck_shm_objects_disk_path_matches_location")),
+    ("UPDATE shm_objects SET object_type = 'TENSOR' WHERE key = 'k'", "ck_shm_objects_object_type"),
+    ("UPDATE shm_objects SET location = 'DISK' WHERE key = 'k'", "ck_shm_objects_disk_path_matches_location"),
+    ("UPDATE runs SET completed_steps = -1 WHERE run_id = :run", "ck_runs_steps_non_negative"),
+    ("UPDATE runs SET required_workers = 0 WHERE run_id = :run", "ck_runs_required_workers_positive"),
+]
+
+
+def test_raw_update_of_a_bogus_value_is_refused_by_the_database(db, db_url, tmp_path):
+    ids = _ids(db, tmp_path)
+
+    def snapshot():
+        return (db.get_experiment(ids["experiment"]), db.get_run(ids["run"]), db.get_task("worker", ids["task"]),
+                db.get_task("controller", ids["ctask"]), db.get_shm_object("k"))
+
+    before = snapshot()
+    for sql, constraint in BOGUS_UPDATES:
+        params = {k: v for k, v in ids.items() if f":{k}" in sql}
+        _refused(db_url, sql, constraint, **params)
+        assert snapshot() == before, sql
+
+
+def test_raw_insert_of_a_bogus_status_is_refused_by_the_database(db, db_url, tmp_path):
+    ids = _ids(db, tmp_path)
+    e = ids["experiment"]
+    _refused(db_url, "INSERT INTO experiments (name, status, current_task, experiments_path) "
+                     "VALUES ('x', 'BOGUS', 'IDLE', '/tmp')", "ck_experiments_status")
+    _refused(db_url, "INSERT INTO runs (experiment_id, status, source, completed_steps, total_steps, "
+                     "num_chunks_visited, num_epochs_completed, chunk_offset, required_workers, progress) "
+                     "VALUES (:e, 'BOGUS', 'USER', 0, 0, 0, 0, 0, 1, 0)",
+             ("ck_runs_status", "ck_runs_ended_by_matches_status"), e=e)
+    _refused(db_url, "INSERT INTO worker_tasks (experiment_id, worker_id, task_type, status) "
+                     "VALUES (:e, 0, 'TRAIN_VAL', 'BOGUS')", "ck_worker_tasks_status", e=e)
+    _refused(db_url, "INSERT INTO controller_tasks (experiment_id, task_type, status) "
+                     "VALUES (:e, 'RUN_FIT', 'DONE')", "ck_controller_tasks_status", e=e)
+    _refused(db_url, "INSERT INTO shm_objects (key, object_type, location, num_bytes, tensor_count) "
+                     "VALUES ('k2', 'MODEL', 'NOWHERE', 0, 0)",
+             ("ck_shm_objects_location", "ck_shm_objects_disk_path_matches_location"))
+    _refused(db_url, "INSERT INTO shm_objects (key, object_type, location, disk_path, num_bytes, tensor_count) "
+                     "VALUES ('k3', 'WEIGHTS', 'SHM', NULL, 0, 0)", "ck_shm_objects_object_type")
+    _refused(db_url, "INSERT INTO state_transitions (entity, entity_id, to_status, pid) "
+                     "VALUES ('workers', 1, 'NEW', 1)", "ck_state_transitions_entity")
+    assert row_counts(db_url)["experiments"] == 1
+    assert row_counts(db_url)["runs"] == 1
+
+
+ENDED_BY_MISMATCHES = [
+    ("COMPLETED", None),
+    ("COMPLETED", "FAILED"),
+    ("FAILED", "KILLED"),
+    ("KILLED", "STOPPED"),
+    ("ONGOING", "COMPLETED"),
+    ("NEW", "STOPPED"),
+    ("STOPPED", "KILLED"),
+]
+
+
+def test_ended_by_must_match_status(db, db_url, tmp_path):
+    ids = _ids(db, tmp_path)
+    for status, ended_by in ENDED_BY_MISMATCHES:
+        _refused(db_url, "UPDATE runs SET status = :s, ended_by = :b WHERE run_id = :r",
+                 "ck_runs_ended_by_matches_status", s=status, b=ended_by, r=ids["run"])
+        assert db.get_run(ids["run"]).status is RunStatus.NEW
+
+
+def test_ended_by_matching_status_is_accepted(db, db_url, tmp_path):
+    # the CHECK is not stricter than the design: every legal pair is storable
+    ids = _ids(db, tmp_path)
+    for status, ended_by in [("NEW", None), ("ONGOING", None), ("STOPPED", None), ("STOPPED", "STOPPED"),
+                             ("COMPLETED", "COMPLETED"), ("FAILED", "FAILED"), ("KILLED", "KILLED")]:
+        execute(db_url, "UPDATE runs SET status = :s, ended_by = :b WHERE run_id = :r",
+                s=status, b=ended_by, r=ids["run"])
+        run = db.get_run(ids["run"])
+        assert run.status.value == status
+        assert (run.ended_by.value if run.ended_by else None) == ended_by
+
+
+def test_one_running_experiment_per_database(db, db_url, tmp_path):
+    first = db.create_experiment("first", str(tmp_path)).experiment_id
+    second = db.create_experiment("second", str(tmp_path)).experiment_id
+    third = db.create_experiment("third", str(tmp_path)).experiment_id
+    execute(db_url, "UPDATE experiments SET status = 'RUNNING' WHERE experiment_id = :e", e=first)
+    with pytest.raises(IntegrityError) as info:
+        execute(db_url, "UPDATE experiments SET status = 'RUNNING' WHERE experiment_id = :e", e=second)
+    assert "uq_experiments_one_running" in str(info.value.orig) or "unique" in str(info.value.orig).lower()
+    # the index is partial: any number of ended experiments
+    execute(db_url, "UPDATE experiments SET status = 'COMPLETED' WHERE experiment_id IN (:a, :b)", a=second, b=third)
+    execute(db_url, "UPDATE experiments SET status = 'COMPLETED' WHERE experiment_id = :e", e=first)
+    execute(db_url, "UPDATE experiments SET status = 'RUNNING' WHERE experiment_id = :e", e=second)
+    assert scalar(db_url, "SELECT COUNT(*) FROM experiments WHERE status = 'RUNNING'") == 1
+    assert scalar(db_url, "SELECT COUNT(*) FROM experiments WHERE status = 'COMPLETED'") == 2
+
+
+def test_foreign_keys_are_enforced(db, db_url, tmp_path):
+    # through the StateDB engine (SQLite: PRAGMA foreign_keys is per connection)
+    with pytest.raises(IntegrityError):
+        with db.engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO runs (experiment_id, status, source, completed_steps, total_steps, "
+                "num_chunks_visited, num_epochs_completed, chunk_offset, required_workers, progress) "
+                "VALUES (424242, 'NEW', 'USER', 0, 0, 0, 0, 0, 1, 0)"))
+    with pytest.raises(IntegrityError):
+        with db.engine.begin() as connection:
+            connection.execute(text("INSERT INTO workers (experiment_id, worker_id, pid, host) VALUES (999, 0, 1, 'h')"))
+
+
+# --- views -----------------------------------------------------------------------------------
+
+
+def test_views_are_queryable_and_show_the_state(db, db_url, tmp_path):
+    info = populate(db, tmp_path)
+    engine = raw_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            overview = connection.execute(
+                text("SELECT run_id, experiment_name, status, ended_by FROM run_overview ORDER BY run_id")
+            ).all()
+            assert len(overview) == 6
+            assert {r.experiment_name for r in overview} == {"populated"}
+            assert {r.status for r in overview} == {"NEW", "ONGOING", "STOPPED", "COMPLETED", "FAILED", "KILLED"}
+            assert all((r.ended_by == r.status) == (r.status in ("COMPLETED", "FAILED", "KILLED")) for r in overview)
+            active = connection.execute(text("SELECT kind, task_id, status FROM active_tasks ORDER BY kind")).all()
+            assert [(r.kind, r.status) for r in active] == [("controller", "SCHEDULED"), ("worker", "IN_PROGRESS")]
+            usage = connection.execute(text("SELECT * FROM shm_usage")).mappings().all()
+            assert len(usage) == 1
+            assert usage[0]["experiment_id"] == info["experiment_id"]
+            assert (usage[0]["location"], usage[0]["object_type"], usage[0]["objects"]) == ("SHM", "MODEL", 1)
+            assert int(usage[0]["total_bytes"]) == 10 and int(usage[0]["tensors"]) == 2
+    finally:
+        engine.dispose()
+    # finished tasks leave active_tasks
+    db.finish_worker_task(info["task_id"])
+    assert scalar(db_url, "SELECT COUNT(*) FROM active_tasks WHERE kind = 'worker'") == 0
+
+
+# --- cheap opens -------------------------------------------------------------------------------
+
+
+def test_opening_an_up_to_date_database_does_not_import_alembic(db, db_url):
+    code = (
+        "import sys, json\n"
+        "from rapidfire_state import StateDB\n"
+        f"db = StateDB({db_url!r})\n"
+        "db.create_experiment('via_subprocess', '/tmp/exps')\n"
+        "print(json.dumps({'alembic': sorted(m for m in sys.modules if m == 'alembic' or m.startswith('alembic.')),"
+        " 'migration': db.last_migration}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"alembic": [], "migration": None}
+    assert db.get_experiment_by_name("via_subprocess").status is ExperimentStatus.NEW
+
+
+def test_opening_an_empty_database_does_import_alembic(tmp_path):
+    # the check above can fail: a migration does need Alembic
+    code = (
+        "import sys\n"
+        "from rapidfire_state import StateDB\n"
+        f"StateDB({str(tmp_path / 'fresh.db')!r}).close()\n"
+        "print('alembic' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_enum_values_round_trip_through_records(db, tmp_path):
+    # every enum the schema stores comes back as the enum
+    ids = _ids(db, tmp_path)
+    assert db.get_experiment(ids["experiment"]).current_task is ExperimentTask.IDLE
+    run = db.get_run(ids["run"])
+    assert run.source is RunSource.USER and run.ended_by is None
+    task = db.get_task("worker", ids["task"])
+    assert task.task_type is WorkerTask.TRAIN_VAL and task.status is TaskStatus.SCHEDULED
+    shm = db.get_shm_object("k")
+    assert shm.location is SHMLocation.SHM and shm.object_type is SHMObjectType.CHECKPOINT
+    db.transition_run(ids["run"], "KILLED")
+    assert db.get_run(ids["run"]).ended_by is RunEndedBy.KILLED
