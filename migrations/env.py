@@ -16,10 +16,10 @@ from __future__ import annotations
 from alembic import context
 
 from rapidfire_state.db.engine import WRITE_OPTION, create_state_engine, resolve_url
-from rapidfire_state.db.models import Base
+from rapidfire_state.db.schema import metadata
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = metadata  # the same MetaData as rapidfire_state.db.Base
 
 
 def _configured_url():

@@ -99,16 +99,7 @@ def _sqlite_engine(url: URL) -> Engine:
 
     @event.listens_for(engine, "connect")
     def _configure(dbapi_connection: Any, connection_record: Any) -> None:
-        # Off: pysqlite would otherwise issue its own deferred BEGIN before DML.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
-            cursor.execute("PRAGMA journal_mode = WAL")
-            cursor.execute("PRAGMA synchronous = NORMAL")
-            cursor.execute("PRAGMA foreign_keys = ON")
-        finally:
-            cursor.close()
+        configure_sqlite(dbapi_connection, busy_timeout_ms)
 
     @event.listens_for(engine, "begin")
     def _begin(connection: Any) -> None:
@@ -120,7 +111,24 @@ def _sqlite_engine(url: URL) -> Engine:
     return engine
 
 
+def configure_sqlite(dbapi_connection: Any, busy_timeout_ms: int) -> None:
+    """The settings of every SQLite connection the library opens."""
+    # Off: pysqlite would otherwise issue its own deferred BEGIN before DML.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()
+
+
 def _postgresql_engine(url: URL) -> Engine:
+    from rapidfire_state.db.schema import attach_postgresql_options
+
+    attach_postgresql_options()
     return create_engine(
         url,
         pool_pre_ping=True,

@@ -3,11 +3,13 @@
 Transaction discipline
 ----------------------
 * Every public write method is one unit of work run by :meth:`StateDB._write`:
-  a fresh session, ``BEGIN IMMEDIATE`` on SQLite, commit on success.  A unit that
+  a fresh connection, ``BEGIN IMMEDIATE`` on SQLite, commit on success.  A unit that
   meets a busy database (or a PostgreSQL serialization failure/deadlock) is run
   again whole, with jittered exponential backoff, until
   ``DBConfig.WRITE_RETRY_SECONDS`` have passed.
-* Helpers that take a session (``_cas``, ``_record_transition``, ...) never commit.
+* Helpers that take a connection (``_cas``, ``_record_transition``, ...) never commit.
+* The store speaks SQLAlchemy Core to the tables of :mod:`rapidfire_state.db.schema`;
+  the ORM is loaded only by :meth:`StateDB.session` / :meth:`StateDB.transaction`.
 * Status changes are single compare-and-set statements
   (``UPDATE … SET previous_status = status, status = :to WHERE id = :id AND
   status IN (:allowed) RETURNING …``) plus one history row in the same
@@ -27,12 +29,11 @@ import weakref
 from contextlib import contextmanager
 from enum import Enum
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar
 
 from sqlalchemy import Table, and_, bindparam, func, insert, literal, or_, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from rapidfire_state import states
 from rapidfire_state.constants import (
@@ -57,17 +58,8 @@ from rapidfire_state.db.engine import (
     resolve_url,
     sqlite_file,
 )
-from rapidfire_state.db.models import (
-    TRANSITION_ENTITIES,
-    ControllerTaskRow,
-    Experiment,
-    Run,
-    SHMObject,
-    StateTransition,
-    Worker,
-    WorkerTaskRow,
-    db_now,
-)
+from rapidfire_state.db import schema as tables
+from rapidfire_state.db.schema import TRANSITION_ENTITIES, db_now
 from rapidfire_state.db.records import (
     CleanupReport,
     ExperimentRecord,
@@ -88,6 +80,9 @@ from rapidfire_state.exceptions import (
     RapidFireError,
     WorkerException,
 )
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session  # noqa: F401  (annotations only: the ORM loads lazily)
 
 T = TypeVar("T")
 
@@ -124,10 +119,10 @@ class _Machine:
         return self.table.c[self.key]
 
 
-_EXPERIMENT = _Machine("experiment", "experiment", Experiment.__table__, "experiment_id")
-_RUN = _Machine("run", "run", Run.__table__, "run_id")
-_WORKER_TASK = _Machine("worker_task", "task", WorkerTaskRow.__table__, "task_id")
-_CONTROLLER_TASK = _Machine("controller_task", "task", ControllerTaskRow.__table__, "task_id")
+_EXPERIMENT = _Machine("experiment", "experiment", tables.experiments, "experiment_id")
+_RUN = _Machine("run", "run", tables.runs, "run_id")
+_WORKER_TASK = _Machine("worker_task", "task", tables.worker_tasks, "task_id")
+_CONTROLLER_TASK = _Machine("controller_task", "task", tables.controller_tasks, "task_id")
 _TASK_MACHINES = {"worker": _WORKER_TASK, "controller": _CONTROLLER_TASK}
 _HISTORY_MACHINES = {m.entity: m for m in (_EXPERIMENT, _RUN, _WORKER_TASK, _CONTROLLER_TASK)}
 
@@ -137,7 +132,7 @@ _LIVE_DATABASES: "weakref.WeakSet[StateDB]" = weakref.WeakSet()
 
 # Statements built once and reused: SQLAlchemy memoises a statement object's
 # cache key, so a reused object skips construction, coercion and cache-key work.
-_INSERT_TRANSITION = insert(StateTransition.__table__).values(at=db_now())
+_INSERT_TRANSITION = insert(tables.state_transitions).values(at=db_now())
 _CAS_STATEMENTS: dict[tuple, Any] = {}
 
 
@@ -297,12 +292,14 @@ class StateDB:
         migrate.run_downgrade(self, revision)
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self) -> Iterator["Session"]:
         """A read session: a deferred transaction that never takes the write lock.
 
-        The ORM classes of :mod:`rapidfire_state.db.models` may be queried in it.
-        Writes belong in :meth:`transaction`.
+        The ORM classes of :mod:`rapidfire_state.db.models` may be queried in it
+        (the ORM is loaded on first use).  Writes belong in :meth:`transaction`.
         """
+        from sqlalchemy.orm import Session
+
         session = Session(self._engine, expire_on_commit=False, autoflush=False)
         try:
             yield session
@@ -310,12 +307,10 @@ class StateDB:
             session.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[Session]:
-        """One write unit: ``BEGIN IMMEDIATE`` on SQLite, commit on success.
+    def _write_connection(self) -> Iterator[Connection]:
+        """A connection inside ``BEGIN IMMEDIATE`` (SQLite), committed on success.
 
-        Waiting for the write lock is retried here before the body runs; the
-        body itself runs once.  For a unit that may be retried whole, use
-        :meth:`run_in_transaction`.
+        Waiting for the write lock is retried here, before the body runs.
         """
         write_engine = self._write_engine
         if write_engine is None:
@@ -323,55 +318,86 @@ class StateDB:
         deadline = time.monotonic() + float(DBConfig.WRITE_RETRY_SECONDS)
         attempt = 0
         while True:
-            session = Session(write_engine, expire_on_commit=False, autoflush=False)
+            conn = write_engine.connect()
             try:
-                session.connection()  # emits BEGIN IMMEDIATE: take the write lock now
+                conn.begin()  # emits BEGIN IMMEDIATE: take the write lock now
                 break
             except SQLAlchemyError as exc:
-                session.close()
+                conn.close()
                 if not is_retryable(exc) or time.monotonic() >= deadline:
                     raise DBException(f"cannot begin a write transaction on {self.url_text}: {exc}") from exc
                 attempt += 1
                 _backoff(attempt)
         try:
-            yield session
-            session.commit()
+            yield conn
+            conn.commit()
         except BaseException:
-            session.rollback()
+            conn.rollback()
             raise
         finally:
-            session.close()
+            conn.close()
 
-    def run_in_transaction(
-        self, unit: Callable[[Session], T], *, retry_on_unique: bool = False
-    ) -> T:
+    @contextmanager
+    def transaction(self) -> Iterator["Session"]:
+        """One write unit as an ORM session: ``BEGIN IMMEDIATE`` on SQLite, commit on success.
+
+        Waiting for the write lock is retried here before the body runs; the
+        body itself runs once.  For a unit that may be retried whole, use
+        :meth:`run_in_transaction`.
+        """
+        from sqlalchemy.orm import Session
+
+        with self._write_connection() as conn:
+            # The session joins the connection's transaction; the connection commits.
+            session = Session(bind=conn, expire_on_commit=False, autoflush=False)
+            try:
+                yield session
+                session.flush()
+            finally:
+                session.close()
+
+    def run_in_transaction(self, unit: Callable[["Session"], T], *, retry_on_unique: bool = False) -> T:
         """Run ``unit(session)`` as one write transaction, retried whole when busy.
 
         Retried on a busy/locked SQLite database, a PostgreSQL serialization
         failure or deadlock, and (when ``retry_on_unique``) a UNIQUE violation.
         Other driver errors are raised as :class:`DBException`.
         """
+
+        def attempt() -> T:
+            with self.transaction() as session:
+                return unit(session)
+
+        return self._retrying(attempt, retry_on_unique=retry_on_unique)
+
+    def _write(self, unit: Callable[[Connection], T], *, retry_on_unique: bool = False) -> T:
+        """The store's own units: Core statements on a write connection, retried whole."""
+
+        def attempt() -> T:
+            with self._write_connection() as conn:
+                return unit(conn)
+
+        return self._retrying(attempt, retry_on_unique=retry_on_unique)
+
+    def _retrying(self, attempt: Callable[[], T], *, retry_on_unique: bool) -> T:
         deadline = time.monotonic() + float(DBConfig.WRITE_RETRY_SECONDS)
-        attempt = 0
+        tries = 0
         while True:
             try:
-                with self.transaction() as session:
-                    return unit(session)
+                return attempt()
             except RapidFireError:
                 raise
             except SQLAlchemyError as exc:
                 retry = is_retryable(exc) or (retry_on_unique and is_unique_violation(exc))
                 if not retry or time.monotonic() >= deadline:
                     raise _wrap(exc, self) from exc
-                attempt += 1
-                _backoff(attempt)
+                tries += 1
+                _backoff(tries)
 
-    _write = run_in_transaction
-
-    def _read(self, unit: Callable[[Session], T]) -> T:
+    def _read(self, unit: Callable[[Connection], T]) -> T:
         try:
-            with self.session() as session:
-                return unit(session)
+            with self._engine.connect() as conn:  # deferred BEGIN: never the write lock
+                return unit(conn)
         except RapidFireError:
             raise
         except SQLAlchemyError as exc:
@@ -385,7 +411,7 @@ class StateDB:
 
     def _cas(
         self,
-        session: Session,
+        conn: Connection,
         machine: _Machine,
         entity_id: Any,
         to: Any,
@@ -447,12 +473,12 @@ class StateDB:
         # refusal that names an allowed status.
         for _attempt in range(3):
             if cas_from:
-                row = session.execute(statement, bound).mappings().first()
+                row = conn.execute(statement, bound).mappings().first()
             if row is not None:
                 from_status = states.coerce_status(machine.machine, row["previous_status"])
-                self._record_transition(session, machine.entity, entity_id, from_status.value, to_status.value, reason)
+                self._record_transition(conn, machine.entity, entity_id, from_status.value, to_status.value, reason)
                 return from_status, row
-            current_row = session.execute(select(table).where(machine.key_column == entity_id)).mappings().first()
+            current_row = conn.execute(select(table).where(machine.key_column == entity_id)).mappings().first()
             if current_row is None:
                 raise NotFoundError(machine.entity, entity_id)
             current = states.coerce_status(machine.machine, current_row["status"])
@@ -467,14 +493,14 @@ class StateDB:
 
     @staticmethod
     def _record_transition(
-        session: Session,
+        conn: Connection,
         entity: str,
         entity_id: int,
         from_status: Optional[str],
         to_status: str,
         reason: Optional[str],
     ) -> None:
-        session.execute(
+        conn.execute(
             _INSERT_TRANSITION,
             {
                 "entity": entity,
@@ -513,12 +539,12 @@ class StateDB:
             raise ConfigError(f"config_options {config_options!r} is not a dict")
         path_text = os.path.abspath(os.fspath(experiments_path))
 
-        def unit(session: Session) -> ExperimentRecord:
-            chosen = self._unique_name(session, cleaned) if unique else cleaned
+        def unit(conn: Connection) -> ExperimentRecord:
+            chosen = self._unique_name(conn, cleaned) if unique else cleaned
             try:
-                with session.begin_nested():
-                    experiment_id = session.execute(
-                        insert(Experiment.__table__)
+                with conn.begin_nested():
+                    experiment_id = conn.execute(
+                        insert(tables.experiments)
                         .values(
                             name=chosen,
                             status=ExperimentStatus.NEW.value,
@@ -528,7 +554,7 @@ class StateDB:
                             owner_pid=owner_pid,
                             owner_host=owner_host,
                         )
-                        .returning(Experiment.__table__.c.experiment_id)
+                        .returning(tables.experiments.c.experiment_id)
                     ).scalar_one()
             except IntegrityError as exc:
                 if is_unique_violation(exc) and not unique:
@@ -536,21 +562,21 @@ class StateDB:
                         f"experiment name {chosen!r} is already taken; choose another name or pass unique=True"
                     ) from exc
                 raise
-            self._record_transition(session, "experiment", experiment_id, None, ExperimentStatus.NEW.value, "created")
-            return self._experiment(session, experiment_id)
+            self._record_transition(conn, "experiment", experiment_id, None, ExperimentStatus.NEW.value, "created")
+            return self._experiment(conn, experiment_id)
 
         return self._write(unit, retry_on_unique=unique)
 
     @staticmethod
-    def _unique_name(session: Session, name: str) -> str:
-        table = Experiment.__table__
-        taken = session.execute(select(table.c.name).where(table.c.name == name)).first()
+    def _unique_name(conn: Connection, name: str) -> str:
+        table = tables.experiments
+        taken = conn.execute(select(table.c.name).where(table.c.name == name)).first()
         if taken is None:
             return name
         match = _SUFFIX_PATTERN.match(name)
         stem, start = (match["stem"], int(match["n"]) + 1) if match else (name, 1)
         escaped = stem.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        family = session.execute(
+        family = conn.execute(
             select(table.c.name).where(table.c.name.like(f"{escaped}\\_%", escape="\\"))
         ).scalars()
         highest = start - 1
@@ -566,9 +592,9 @@ class StateDB:
             )
         return candidate
 
-    def _experiment(self, session: Session, experiment_id: int) -> ExperimentRecord:
-        row = session.execute(
-            select(Experiment.__table__).where(Experiment.__table__.c.experiment_id == experiment_id)
+    def _experiment(self, conn: Connection, experiment_id: int) -> ExperimentRecord:
+        row = conn.execute(
+            select(tables.experiments).where(tables.experiments.c.experiment_id == experiment_id)
         ).mappings().first()
         if row is None:
             raise NotFoundError("experiment", experiment_id)
@@ -584,9 +610,9 @@ class StateDB:
         if not isinstance(name, str):
             raise ConfigError(f"experiment name {name!r} is not a str")
 
-        def unit(session: Session) -> ExperimentRecord:
-            row = session.execute(
-                select(Experiment.__table__).where(Experiment.__table__.c.name == name)
+        def unit(conn: Connection) -> ExperimentRecord:
+            row = conn.execute(
+                select(tables.experiments).where(tables.experiments.c.name == name)
             ).mappings().first()
             if row is None:
                 raise NotFoundError("experiment", name)
@@ -597,9 +623,9 @@ class StateDB:
     def get_running_experiment(self) -> Optional[ExperimentRecord]:
         """The one RUNNING experiment, or None."""
 
-        def unit(session: Session) -> Optional[ExperimentRecord]:
-            row = session.execute(
-                select(Experiment.__table__).where(Experiment.__table__.c.status == ExperimentStatus.RUNNING.value)
+        def unit(conn: Connection) -> Optional[ExperimentRecord]:
+            row = conn.execute(
+                select(tables.experiments).where(tables.experiments.c.status == ExperimentStatus.RUNNING.value)
             ).mappings().first()
             return ExperimentRecord.from_row(row) if row is not None else None
 
@@ -608,13 +634,13 @@ class StateDB:
     def list_experiments(self, statuses: Optional[Iterable[Any]] = None) -> list[ExperimentRecord]:
         """All experiments, oldest first, optionally only those with ``statuses``."""
         wanted = self._statuses("experiment", statuses)
-        table = Experiment.__table__
+        table = tables.experiments
 
-        def unit(session: Session) -> list[ExperimentRecord]:
+        def unit(conn: Connection) -> list[ExperimentRecord]:
             query = select(table).order_by(table.c.experiment_id)
             if wanted is not None:
                 query = query.where(table.c.status.in_(wanted))
-            return [ExperimentRecord.from_row(r) for r in session.execute(query).mappings()]
+            return [ExperimentRecord.from_row(r) for r in conn.execute(query).mappings()]
 
         return self._read(unit)
 
@@ -630,15 +656,15 @@ class StateDB:
         """Compare-and-set the experiment's status (NEW → RUNNING → COMPLETED/FAILED)."""
         to_status = states.coerce_status("experiment", to)
 
-        def unit(session: Session) -> ExperimentRecord:
-            self._transition_experiment(session, experiment_id, to_status, error=error, reason=reason, expected=expected)
-            return self._experiment(session, experiment_id)
+        def unit(conn: Connection) -> ExperimentRecord:
+            self._transition_experiment(conn, experiment_id, to_status, error=error, reason=reason, expected=expected)
+            return self._experiment(conn, experiment_id)
 
         return self._write(unit)
 
     def _transition_experiment(
         self,
-        session: Session,
+        conn: Connection,
         experiment_id: int,
         to_status: ExperimentStatus,
         *,
@@ -646,7 +672,7 @@ class StateDB:
         reason: Optional[str] = None,
         expected: Optional[Iterable[Any]] = None,
     ) -> Optional[Any]:
-        table = Experiment.__table__
+        table = tables.experiments
         values: dict[str, Any] = {"updated_at": db_now()}
         if to_status == ExperimentStatus.RUNNING:
             values["started_at"] = func.coalesce(table.c.started_at, db_now())
@@ -656,13 +682,13 @@ class StateDB:
         if error is not None:
             values["error"] = str(error)
         try:
-            with session.begin_nested():
+            with conn.begin_nested():
                 from_status, _ = self._cas(
-                    session, _EXPERIMENT, experiment_id, to_status, expected=expected, values=values, reason=reason
+                    conn, _EXPERIMENT, experiment_id, to_status, expected=expected, values=values, reason=reason
                 )
         except IntegrityError as exc:
             if to_status == ExperimentStatus.RUNNING and is_unique_violation(exc):
-                running = session.execute(
+                running = conn.execute(
                     select(table.c.experiment_id, table.c.name).where(table.c.status == ExperimentStatus.RUNNING.value)
                 ).first()
                 other = f"experiment {running.experiment_id} ({running.name!r})" if running else "another experiment"
@@ -681,17 +707,17 @@ class StateDB:
         """Set what the experiment is doing now (an :class:`ExperimentTask`)."""
         _check_id("experiment_id", experiment_id)
         task_value = _enum_value(ExperimentTask, task, "experiment task")
-        table = Experiment.__table__
+        table = tables.experiments
 
-        def unit(session: Session) -> ExperimentRecord:
-            result = session.execute(
+        def unit(conn: Connection) -> ExperimentRecord:
+            result = conn.execute(
                 update(table)
                 .where(table.c.experiment_id == experiment_id)
                 .values(current_task=task_value, updated_at=db_now())
             )
             if result.rowcount == 0:
                 raise NotFoundError("experiment", experiment_id)
-            return self._experiment(session, experiment_id)
+            return self._experiment(conn, experiment_id)
 
         return self._write(unit)
 
@@ -700,17 +726,17 @@ class StateDB:
         _check_id("experiment_id", experiment_id)
         if metric_experiment_id is not None and not isinstance(metric_experiment_id, str):
             raise ConfigError(f"metric_experiment_id {metric_experiment_id!r} is not a str")
-        table = Experiment.__table__
+        table = tables.experiments
 
-        def unit(session: Session) -> ExperimentRecord:
-            result = session.execute(
+        def unit(conn: Connection) -> ExperimentRecord:
+            result = conn.execute(
                 update(table)
                 .where(table.c.experiment_id == experiment_id)
                 .values(metric_experiment_id=metric_experiment_id, updated_at=db_now())
             )
             if result.rowcount == 0:
                 raise NotFoundError("experiment", experiment_id)
-            return self._experiment(session, experiment_id)
+            return self._experiment(conn, experiment_id)
 
         return self._write(unit)
 
@@ -743,13 +769,13 @@ class StateDB:
         payload = encode_payload(config_leaf)
         flattened = flatten_config(config_leaf) if isinstance(config_leaf, dict) else None
 
-        def unit(session: Session) -> RunRecord:
-            self._experiment(session, experiment_id)
+        def unit(conn: Connection) -> RunRecord:
+            self._experiment(conn, experiment_id)
             for field, parent in (("cloned_from", cloned_from), ("warm_started_from", warm_started_from)):
-                if parent is not None and session.get(Run, parent) is None:
+                if parent is not None and conn.execute(select(tables.runs.c.run_id).where(tables.runs.c.run_id == parent)).first() is None:
                     raise NotFoundError("run", parent)
-            run_id = session.execute(
-                insert(Run.__table__)
+            run_id = conn.execute(
+                insert(tables.runs)
                 .values(
                     experiment_id=experiment_id,
                     status=RunStatus.NEW.value,
@@ -762,15 +788,15 @@ class StateDB:
                     required_workers=required_workers,
                     metric_run_id=metric_run_id,
                 )
-                .returning(Run.__table__.c.run_id)
+                .returning(tables.runs.c.run_id)
             ).scalar_one()
-            self._record_transition(session, "run", run_id, None, RunStatus.NEW.value, "created")
-            return self._run(session, run_id)
+            self._record_transition(conn, "run", run_id, None, RunStatus.NEW.value, "created")
+            return self._run(conn, run_id)
 
         return self._write(unit)
 
-    def _run(self, session: Session, run_id: int) -> RunRecord:
-        row = session.execute(select(Run.__table__).where(Run.__table__.c.run_id == run_id)).mappings().first()
+    def _run(self, conn: Connection, run_id: int) -> RunRecord:
+        row = conn.execute(select(tables.runs).where(tables.runs.c.run_id == run_id)).mappings().first()
         if row is None:
             raise NotFoundError("run", run_id)
         return RunRecord.from_row(row)
@@ -784,15 +810,15 @@ class StateDB:
         """Runs in id order, filtered by experiment and/or statuses."""
         _check_id("experiment_id", experiment_id, optional=True)
         wanted = self._statuses("run", statuses)
-        table = Run.__table__
+        table = tables.runs
 
-        def unit(session: Session) -> list[RunRecord]:
+        def unit(conn: Connection) -> list[RunRecord]:
             query = select(table).order_by(table.c.run_id)
             if experiment_id is not None:
                 query = query.where(table.c.experiment_id == experiment_id)
             if wanted is not None:
                 query = query.where(table.c.status.in_(wanted))
-            return [RunRecord.from_row(r) for r in session.execute(query).mappings()]
+            return [RunRecord.from_row(r) for r in conn.execute(query).mappings()]
 
         return self._read(unit)
 
@@ -822,15 +848,15 @@ class StateDB:
         """
         to_status = states.coerce_status("run", to)
 
-        def unit(session: Session) -> RunRecord:
-            _, row = self._transition_run_row(session, run_id, to_status, expected=expected, error=error, reason=reason)
+        def unit(conn: Connection) -> RunRecord:
+            _, row = self._transition_run_row(conn, run_id, to_status, expected=expected, error=error, reason=reason)
             return RunRecord.from_row(row)  # RETURNING gave the whole row: no second SELECT
 
         return self._write(unit)
 
     def _transition_run(
         self,
-        session: Session,
+        conn: Connection,
         run_id: int,
         to_status: RunStatus,
         *,
@@ -838,14 +864,14 @@ class StateDB:
         error: Optional[str] = None,
         reason: Optional[str] = None,
     ) -> Optional[Any]:
-        """Compare-and-set inside ``session``; the status moved from, None for a repeat."""
+        """Compare-and-set inside ``conn``; the status moved from, None for a repeat."""
         return self._transition_run_row(
-            session, run_id, to_status, expected=expected, error=error, reason=reason
+            conn, run_id, to_status, expected=expected, error=error, reason=reason
         )[0]
 
     def _transition_run_row(
         self,
-        session: Session,
+        conn: Connection,
         run_id: int,
         to_status: RunStatus,
         *,
@@ -862,7 +888,7 @@ class StateDB:
             return None
 
         return self._cas(
-            session, _RUN, run_id, to_status, expected=expected, values=values,
+            conn, _RUN, run_id, to_status, expected=expected, values=values,
             extra_where=extra_where, reason=reason, blocked_detail=blocked,
             params=params, cacheable=True,
         )
@@ -893,13 +919,13 @@ class StateDB:
                 value = float(value)
             values[field] = value
         values["updated_at"] = db_now()
-        table = Run.__table__
+        table = tables.runs
 
-        def unit(session: Session) -> RunRecord:
-            result = session.execute(update(table).where(table.c.run_id == run_id).values(**values))
+        def unit(conn: Connection) -> RunRecord:
+            result = conn.execute(update(table).where(table.c.run_id == run_id).values(**values))
             if result.rowcount == 0:
                 raise NotFoundError("run", run_id)
-            return self._run(session, run_id)
+            return self._run(conn, run_id)
 
         return self._write(unit)
 
@@ -908,15 +934,15 @@ class StateDB:
         _check_id("run_id", run_id)
         if metric_run_id is not None and not isinstance(metric_run_id, str):
             raise ConfigError(f"metric_run_id {metric_run_id!r} is not a str")
-        table = Run.__table__
+        table = tables.runs
 
-        def unit(session: Session) -> RunRecord:
-            result = session.execute(
+        def unit(conn: Connection) -> RunRecord:
+            result = conn.execute(
                 update(table).where(table.c.run_id == run_id).values(metric_run_id=metric_run_id, updated_at=db_now())
             )
             if result.rowcount == 0:
                 raise NotFoundError("run", run_id)
-            return self._run(session, run_id)
+            return self._run(conn, run_id)
 
         return self._write(unit)
 
@@ -942,13 +968,13 @@ class StateDB:
         status_value = self._initial_task_status(status)
         if config_options is not None and not isinstance(config_options, dict):
             raise ConfigError(f"config_options {config_options!r} is not a dict")
-        table = WorkerTaskRow.__table__
+        table = tables.worker_tasks
 
-        def unit(session: Session) -> TaskRecord:
-            self._experiment(session, experiment_id)
+        def unit(conn: Connection) -> TaskRecord:
+            self._experiment(conn, experiment_id)
             if run_id is not None:
-                self._run(session, run_id)
-            task_id = session.execute(
+                self._run(conn, run_id)
+            task_id = conn.execute(
                 insert(table)
                 .values(
                     experiment_id=experiment_id,
@@ -961,8 +987,8 @@ class StateDB:
                 )
                 .returning(table.c.task_id)
             ).scalar_one()
-            self._record_transition(session, "worker_task", task_id, None, status_value, "created")
-            return self._task(session, "worker", task_id)
+            self._record_transition(conn, "worker_task", task_id, None, status_value, "created")
+            return self._task(conn, "worker", task_id)
 
         return self._write(unit)
 
@@ -973,9 +999,9 @@ class StateDB:
             raise ConfigError(f"a task is created PENDING or SCHEDULED, not {value.value}")
         return value.value
 
-    def _task(self, session: Session, kind: str, task_id: int) -> TaskRecord:
+    def _task(self, conn: Connection, kind: str, task_id: int) -> TaskRecord:
         machine = _TASK_MACHINES[kind]
-        row = session.execute(select(machine.table).where(machine.key_column == task_id)).mappings().first()
+        row = conn.execute(select(machine.table).where(machine.key_column == task_id)).mappings().first()
         if row is None:
             raise NotFoundError(machine.entity, task_id)
         return TaskRecord.from_row(row, kind=kind)
@@ -1011,7 +1037,7 @@ class StateDB:
             raise ConfigError("worker_id filters worker tasks only")
         table = machine.table
 
-        def unit(session: Session) -> list[TaskRecord]:
+        def unit(conn: Connection) -> list[TaskRecord]:
             query = select(table).order_by(table.c.task_id)
             if experiment_id is not None:
                 query = query.where(table.c.experiment_id == experiment_id)
@@ -1021,11 +1047,11 @@ class StateDB:
                 query = query.where(table.c.worker_id == worker_id)
             if run_id is not None:
                 query = query.where(table.c.run_id == run_id)
-            return [TaskRecord.from_row(r, kind=kind) for r in session.execute(query).mappings()]
+            return [TaskRecord.from_row(r, kind=kind) for r in conn.execute(query).mappings()]
 
         return self._read(unit)
 
-    def _claim(self, session: Session, machine: _Machine, conditions: Sequence[Any]) -> Optional[int]:
+    def _claim(self, conn: Connection, machine: _Machine, conditions: Sequence[Any]) -> Optional[int]:
         table = machine.table
         # The oldest SCHEDULED task; on PostgreSQL rows locked by another
         # claimer are skipped, on SQLite the write lock already serialises us.
@@ -1037,7 +1063,7 @@ class StateDB:
             .with_for_update(skip_locked=True)
             .scalar_subquery()
         )
-        row = session.execute(
+        row = conn.execute(
             update(table)
             .where(table.c.task_id == candidate, table.c.status == TaskStatus.SCHEDULED.value)
             .values(
@@ -1050,7 +1076,7 @@ class StateDB:
         if row is None:
             return None
         self._record_transition(
-            session, machine.entity, row.task_id, TaskStatus.SCHEDULED.value, TaskStatus.IN_PROGRESS.value, "claimed"
+            conn, machine.entity, row.task_id, TaskStatus.SCHEDULED.value, TaskStatus.IN_PROGRESS.value, "claimed"
         )
         return row.task_id
 
@@ -1058,14 +1084,14 @@ class StateDB:
         """Atomically move the oldest SCHEDULED task of ``worker_id`` to IN_PROGRESS; None when idle."""
         _check_id("worker_id", worker_id)
         _check_id("experiment_id", experiment_id, optional=True)
-        table = WorkerTaskRow.__table__
+        table = tables.worker_tasks
         conditions = [table.c.worker_id == worker_id]
         if experiment_id is not None:
             conditions.append(table.c.experiment_id == experiment_id)
 
-        def unit(session: Session) -> Optional[TaskRecord]:
-            task_id = self._claim(session, _WORKER_TASK, conditions)
-            return self._task(session, "worker", task_id) if task_id is not None else None
+        def unit(conn: Connection) -> Optional[TaskRecord]:
+            task_id = self._claim(conn, _WORKER_TASK, conditions)
+            return self._task(conn, "worker", task_id) if task_id is not None else None
 
         return self._write(unit)
 
@@ -1092,13 +1118,13 @@ class StateDB:
             from rapidfire_state.serialize import encode_payload
 
             payload = encode_payload(config_leaf)
-        table = ControllerTaskRow.__table__
+        table = tables.controller_tasks
 
-        def unit(session: Session) -> TaskRecord:
-            self._experiment(session, experiment_id)
+        def unit(conn: Connection) -> TaskRecord:
+            self._experiment(conn, experiment_id)
             if run_id is not None:
-                self._run(session, run_id)
-            task_id = session.execute(
+                self._run(conn, run_id)
+            task_id = conn.execute(
                 insert(table)
                 .values(
                     experiment_id=experiment_id,
@@ -1109,20 +1135,20 @@ class StateDB:
                 )
                 .returning(table.c.task_id)
             ).scalar_one()
-            self._record_transition(session, "controller_task", task_id, None, status_value, "created")
-            return self._task(session, "controller", task_id)
+            self._record_transition(conn, "controller_task", task_id, None, status_value, "created")
+            return self._task(conn, "controller", task_id)
 
         return self._write(unit)
 
     def claim_controller_task(self, experiment_id: Optional[int] = None) -> Optional[TaskRecord]:
         """Atomically move the oldest SCHEDULED controller task to IN_PROGRESS; None when idle."""
         _check_id("experiment_id", experiment_id, optional=True)
-        table = ControllerTaskRow.__table__
+        table = tables.controller_tasks
         conditions = [table.c.experiment_id == experiment_id] if experiment_id is not None else []
 
-        def unit(session: Session) -> Optional[TaskRecord]:
-            task_id = self._claim(session, _CONTROLLER_TASK, conditions)
-            return self._task(session, "controller", task_id) if task_id is not None else None
+        def unit(conn: Connection) -> Optional[TaskRecord]:
+            task_id = self._claim(conn, _CONTROLLER_TASK, conditions)
+            return self._task(conn, "controller", task_id) if task_id is not None else None
 
         return self._write(unit)
 
@@ -1146,15 +1172,15 @@ class StateDB:
         machine = self._task_kind(kind)
         to_status = states.coerce_status("task", to)
 
-        def unit(session: Session) -> TaskRecord:
-            self._transition_task(session, machine, task_id, to_status, error=error, reason=reason, expected=expected)
-            return self._task(session, kind, task_id)
+        def unit(conn: Connection) -> TaskRecord:
+            self._transition_task(conn, machine, task_id, to_status, error=error, reason=reason, expected=expected)
+            return self._task(conn, kind, task_id)
 
         return self._write(unit)
 
     def _transition_task(
         self,
-        session: Session,
+        conn: Connection,
         machine: _Machine,
         task_id: int,
         to_status: TaskStatus,
@@ -1174,7 +1200,7 @@ class StateDB:
             values["error"] = bindparam("rf_error")
             params["rf_error"] = str(error)
         from_status, _ = self._cas(
-            session, machine, task_id, to_status, expected=expected, values=values, reason=reason,
+            conn, machine, task_id, to_status, expected=expected, values=values, reason=reason,
             params=params, cacheable=True,
         )
         return from_status
@@ -1189,28 +1215,28 @@ class StateDB:
             raise ConfigError(f"pid={pid!r} is not valid; a positive int is required")
         host = host or _HOST
         started = _process_start_time(pid) if host == _HOST else None
-        table = Worker.__table__
+        table = tables.workers
 
-        def unit(session: Session) -> WorkerRecord:
-            self._experiment(session, experiment_id)
+        def unit(conn: Connection) -> WorkerRecord:
+            self._experiment(conn, experiment_id)
             values = dict(
                 pid=pid, host=host, process_started_at=started, started_at=db_now(),
                 heartbeat_at=db_now(), exited_at=None, exit_code=None,
             )
-            result = session.execute(
+            result = conn.execute(
                 update(table)
                 .where(table.c.experiment_id == experiment_id, table.c.worker_id == worker_id)
                 .values(**values)
             )
             if result.rowcount == 0:
-                session.execute(insert(table).values(experiment_id=experiment_id, worker_id=worker_id, **values))
-            return self._worker(session, experiment_id, worker_id)
+                conn.execute(insert(table).values(experiment_id=experiment_id, worker_id=worker_id, **values))
+            return self._worker(conn, experiment_id, worker_id)
 
         return self._write(unit, retry_on_unique=True)
 
-    def _worker(self, session: Session, experiment_id: int, worker_id: int) -> WorkerRecord:
-        table = Worker.__table__
-        row = session.execute(
+    def _worker(self, conn: Connection, experiment_id: int, worker_id: int) -> WorkerRecord:
+        table = tables.workers
+        row = conn.execute(
             select(table).where(table.c.experiment_id == experiment_id, table.c.worker_id == worker_id)
         ).mappings().first()
         if row is None:
@@ -1225,15 +1251,15 @@ class StateDB:
         """
         _check_id("experiment_id", experiment_id)
         _check_id("worker_id", worker_id)
-        table = Worker.__table__
+        table = tables.workers
 
-        def unit(session: Session) -> WorkerRecord:
-            result = session.execute(
+        def unit(conn: Connection) -> WorkerRecord:
+            result = conn.execute(
                 update(table)
                 .where(table.c.experiment_id == experiment_id, table.c.worker_id == worker_id, table.c.exited_at.is_(None))
                 .values(heartbeat_at=db_now())
             )
-            record = self._worker(session, experiment_id, worker_id)
+            record = self._worker(conn, experiment_id, worker_id)
             if result.rowcount == 0:
                 raise WorkerException(
                     f"worker {worker_id} of experiment {experiment_id} was marked exited at {record.exited_at}"
@@ -1252,10 +1278,10 @@ class StateDB:
         _check_id("worker_id", worker_id)
         if exit_code is not None and (isinstance(exit_code, bool) or not isinstance(exit_code, int)):
             raise ConfigError(f"exit_code={exit_code!r} is not an int")
-        table = Worker.__table__
+        table = tables.workers
 
-        def unit(session: Session) -> WorkerRecord:
-            result = session.execute(
+        def unit(conn: Connection) -> WorkerRecord:
+            result = conn.execute(
                 update(table)
                 .where(table.c.experiment_id == experiment_id, table.c.worker_id == worker_id)
                 .values(
@@ -1265,22 +1291,22 @@ class StateDB:
             )
             if result.rowcount == 0:
                 raise NotFoundError("worker", f"{worker_id} of experiment {experiment_id}")
-            return self._worker(session, experiment_id, worker_id)
+            return self._worker(conn, experiment_id, worker_id)
 
         return self._write(unit)
 
     def list_workers(self, experiment_id: Optional[int] = None, *, alive_only: bool = False) -> list[WorkerRecord]:
         """Worker rows, optionally only those not marked exited."""
         _check_id("experiment_id", experiment_id, optional=True)
-        table = Worker.__table__
+        table = tables.workers
 
-        def unit(session: Session) -> list[WorkerRecord]:
+        def unit(conn: Connection) -> list[WorkerRecord]:
             query = select(table).order_by(table.c.experiment_id, table.c.worker_id)
             if experiment_id is not None:
                 query = query.where(table.c.experiment_id == experiment_id)
             if alive_only:
                 query = query.where(table.c.exited_at.is_(None))
-            return [WorkerRecord.from_row(r) for r in session.execute(query).mappings()]
+            return [WorkerRecord.from_row(r) for r in conn.execute(query).mappings()]
 
         return self._read(unit)
 
@@ -1294,28 +1320,28 @@ class StateDB:
         if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, (int, float)) or grace_seconds < 0:
             raise ConfigError(f"grace_seconds={grace_seconds!r} is not valid; a number >= 0 is required")
         _check_id("experiment_id", experiment_id, optional=True)
-        table = Worker.__table__
+        table = tables.workers
 
-        def unit(session: Session) -> list[StaleWorkerReport]:
-            now = session.execute(select(db_now())).scalar_one()
+        def unit(conn: Connection) -> list[StaleWorkerReport]:
+            now = conn.execute(select(db_now())).scalar_one()
             query = select(table).where(table.c.exited_at.is_(None))
             if experiment_id is not None:
                 query = query.where(table.c.experiment_id == experiment_id)
             reports = []
-            for row in session.execute(query).mappings().all():
+            for row in conn.execute(query).mappings().all():
                 worker = WorkerRecord.from_row(row)
                 reason = _staleness(worker, now, grace_seconds)
                 if reason is None:
                     continue
-                reports.append(self._fail_worker(session, worker, reason))
+                reports.append(self._fail_worker(conn, worker, reason))
             return reports
 
         return self._write(unit)
 
-    def _fail_worker(self, session: Session, worker: WorkerRecord, reason: str) -> StaleWorkerReport:
-        tasks = WorkerTaskRow.__table__
+    def _fail_worker(self, conn: Connection, worker: WorkerRecord, reason: str) -> StaleWorkerReport:
+        tasks = tables.worker_tasks
         message = f"worker {worker.worker_id} (pid {worker.pid} on {worker.host}) {reason}"
-        failed = session.execute(
+        failed = conn.execute(
             update(tasks)
             .where(
                 tasks.c.experiment_id == worker.experiment_id,
@@ -1328,22 +1354,22 @@ class StateDB:
         run_ids: list[int] = []
         for task in sorted(failed):
             self._record_transition(
-                session, "worker_task", task.task_id, TaskStatus.IN_PROGRESS.value, TaskStatus.FAILED.value, message
+                conn, "worker_task", task.task_id, TaskStatus.IN_PROGRESS.value, TaskStatus.FAILED.value, message
             )
             if task.run_id is not None and task.run_id not in run_ids:
                 try:
-                    with session.begin_nested():
-                        if self._transition_run(session, task.run_id, RunStatus.FAILED, error=message, reason=message):
+                    with conn.begin_nested():
+                        if self._transition_run(conn, task.run_id, RunStatus.FAILED, error=message, reason=message):
                             run_ids.append(task.run_id)
                 except InvalidTransitionError:
                     pass  # the run already ended (e.g. COMPLETED): keep its outcome
-        session.execute(
-            update(Worker.__table__)
-            .where(Worker.__table__.c.id == worker.id, Worker.__table__.c.exited_at.is_(None))
+        conn.execute(
+            update(tables.workers)
+            .where(tables.workers.c.id == worker.id, tables.workers.c.exited_at.is_(None))
             .values(exited_at=db_now())
         )
         return StaleWorkerReport(
-            worker=self._worker(session, worker.experiment_id, worker.worker_id),
+            worker=self._worker(conn, worker.experiment_id, worker.worker_id),
             reason=message,
             failed_task_ids=tuple(sorted(t.task_id for t in failed)),
             failed_run_ids=tuple(run_ids),
@@ -1381,31 +1407,31 @@ class StateDB:
         )
         if (values["location"] == SHMLocation.DISK.value) != (values["disk_path"] is not None):
             raise ConfigError("disk_path is required for location DISK and not allowed for SHM")
-        table = SHMObject.__table__
+        table = tables.shm_objects
 
-        def unit(session: Session) -> SHMObjectRecord:
-            result = session.execute(
+        def unit(conn: Connection) -> SHMObjectRecord:
+            result = conn.execute(
                 update(table).where(table.c.key == key).values(updated_at=db_now(), **values)
             )
             if result.rowcount == 0:
-                session.execute(insert(table).values(key=key, **values))
-            return self._shm_object(session, key)
+                conn.execute(insert(table).values(key=key, **values))
+            return self._shm_object(conn, key)
 
         return self._write(unit, retry_on_unique=True)
 
-    def _shm_object(self, session: Session, key: str) -> SHMObjectRecord:
-        table = SHMObject.__table__
-        row = session.execute(select(table).where(table.c.key == key)).mappings().first()
+    def _shm_object(self, conn: Connection, key: str) -> SHMObjectRecord:
+        table = tables.shm_objects
+        row = conn.execute(select(table).where(table.c.key == key)).mappings().first()
         if row is None:
             raise NotFoundError("shm object", key)
         return SHMObjectRecord.from_row(row)
 
     def get_shm_object(self, key: str) -> Optional[SHMObjectRecord]:
         """The metadata row of ``key``, or None."""
-        table = SHMObject.__table__
+        table = tables.shm_objects
 
-        def unit(session: Session) -> Optional[SHMObjectRecord]:
-            row = session.execute(select(table).where(table.c.key == key)).mappings().first()
+        def unit(conn: Connection) -> Optional[SHMObjectRecord]:
+            row = conn.execute(select(table).where(table.c.key == key)).mappings().first()
             return SHMObjectRecord.from_row(row) if row is not None else None
 
         return self._read(unit)
@@ -1414,9 +1440,9 @@ class StateDB:
         self, *, experiment_id: Optional[int] = None, run_id: Optional[int] = None, manager_name: Optional[str] = None
     ) -> list[SHMObjectRecord]:
         """Metadata rows, filtered."""
-        table = SHMObject.__table__
+        table = tables.shm_objects
 
-        def unit(session: Session) -> list[SHMObjectRecord]:
+        def unit(conn: Connection) -> list[SHMObjectRecord]:
             query = select(table).order_by(table.c.shm_object_id)
             if experiment_id is not None:
                 query = query.where(table.c.experiment_id == experiment_id)
@@ -1424,19 +1450,19 @@ class StateDB:
                 query = query.where(table.c.run_id == run_id)
             if manager_name is not None:
                 query = query.where(table.c.manager_name == manager_name)
-            return [SHMObjectRecord.from_row(r) for r in session.execute(query).mappings()]
+            return [SHMObjectRecord.from_row(r) for r in conn.execute(query).mappings()]
 
         return self._read(unit)
 
     def delete_shm_objects(self, keys: Iterable[str]) -> list[SHMObjectRecord]:
         """Delete the rows of ``keys``; returns the rows that existed."""
         wanted = list(keys)
-        table = SHMObject.__table__
+        table = tables.shm_objects
         if not wanted:
             return []
 
-        def unit(session: Session) -> list[SHMObjectRecord]:
-            rows = session.execute(
+        def unit(conn: Connection) -> list[SHMObjectRecord]:
+            rows = conn.execute(
                 table.delete().where(table.c.key.in_(wanted)).returning(*table.c)
             ).mappings().all()
             return [SHMObjectRecord.from_row(r) for r in rows]
@@ -1486,23 +1512,23 @@ class StateDB:
             raise ConfigError(f"cleanup ends live runs KILLED or FAILED, not {run_final.value}")
         why = reason or f"experiment cleanup ({final.value})"
 
-        def unit(session: Session) -> CleanupReport:
+        def unit(conn: Connection) -> CleanupReport:
             # Lock the experiment row first (PostgreSQL; SQLite's BEGIN IMMEDIATE
             # already serialises writers): concurrent cleanups of one experiment
             # then run one after the other, and the later one sees the final
             # status instead of failing its RUNNING -> COMPLETED/FAILED step.
-            locked = session.execute(
-                select(Experiment.__table__.c.experiment_id)
-                .where(Experiment.__table__.c.experiment_id == experiment_id)
+            locked = conn.execute(
+                select(tables.experiments.c.experiment_id)
+                .where(tables.experiments.c.experiment_id == experiment_id)
                 .with_for_update(key_share=True)  # FOR NO KEY UPDATE: FK inserts (KEY SHARE) still proceed
             ).first()
             if locked is None:
                 raise NotFoundError("experiment", experiment_id)
-            experiment = self._experiment(session, experiment_id)
+            experiment = self._experiment(conn, experiment_id)
             failed_tasks: list[tuple[str, int]] = []
             for kind, machine in _TASK_MACHINES.items():
                 table = machine.table
-                rows = session.execute(
+                rows = conn.execute(
                     update(table)
                     .where(table.c.experiment_id == experiment_id, table.c.status.in_(_OPEN_TASK_STATUSES))
                     .values(previous_status=table.c.status, status=TaskStatus.FAILED.value, ended_at=db_now(),
@@ -1510,10 +1536,10 @@ class StateDB:
                     .returning(table.c.task_id, table.c.previous_status)
                 ).all()
                 for row in sorted(rows):
-                    self._record_transition(session, machine.entity, row.task_id, row.previous_status, TaskStatus.FAILED.value, why)
+                    self._record_transition(conn, machine.entity, row.task_id, row.previous_status, TaskStatus.FAILED.value, why)
                     failed_tasks.append((kind, row.task_id))
-            runs = Run.__table__
-            ended = session.execute(
+            runs = tables.runs
+            ended = conn.execute(
                 update(runs)
                 .where(runs.c.experiment_id == experiment_id,
                        runs.c.status.in_([RunStatus.NEW.value, RunStatus.ONGOING.value]))
@@ -1523,30 +1549,30 @@ class StateDB:
                 .returning(runs.c.run_id, runs.c.previous_status)
             ).all()
             for row in sorted(ended):
-                self._record_transition(session, "run", row.run_id, row.previous_status, run_final.value, why)
-            frozen = session.execute(
+                self._record_transition(conn, "run", row.run_id, row.previous_status, run_final.value, why)
+            frozen = conn.execute(
                 update(runs)
                 .where(runs.c.experiment_id == experiment_id, runs.c.status == RunStatus.STOPPED.value,
                        runs.c.ended_by.is_(None))
                 .values(ended_by=RunEndedBy.STOPPED.value, ended_at=db_now(), updated_at=db_now())
                 .returning(runs.c.run_id)
             ).scalars().all()
-            workers = Worker.__table__
-            exited = session.execute(
+            workers = tables.workers
+            exited = conn.execute(
                 update(workers)
                 .where(workers.c.experiment_id == experiment_id, workers.c.exited_at.is_(None))
                 .values(exited_at=db_now())
                 .returning(workers.c.worker_id)
             ).scalars().all()
-            shm = SHMObject.__table__
-            removed = session.execute(
+            shm = tables.shm_objects
+            removed = conn.execute(
                 shm.delete().where(shm.c.experiment_id == experiment_id).returning(*shm.c)
             ).mappings().all()
             if experiment.status not in states.terminal_states("experiment"):
-                self._transition_experiment(session, experiment_id, final, error=error, reason=why)
+                self._transition_experiment(conn, experiment_id, final, error=error, reason=why)
             return CleanupReport(
                 experiment_id=experiment_id,
-                experiment_status=self._experiment(session, experiment_id).status,
+                experiment_status=self._experiment(conn, experiment_id).status,
                 failed_task_ids=tuple(failed_tasks),
                 ended_run_ids=tuple(sorted(r.run_id for r in ended)),
                 frozen_run_ids=tuple(sorted(frozen)),
@@ -1578,15 +1604,15 @@ class StateDB:
             raise ConfigError(f"history entity {entity!r} is not valid; allowed: {', '.join(TRANSITION_ENTITIES)}")
         _check_id(f"{entity}_id", entity_id)
         machine = _HISTORY_MACHINES[entity]
-        table = StateTransition.__table__
+        table = tables.state_transitions
 
-        def unit(session: Session) -> list[TransitionRecord]:
-            rows = session.execute(
+        def unit(conn: Connection) -> list[TransitionRecord]:
+            rows = conn.execute(
                 select(table)
                 .where(table.c.entity == entity, table.c.entity_id == entity_id)
                 .order_by(table.c.transition_id)
             ).mappings().all()
-            if not rows and session.execute(select(machine.key_column).where(machine.key_column == entity_id)).first() is None:
+            if not rows and conn.execute(select(machine.key_column).where(machine.key_column == entity_id)).first() is None:
                 raise NotFoundError(entity, entity_id)
             return [TransitionRecord.from_row(r) for r in rows]
 
@@ -1600,7 +1626,7 @@ def _run_cas_parts(to_status: RunStatus, with_error: bool) -> tuple[Mapping[str,
     Built once per shape (every datum that varies is a bound parameter), so the
     cached UPDATE of :meth:`StateDB._cas` is found without rebuilding anything.
     """
-    table = Run.__table__
+    table = tables.runs
     values: dict[str, Any] = {"updated_at": db_now()}
     extra_where: list[Any] = []
     if to_status in states.terminal_states("run"):
@@ -1609,7 +1635,7 @@ def _run_cas_parts(to_status: RunStatus, with_error: bool) -> tuple[Mapping[str,
     elif to_status == RunStatus.ONGOING:
         values["started_at"] = func.coalesce(table.c.started_at, db_now())
         values["ended_by"] = None
-        experiments = Experiment.__table__
+        experiments = tables.experiments
         running = select(experiments.c.experiment_id).where(experiments.c.status == ExperimentStatus.RUNNING.value)
         # resuming a STOPPED run requires its experiment to be RUNNING
         extra_where.append(or_(table.c.status != RunStatus.STOPPED.value, table.c.experiment_id.in_(running)))

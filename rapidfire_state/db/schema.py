@@ -1,0 +1,350 @@
+"""The tables of the state database, as SQLAlchemy Core.
+
+The store works on these tables directly, so opening a database and every
+status change run without loading the ORM (``sqlalchemy.orm`` and mapping the
+classes cost as much as the rest of the open path).  The typed ORM classes in
+:mod:`rapidfire_state.db.models` map onto these same ``Table`` objects.
+
+Every constraint has a stable name (the MetaData naming convention), every enum
+column is stored as its string value with a CHECK constraint named
+``ck_<table>_<column>``, and timestamps are UTC (stored naive, returned aware).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any, Optional
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import FunctionElement
+from sqlalchemy.types import TypeDecorator
+
+from rapidfire_state.constants import (
+    ControllerTask,
+    ExperimentStatus,
+    ExperimentTask,
+    RunEndedBy,
+    RunSource,
+    RunStatus,
+    SHMLocation,
+    SHMObjectType,
+    TaskStatus,
+    WorkerTask,
+)
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: the entities whose status changes are recorded in ``state_transitions``
+TRANSITION_ENTITIES = ("experiment", "run", "worker_task", "controller_task")
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class UTCDateTime(TypeDecorator):
+    """A timestamp stored as naive UTC and returned as an aware UTC datetime.
+
+    Both backends store ``TIMESTAMP WITHOUT TIME ZONE`` so SQL written by people
+    compares the same way on SQLite and PostgreSQL.
+    """
+
+    impl = DateTime(timezone=False)
+    cache_ok = True
+
+    def process_bind_param(self, value: Optional[datetime], dialect: Any) -> Optional[datetime]:
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: Optional[datetime], dialect: Any) -> Optional[datetime]:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value
+
+
+class db_now(FunctionElement):
+    """The database clock in UTC, with sub-second precision on both backends.
+
+    Heartbeats and staleness are judged by this one clock, so processes on
+    different hosts with skewed clocks still agree.
+    """
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+
+@compiles(db_now, "sqlite")
+def _db_now_sqlite(element: db_now, compiler: Any, **kw: Any) -> str:
+    # %f gives milliseconds; pad to microseconds so the value parses as a DATETIME
+    return "strftime('%Y-%m-%d %H:%M:%f000', 'now')"
+
+
+@compiles(db_now)
+def _db_now_default(element: db_now, compiler: Any, **kw: Any) -> str:
+    return "(now() AT TIME ZONE 'utc')"
+
+
+def _enum_check(column: str, enum_cls: type[Enum], *, nullable: bool = False) -> CheckConstraint:
+    values = ", ".join(f"'{member.value}'" for member in enum_cls)
+    condition = f"{column} IN ({values})"
+    if nullable:
+        condition = f"{column} IS NULL OR {condition}"
+    return CheckConstraint(condition, name=column)
+
+
+def _status(default: Enum) -> list[Column]:
+    """The status column of a state machine, and the status it last moved from."""
+    return [
+        Column("status", String(16), nullable=False, default=default.value),
+        # set by each compare-and-set from the old value, so history knows where it came from
+        Column("previous_status", String(16)),
+    ]
+
+
+def _created_at(name: str = "created_at") -> Column:
+    return Column(name, UTCDateTime(), nullable=False, default=db_now(), server_default=text("CURRENT_TIMESTAMP"))
+
+
+def _updated_at() -> Column:
+    return Column(
+        "updated_at", UTCDateTime(), nullable=False, default=db_now(), onupdate=db_now(),
+        server_default=text("CURRENT_TIMESTAMP"),
+    )
+
+
+def _timestamp(name: str) -> Column:
+    return Column(name, UTCDateTime())
+
+
+def _id(name: str) -> Column:
+    return Column(name, Integer, primary_key=True, autoincrement=True)
+
+
+def _experiment_fk(nullable: bool = False) -> Column:
+    return Column("experiment_id", ForeignKey("experiments.experiment_id"), nullable=nullable)
+
+
+def _run_fk(name: str = "run_id") -> Column:
+    return Column(name, ForeignKey("runs.run_id"))
+
+
+# At most one RUNNING experiment per database: a partial unique index holds one
+# row at most.  Its PostgreSQL ``WHERE`` is attached when a PostgreSQL engine is
+# created (:func:`attach_postgresql_options`): naming the option here would load
+# the PostgreSQL dialect in every process that opens a SQLite file.
+ONE_RUNNING_INDEX = "uq_experiments_one_running"
+ONE_RUNNING_WHERE = "status = 'RUNNING'"
+
+experiments = Table(
+    "experiments",
+    metadata,
+    _id("experiment_id"),
+    Column("name", String(128), nullable=False, unique=True),
+    *_status(ExperimentStatus.NEW),
+    Column("current_task", String(32), nullable=False, default=ExperimentTask.IDLE.value),
+    Column("experiments_path", Text, nullable=False),
+    Column("metric_experiment_id", String(64)),
+    Column("config_options", JSON),
+    Column("error", Text),
+    Column("owner_pid", Integer),
+    Column("owner_host", String(255)),
+    _created_at(),
+    _updated_at(),
+    _timestamp("started_at"),
+    _timestamp("ended_at"),
+    _enum_check("status", ExperimentStatus),
+    _enum_check("current_task", ExperimentTask),
+    Index(ONE_RUNNING_INDEX, "status", unique=True, sqlite_where=text(ONE_RUNNING_WHERE)),
+    Index("ix_experiments_status", "status"),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    _id("run_id"),
+    _experiment_fk(),
+    *_status(RunStatus.NEW),
+    Column("source", String(16), nullable=False, default=RunSource.USER.value),
+    Column("ended_by", String(16)),
+    Column("metric_run_id", String(64)),
+    Column("config_leaf", LargeBinary),  # signed dill payload (serialize.encode_payload)
+    Column("flattened_config", JSON),  # the same configuration as JSON a.b.c keys, for SQL
+    Column("completed_steps", Integer, nullable=False, default=0),
+    Column("total_steps", Integer, nullable=False, default=0),
+    Column("num_chunks_visited", Integer, nullable=False, default=0),
+    Column("num_epochs_completed", Integer, nullable=False, default=0),
+    Column("chunk_offset", Integer, nullable=False, default=0),
+    Column("estimated_runtime", Float),
+    Column("required_workers", Integer, nullable=False, default=1),
+    Column("progress", Float, nullable=False, default=0.0),
+    Column("error", Text),
+    _run_fk("cloned_from"),
+    _run_fk("warm_started_from"),
+    _created_at(),
+    _timestamp("started_at"),
+    _updated_at(),
+    _timestamp("ended_at"),
+    _enum_check("status", RunStatus),
+    _enum_check("source", RunSource),
+    _enum_check("ended_by", RunEndedBy, nullable=True),
+    # A terminal run is ended by exactly its status; a live run is not ended; a
+    # STOPPED run is frozen (ended_by STOPPED) only when its experiment ended.
+    # "IS NOT NULL": a CHECK that evaluates to NULL passes.
+    CheckConstraint(
+        "(status IN ('NEW', 'ONGOING') AND ended_by IS NULL)"
+        " OR (status = 'STOPPED' AND (ended_by IS NULL OR ended_by = 'STOPPED'))"
+        " OR (status IN ('COMPLETED', 'FAILED', 'KILLED') AND ended_by IS NOT NULL AND ended_by = status)",
+        name="ended_by_matches_status",
+    ),
+    CheckConstraint("completed_steps >= 0 AND total_steps >= 0", name="steps_non_negative"),
+    CheckConstraint("required_workers >= 1", name="required_workers_positive"),
+    Index("ix_runs_experiment_id_status", "experiment_id", "status"),
+    Index("ix_runs_status", "status"),
+)
+
+worker_tasks = Table(
+    "worker_tasks",
+    metadata,
+    _id("task_id"),
+    _experiment_fk(),
+    _run_fk(),
+    Column("worker_id", Integer, nullable=False),
+    Column("chunk_id", Integer),
+    Column("task_type", String(32), nullable=False),
+    *_status(TaskStatus.PENDING),
+    Column("config_options", JSON),
+    Column("error", Text),
+    _created_at(),
+    _timestamp("started_at"),
+    _timestamp("ended_at"),
+    _enum_check("status", TaskStatus),
+    _enum_check("task_type", WorkerTask),
+    # claim_worker_task: the oldest SCHEDULED task of a worker
+    Index("ix_worker_tasks_worker_id_status_task_id", "worker_id", "status", "task_id"),
+    Index("ix_worker_tasks_experiment_id_status", "experiment_id", "status"),
+    Index("ix_worker_tasks_run_id", "run_id"),
+)
+
+controller_tasks = Table(
+    "controller_tasks",
+    metadata,
+    _id("task_id"),
+    _experiment_fk(),
+    _run_fk(),
+    Column("task_type", String(32), nullable=False),
+    *_status(TaskStatus.SCHEDULED),
+    Column("config_leaf", LargeBinary),
+    Column("error", Text),
+    _created_at(),
+    _timestamp("started_at"),
+    _timestamp("ended_at"),
+    _enum_check("status", TaskStatus),
+    _enum_check("task_type", ControllerTask),
+    Index("ix_controller_tasks_experiment_id_status_task_id", "experiment_id", "status", "task_id"),
+    Index("ix_controller_tasks_status_task_id", "status", "task_id"),
+    Index("ix_controller_tasks_run_id", "run_id"),
+)
+
+workers = Table(
+    "workers",
+    metadata,
+    _id("id"),
+    _experiment_fk(),
+    Column("worker_id", Integer, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("host", String(255), nullable=False),
+    # the OS start time of the process, so a recycled pid is not taken for the worker
+    Column("process_started_at", Float),
+    _created_at("started_at"),
+    _created_at("heartbeat_at"),
+    _timestamp("exited_at"),
+    Column("exit_code", Integer),
+    Index("uq_workers_experiment_id_worker_id", "experiment_id", "worker_id", unique=True),
+    Index("ix_workers_exited_at", "exited_at"),
+)
+
+shm_objects = Table(
+    "shm_objects",
+    metadata,
+    _id("shm_object_id"),
+    Column("key", String(512), nullable=False, unique=True),
+    _experiment_fk(nullable=True),
+    _run_fk(),
+    Column("chunk_id", Integer),
+    Column("object_type", String(16), nullable=False),
+    Column("location", String(8), nullable=False),
+    Column("disk_path", Text),
+    Column("num_bytes", BigInteger, nullable=False, default=0),
+    Column("tensor_count", Integer, nullable=False, default=0),
+    Column("manager_name", String(255)),
+    _created_at(),
+    _updated_at(),
+    _enum_check("object_type", SHMObjectType),
+    _enum_check("location", SHMLocation),
+    CheckConstraint(
+        "(location = 'DISK' AND disk_path IS NOT NULL) OR (location = 'SHM' AND disk_path IS NULL)",
+        name="disk_path_matches_location",
+    ),
+    Index("ix_shm_objects_experiment_id", "experiment_id"),
+    Index("ix_shm_objects_run_id", "run_id"),
+)
+
+state_transitions = Table(
+    "state_transitions",
+    metadata,
+    _id("transition_id"),
+    Column("entity", String(32), nullable=False),
+    Column("entity_id", Integer, nullable=False),
+    Column("from_status", String(16)),
+    Column("to_status", String(16), nullable=False),
+    _created_at("at"),
+    Column("pid", Integer, nullable=False),
+    Column("host", String(255)),
+    Column("reason", Text),
+    CheckConstraint(
+        "entity IN (" + ", ".join(f"'{e}'" for e in TRANSITION_ENTITIES) + ")",
+        name="entity",
+    ),
+    Index("ix_state_transitions_entity_entity_id", "entity", "entity_id", "transition_id"),
+)
+
+_postgresql_attached = False
+
+
+def attach_postgresql_options() -> None:
+    """Give the one-RUNNING index its PostgreSQL ``WHERE`` (idempotent).
+
+    Called when a PostgreSQL engine is created, i.e. once the PostgreSQL
+    dialect is loaded anyway; DDL and Alembic's comparisons see the same
+    partial index on both backends.
+    """
+    global _postgresql_attached
+    if _postgresql_attached:
+        return
+    for index in experiments.indexes:
+        if index.name == ONE_RUNNING_INDEX:
+            index.dialect_options["postgresql"]["where"] = text(ONE_RUNNING_WHERE)
+    _postgresql_attached = True
