@@ -60,6 +60,7 @@ from rapidfire_state.db.engine import (
 )
 from rapidfire_state.db import schema as tables
 from rapidfire_state.db.schema import TRANSITION_ENTITIES, db_now
+from rapidfire_state.db.fastpath import SQLitePreparedWriter
 from rapidfire_state.db.records import (
     CleanupReport,
     ExperimentRecord,
@@ -132,7 +133,16 @@ _LIVE_DATABASES: "weakref.WeakSet[StateDB]" = weakref.WeakSet()
 
 # Statements built once and reused: SQLAlchemy memoises a statement object's
 # cache key, so a reused object skips construction, coercion and cache-key work.
-_INSERT_TRANSITION = insert(tables.state_transitions).values(at=db_now())
+_INSERT_TRANSITION = insert(tables.state_transitions).values(
+    entity=bindparam("entity"),
+    entity_id=bindparam("entity_id"),
+    from_status=bindparam("from_status"),
+    to_status=bindparam("to_status"),
+    at=db_now(),
+    pid=bindparam("pid"),
+    host=bindparam("host"),
+    reason=bindparam("reason"),
+)
 _CAS_STATEMENTS: dict[tuple, Any] = {}
 
 
@@ -210,6 +220,12 @@ class StateDB:
         self._auto_upgrade = auto_upgrade
         self._engine = create_state_engine(self._url)
         self._write_engine: Optional[Engine] = self._engine.execution_options(**{WRITE_OPTION: True})
+        self._prepared_writer: Optional[SQLitePreparedWriter] = None
+        if self.is_sqlite and self.sqlite_path is not None:
+            self._prepared_writer = SQLitePreparedWriter(
+                self.sqlite_path, self._engine.dialect, int(DBConfig.BUSY_TIMEOUT_MS),
+                lambda: float(DBConfig.WRITE_RETRY_SECONDS),
+            )
         self._cleanup_hooks: list[Callable[[Sequence[SHMObjectRecord]], None]] = []
         self._hooks_lock = threading.Lock()
         #: ``(from_revision, to_revision)`` when this instance migrated the database
@@ -265,6 +281,9 @@ class StateDB:
         """Close every pooled connection; the instance may not be used afterwards."""
         self._engine.dispose()
         self._write_engine = None
+        if self._prepared_writer is not None:
+            self._prepared_writer.close()
+            self._prepared_writer = None
         _LIVE_DATABASES.discard(self)
 
     def __enter__(self) -> "StateDB":
@@ -438,34 +457,12 @@ class StateDB:
         """
         _check_id(f"{machine.entity}_id", entity_id)
         to_status = states.coerce_status(machine.machine, to)
-        allowed = states.allowed_from(machine.machine, to_status)
-        if expected is not None:
-            if isinstance(expected, (str, bytes)) or not isinstance(expected, Iterable):
-                expected = [expected]
-            expected_set = {states.coerce_status(machine.machine, e) for e in expected}
-            cas_from = allowed & expected_set
-        else:
-            cas_from = allowed
+        allowed, cas_from, expected_set, statement = _cas_plan(
+            machine, to_status, expected, values or {}, extra_where, cacheable
+        )
         table = machine.table
-        assignments = {"previous_status": table.c.status, "status": to_status.value}
-        assignments.update(values or {})
         row = None
-        if cas_from:
-            from_values = tuple(sorted(s.value for s in cas_from))
-            key = (machine.entity, to_status.value, from_values, tuple(sorted(assignments)), len(extra_where))
-            statement = _CAS_STATEMENTS.get(key) if cacheable else None
-            if statement is None:
-                statement = (
-                    update(table)
-                    .where(machine.key_column == bindparam("rf_entity_id"))
-                    .where(table.c.status.in_(from_values))
-                    .where(*extra_where)
-                    .values(**assignments)
-                    .returning(*table.c)
-                )
-                if cacheable:
-                    _CAS_STATEMENTS[key] = statement
-            bound = {"rf_entity_id": entity_id, **(params or {})}
+        bound = {"rf_entity_id": entity_id, **(params or {})}
         # On PostgreSQL (READ COMMITTED) the UPDATE may miss a row that a
         # concurrent transaction moved away and another moved back before our
         # re-read; the re-read then shows a status the compare-and-set accepts.
@@ -487,9 +484,46 @@ class StateDB:
             if current not in cas_from:
                 break
         detail = blocked_detail(current_row) if blocked_detail else None
-        if expected is not None and current in allowed and current not in cas_from:
+        if expected_set is not None and current in allowed and current not in cas_from:
             detail = f"expected one of {', '.join(sorted(str(e) for e in expected_set))}"
         raise InvalidTransitionError(machine.entity, entity_id, current, to_status, sorted(allowed, key=str), detail)
+
+    def _prepared_cas(
+        self,
+        machine: _Machine,
+        entity_id: Any,
+        to_status: Any,
+        *,
+        expected: Optional[Iterable[Any]],
+        values: Mapping[str, Any],
+        extra_where: Sequence[Any],
+        params: Mapping[str, Any],
+        reason: Optional[str],
+    ) -> Optional[dict[str, Any]]:
+        """The whole unit of a status change on SQLite's prepared path.
+
+        Returns the changed row, or None when the prepared path does not apply
+        or the compare-and-set matched nothing: the caller then runs the
+        general unit, which explains the refusal (or the idempotent repeat).
+        """
+        writer = self._prepared_writer
+        if writer is None:
+            return None
+        _check_id(f"{machine.entity}_id", entity_id)
+        _, _, _, statement = _cas_plan(machine, to_status, expected, values, extra_where, True)
+        if statement is None:
+            return None
+
+        def history(previous_status: Any) -> dict[str, Any]:
+            return {
+                "entity": machine.entity, "entity_id": entity_id, "from_status": previous_status,
+                "to_status": to_status.value, "pid": os.getpid(), "host": _HOST, "reason": reason,
+            }
+
+        return writer.compare_and_set(
+            writer.prepare(statement), {"rf_entity_id": entity_id, **params},
+            writer.prepare(_INSERT_TRANSITION), history,
+        )
 
     @staticmethod
     def _record_transition(
@@ -847,6 +881,13 @@ class StateDB:
         experiment to be RUNNING.
         """
         to_status = states.coerce_status("run", to)
+        values, extra_where = _run_cas_parts(to_status, error is not None)
+        prepared = self._prepared_cas(
+            _RUN, run_id, to_status, expected=expected, values=values, extra_where=extra_where,
+            params={} if error is None else {"rf_error": str(error)}, reason=reason,
+        )
+        if prepared is not None:
+            return RunRecord.from_row(prepared)
 
         def unit(conn: Connection) -> RunRecord:
             _, row = self._transition_run_row(conn, run_id, to_status, expected=expected, error=error, reason=reason)
@@ -1171,6 +1212,12 @@ class StateDB:
         """Compare-and-set a task's status; ``kind`` is ``"worker"`` or ``"controller"``."""
         machine = self._task_kind(kind)
         to_status = states.coerce_status("task", to)
+        prepared = self._prepared_cas(
+            machine, task_id, to_status, expected=expected, values=_task_cas_parts(machine.entity, to_status, error is not None),
+            extra_where=(), params={} if error is None else {"rf_error": str(error)}, reason=reason,
+        )
+        if prepared is not None:
+            return TaskRecord.from_row(prepared, kind=kind)
 
         def unit(conn: Connection) -> TaskRecord:
             self._transition_task(conn, machine, task_id, to_status, error=error, reason=reason, expected=expected)
@@ -1189,16 +1236,8 @@ class StateDB:
         reason: Optional[str] = None,
         expected: Optional[Iterable[Any]] = None,
     ) -> Optional[Any]:
-        table = machine.table
-        values: dict[str, Any] = {}
-        if to_status == TaskStatus.IN_PROGRESS:
-            values["started_at"] = func.coalesce(table.c.started_at, db_now())
-        if to_status in states.terminal_states("task"):
-            values["ended_at"] = db_now()
-        params: dict[str, Any] = {}
-        if error is not None:
-            values["error"] = bindparam("rf_error")
-            params["rf_error"] = str(error)
+        values = _task_cas_parts(machine.entity, to_status, error is not None)
+        params: dict[str, Any] = {} if error is None else {"rf_error": str(error)}
         from_status, _ = self._cas(
             conn, machine, task_id, to_status, expected=expected, values=values, reason=reason,
             params=params, cacheable=True,
@@ -1642,6 +1681,66 @@ def _run_cas_parts(to_status: RunStatus, with_error: bool) -> tuple[Mapping[str,
     if with_error:
         values["error"] = bindparam("rf_error")
     return MappingProxyType(values), tuple(extra_where)
+
+
+@functools.lru_cache(maxsize=None)
+def _task_cas_parts(entity: str, to_status: TaskStatus, with_error: bool) -> Mapping[str, Any]:
+    """The SET values of a task's compare-and-set to ``to_status`` (built once per shape)."""
+    table = _HISTORY_MACHINES[entity].table
+    values: dict[str, Any] = {}
+    if to_status == TaskStatus.IN_PROGRESS:
+        values["started_at"] = func.coalesce(table.c.started_at, db_now())
+    if to_status in states.terminal_states("task"):
+        values["ended_at"] = db_now()
+    if with_error:
+        values["error"] = bindparam("rf_error")
+    return MappingProxyType(values)
+
+
+def _cas_plan(
+    machine: _Machine,
+    to_status: Any,
+    expected: Optional[Iterable[Any]],
+    values: Mapping[str, Any],
+    extra_where: Sequence[Any],
+    cacheable: bool,
+) -> tuple[frozenset, frozenset, Optional[set], Any]:
+    """``(allowed, cas_from, expected_set, statement)`` of one compare-and-set.
+
+    ``statement`` is None when no status may move to ``to_status`` (nothing to
+    try).  With ``cacheable`` the caller guarantees the SQL depends only on the
+    entity, ``to``, the keys of ``values`` and the number of ``extra_where``
+    clauses (every datum goes through bound parameters), so the UPDATE is built
+    once and reused: SQLAlchemy neither rebuilds it nor recomputes its cache key.
+    """
+    allowed = states.allowed_from(machine.machine, to_status)
+    expected_set = None
+    cas_from = allowed
+    if expected is not None:
+        if isinstance(expected, (str, bytes)) or not isinstance(expected, Iterable):
+            expected = [expected]
+        expected_set = {states.coerce_status(machine.machine, e) for e in expected}
+        cas_from = allowed & expected_set
+    if not cas_from:
+        return allowed, cas_from, expected_set, None
+    table = machine.table
+    assignments = {"previous_status": table.c.status, "status": to_status.value, **values}
+    from_values = tuple(sorted(s.value for s in cas_from))
+    key = (machine.entity, to_status.value, from_values, tuple(sorted(assignments)), len(extra_where))
+    statement = _CAS_STATEMENTS.get(key) if cacheable else None
+    if statement is None:
+        statement = (
+            update(table)
+            .where(machine.key_column == bindparam("rf_entity_id"))
+            # one bound value per status (not an expanding list): the same SQL text every call
+            .where(table.c.status.in_([literal(value) for value in from_values]))
+            .where(*extra_where)
+            .values(**assignments)
+            .returning(*table.c)
+        )
+        if cacheable:
+            _CAS_STATEMENTS[key] = statement
+    return allowed, cas_from, expected_set, statement
 
 
 def _reopen(url: str, auto_upgrade: Optional[bool]) -> StateDB:

@@ -1,0 +1,157 @@
+"""Prepared compare-and-set units on SQLite: the hot path of status changes.
+
+A status change is two statements (the compare-and-set ``UPDATE … RETURNING``
+and its history ``INSERT``) inside ``BEGIN IMMEDIATE``.  Through SQLAlchemy's
+execution machinery each of them costs several times what SQLite needs to run
+it, and on SQLite that cost is paid while the database-wide write lock is held,
+so it bounds every process's throughput.  This module runs the *same* Core
+statements — compiled once by SQLAlchemy's SQLite dialect, with the same
+result processing — on a driver connection of its own per thread, configured
+by the same pragmas as the engine's connections (:func:`configure_sqlite`).
+
+It is an optimisation of :meth:`StateDB._write` for one shape of unit, not a
+second set of rules: it only ever *applies* a compare-and-set that matched.
+When the UPDATE matches no row the unit is rolled back and the caller takes
+the general path, which explains the refusal (missing row, idempotent repeat,
+illegal transition) exactly as before.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from rapidfire_state.db.engine import configure_sqlite
+from rapidfire_state.exceptions import DBException
+
+
+@dataclass(frozen=True)
+class PreparedStatement:
+    """A Core statement compiled once: SQL text, parameter order, result processors."""
+
+    sql: str
+    names: tuple[str, ...]
+    defaults: Mapping[str, Any]
+    columns: tuple[str, ...]
+    processors: tuple[Optional[Callable[[Any], Any]], ...]
+
+    def arguments(self, params: Mapping[str, Any]) -> tuple:
+        return tuple(params[name] if name in params else self.defaults[name] for name in self.names)
+
+    def row(self, values: Sequence[Any]) -> dict[str, Any]:
+        return {
+            column: (value if processor is None or value is None else processor(value))
+            for column, processor, value in zip(self.columns, self.processors, values)
+        }
+
+
+class SQLitePreparedWriter:
+    """Runs prepared compare-and-set units on one driver connection per thread."""
+
+    def __init__(self, path: str, dialect: Any, busy_timeout_ms: int, retry_seconds: Callable[[], float]):
+        self._path = path
+        self._dialect = dialect
+        self._busy_timeout_ms = busy_timeout_ms
+        self._retry_seconds = retry_seconds
+        self._local = threading.local()
+        self._prepared: dict[int, tuple[Any, PreparedStatement]] = {}
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def prepare(self, statement: Any) -> PreparedStatement:
+        """Compile ``statement`` once (keyed by identity: statements here are cached objects)."""
+        cached = self._prepared.get(id(statement))
+        if cached is not None and cached[0] is statement:
+            return cached[1]
+        compiled = statement.compile(dialect=self._dialect)
+        if any(bind.expanding for bind in compiled.binds.values()):
+            raise ValueError("prepared statements need plain bound parameters, not expanding IN lists")
+        returning = list(getattr(statement, "_returning", ()) or ())
+        columns = tuple(column.name for column in returning)
+        processors = tuple(
+            column.type.dialect_impl(self._dialect).result_processor(self._dialect, None) for column in returning
+        )
+        prepared = PreparedStatement(
+            sql=compiled.string,
+            names=tuple(compiled.positiontup or ()),
+            # values fixed when the statement was built; the required ones come per call
+            defaults={name: bind.effective_value for name, bind in compiled.binds.items() if not bind.required},
+            columns=columns,
+            processors=processors,
+        )
+        with self._lock:
+            self._prepared[id(statement)] = (statement, prepared)  # the reference keeps the id valid
+        return prepared
+
+    def _connection(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None and self._local.pid == os.getpid():
+            return connection
+        connection = sqlite3.connect(
+            self._path, timeout=self._busy_timeout_ms / 1000.0, isolation_level=None, check_same_thread=False
+        )
+        configure_sqlite(connection, self._busy_timeout_ms)
+        self._local.connection = connection
+        self._local.pid = os.getpid()
+        with self._lock:
+            self._connections.append(connection)
+        return connection
+
+    def compare_and_set(
+        self,
+        update: PreparedStatement,
+        params: Mapping[str, Any],
+        history: PreparedStatement,
+        history_params: Callable[[Any], Mapping[str, Any]],
+    ) -> Optional[dict[str, Any]]:
+        """Apply the UPDATE and its history row in one ``BEGIN IMMEDIATE`` unit.
+
+        ``history_params(previous_status)`` gives the history row's parameters.
+        Returns the updated row (processed like SQLAlchemy's), or None when the
+        compare-and-set matched nothing (rolled back; nothing written).
+        """
+        from rapidfire_state.db.store import _backoff  # one backoff policy for every write unit
+
+        connection = self._connection()
+        deadline = time.monotonic() + self._retry_seconds()
+        attempt = 0
+        while True:
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() >= deadline:
+                    raise DBException(f"cannot begin a write transaction on {self._path}: {exc}") from exc
+                attempt += 1
+                _backoff(attempt)
+        try:
+            values = connection.execute(update.sql, update.arguments(params)).fetchone()
+            if values is None:
+                connection.execute("ROLLBACK")
+                return None
+            # Only what the history row needs is computed while the write lock
+            # is held; the returned row is processed after COMMIT.
+            previous_status = values[update.columns.index("previous_status")]
+            connection.execute(history.sql, history.arguments(history_params(previous_status)))
+            connection.execute("COMMIT")
+        except BaseException as exc:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise DBException(f"database error on {self._path}: {exc}") from exc
+            raise
+        return update.row(values)
+
+    def close(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            try:
+                connection.close()
+            except sqlite3.Error:
+                pass
+        self._local = threading.local()
