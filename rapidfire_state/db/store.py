@@ -1009,29 +1009,29 @@ class StateDB:
         status_value = self._initial_task_status(status)
         if config_options is not None and not isinstance(config_options, dict):
             raise ConfigError(f"config_options {config_options!r} is not a dict")
-        table = tables.worker_tasks
+        return self._write(
+            lambda conn: self._insert_task(
+                conn, "worker", experiment_id, run_id,
+                worker_id=worker_id, chunk_id=chunk_id, task_type=type_value,
+                status=status_value, config_options=config_options,
+            )
+        )
 
-        def unit(conn: Connection) -> TaskRecord:
-            self._experiment(conn, experiment_id)
-            if run_id is not None:
-                self._run(conn, run_id)
-            task_id = conn.execute(
-                insert(table)
-                .values(
-                    experiment_id=experiment_id,
-                    run_id=run_id,
-                    worker_id=worker_id,
-                    chunk_id=chunk_id,
-                    task_type=type_value,
-                    status=status_value,
-                    config_options=config_options,
-                )
-                .returning(table.c.task_id)
-            ).scalar_one()
-            self._record_transition(conn, "worker_task", task_id, None, status_value, "created")
-            return self._task(conn, "worker", task_id)
-
-        return self._write(unit)
+    def _insert_task(
+        self, conn: Connection, kind: str, experiment_id: int, run_id: Optional[int], **values: Any
+    ) -> TaskRecord:
+        """Insert a task of ``kind`` and its creation history row; never commits."""
+        machine = _TASK_MACHINES[kind]
+        self._experiment(conn, experiment_id)
+        if run_id is not None:
+            self._run(conn, run_id)
+        task_id = conn.execute(
+            insert(machine.table)
+            .values(experiment_id=experiment_id, run_id=run_id, **values)
+            .returning(machine.table.c.task_id)
+        ).scalar_one()
+        self._record_transition(conn, machine.entity, task_id, None, values["status"], "created")
+        return self._task(conn, kind, task_id)
 
     @staticmethod
     def _initial_task_status(status: Any) -> str:
@@ -1159,27 +1159,12 @@ class StateDB:
             from rapidfire_state.serialize import encode_payload
 
             payload = encode_payload(config_leaf)
-        table = tables.controller_tasks
-
-        def unit(conn: Connection) -> TaskRecord:
-            self._experiment(conn, experiment_id)
-            if run_id is not None:
-                self._run(conn, run_id)
-            task_id = conn.execute(
-                insert(table)
-                .values(
-                    experiment_id=experiment_id,
-                    run_id=run_id,
-                    task_type=type_value,
-                    status=status_value,
-                    config_leaf=payload,
-                )
-                .returning(table.c.task_id)
-            ).scalar_one()
-            self._record_transition(conn, "controller_task", task_id, None, status_value, "created")
-            return self._task(conn, "controller", task_id)
-
-        return self._write(unit)
+        return self._write(
+            lambda conn: self._insert_task(
+                conn, "controller", experiment_id, run_id,
+                task_type=type_value, status=status_value, config_leaf=payload,
+            )
+        )
 
     def claim_controller_task(self, experiment_id: Optional[int] = None) -> Optional[TaskRecord]:
         """Atomically move the oldest SCHEDULED controller task to IN_PROGRESS; None when idle."""
