@@ -741,17 +741,20 @@ class StateDB:
         """Set what the experiment is doing now (an :class:`ExperimentTask`)."""
         _check_id("experiment_id", experiment_id)
         task_value = _enum_value(ExperimentTask, task, "experiment task")
-        table = tables.experiments
+        return self._set_columns(_EXPERIMENT, experiment_id, current_task=task_value, updated_at=db_now())
 
-        def unit(conn: Connection) -> ExperimentRecord:
-            result = conn.execute(
-                update(table)
-                .where(table.c.experiment_id == experiment_id)
-                .values(current_task=task_value, updated_at=db_now())
-            )
+    def _set_columns(self, machine: _Machine, entity_id: int, **values: Any) -> Any:
+        """Set columns other than the status of one row, as one unit; its record after.
+
+        :class:`NotFoundError` when the row does not exist.
+        """
+        load = {"experiment": self._experiment, "run": self._run}[machine.entity]
+
+        def unit(conn: Connection) -> Any:
+            result = conn.execute(update(machine.table).where(machine.key_column == entity_id).values(**values))
             if result.rowcount == 0:
-                raise NotFoundError("experiment", experiment_id)
-            return self._experiment(conn, experiment_id)
+                raise NotFoundError(machine.entity, entity_id)
+            return load(conn, entity_id)
 
         return self._write(unit)
 
@@ -760,19 +763,9 @@ class StateDB:
         _check_id("experiment_id", experiment_id)
         if metric_experiment_id is not None and not isinstance(metric_experiment_id, str):
             raise ConfigError(f"metric_experiment_id {metric_experiment_id!r} is not a str")
-        table = tables.experiments
-
-        def unit(conn: Connection) -> ExperimentRecord:
-            result = conn.execute(
-                update(table)
-                .where(table.c.experiment_id == experiment_id)
-                .values(metric_experiment_id=metric_experiment_id, updated_at=db_now())
-            )
-            if result.rowcount == 0:
-                raise NotFoundError("experiment", experiment_id)
-            return self._experiment(conn, experiment_id)
-
-        return self._write(unit)
+        return self._set_columns(
+            _EXPERIMENT, experiment_id, metric_experiment_id=metric_experiment_id, updated_at=db_now()
+        )
 
     # --- runs --------------------------------------------------------------------------
 
@@ -960,32 +953,14 @@ class StateDB:
                 value = float(value)
             values[field] = value
         values["updated_at"] = db_now()
-        table = tables.runs
-
-        def unit(conn: Connection) -> RunRecord:
-            result = conn.execute(update(table).where(table.c.run_id == run_id).values(**values))
-            if result.rowcount == 0:
-                raise NotFoundError("run", run_id)
-            return self._run(conn, run_id)
-
-        return self._write(unit)
+        return self._set_columns(_RUN, run_id, **values)
 
     def set_metric_run_id(self, run_id: int, metric_run_id: Optional[str]) -> RunRecord:
         """Record the metric store's (MLflow's) run id of the run."""
         _check_id("run_id", run_id)
         if metric_run_id is not None and not isinstance(metric_run_id, str):
             raise ConfigError(f"metric_run_id {metric_run_id!r} is not a str")
-        table = tables.runs
-
-        def unit(conn: Connection) -> RunRecord:
-            result = conn.execute(
-                update(table).where(table.c.run_id == run_id).values(metric_run_id=metric_run_id, updated_at=db_now())
-            )
-            if result.rowcount == 0:
-                raise NotFoundError("run", run_id)
-            return self._run(conn, run_id)
-
-        return self._write(unit)
+        return self._set_columns(_RUN, run_id, metric_run_id=metric_run_id, updated_at=db_now())
 
     # --- tasks -------------------------------------------------------------------------
 
