@@ -6,6 +6,7 @@ tables below.  Nothing else lives here.
 
 from __future__ import annotations
 
+import functools
 from enum import Enum
 from types import MappingProxyType
 from typing import Mapping
@@ -93,8 +94,12 @@ def can_transition(machine: str, from_status: object, to_status: object) -> bool
 
 def allowed_from(machine: str, to_status: object) -> frozenset:
     """Every status from which ``to_status`` may be reached."""
+    return _allowed_from(machine, coerce_status(machine, to_status))
+
+
+@functools.lru_cache(maxsize=None)
+def _allowed_from(machine: str, wanted: Enum) -> frozenset:
     _, table = _machine(machine)
-    wanted = coerce_status(machine, to_status)
     return frozenset(source for source, targets in table.items() if wanted in targets)
 
 

@@ -16,7 +16,9 @@ zone pinned to UTC (``db_now()`` and ``CURRENT_TIMESTAMP`` defaults agree).
 from __future__ import annotations
 
 import os
+import random
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +136,12 @@ def _postgresql_engine(url: URL) -> Engine:
         pool_pre_ping=True,
         connect_args={"options": "-c timezone=UTC"},
     )
+
+
+def backoff(attempt: int) -> None:
+    """Sleep before retrying a busy write unit: full jitter, so writers that
+    collided do not collide again in lockstep."""
+    time.sleep(random.uniform(0, min(0.25, 0.002 * (2 ** min(attempt, 10)))))
 
 
 def is_retryable(exc: BaseException) -> bool:

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from rapidfire_state.db.engine import configure_sqlite
+from rapidfire_state.db.engine import backoff, configure_sqlite
 from rapidfire_state.exceptions import DBException
 
 
@@ -40,7 +40,8 @@ class PreparedStatement:
     processors: tuple[Optional[Callable[[Any], Any]], ...]
 
     def arguments(self, params: Mapping[str, Any]) -> tuple:
-        return tuple(params[name] if name in params else self.defaults[name] for name in self.names)
+        defaults = self.defaults
+        return tuple([params[name] if name in params else defaults[name] for name in self.names])
 
     def row(self, values: Sequence[Any]) -> dict[str, Any]:
         return {
@@ -114,20 +115,20 @@ class SQLitePreparedWriter:
         Returns the updated row (processed like SQLAlchemy's), or None when the
         compare-and-set matched nothing (rolled back; nothing written).
         """
-        from rapidfire_state.db.store import _backoff  # one backoff policy for every write unit
-
         connection = self._connection()
-        deadline = time.monotonic() + self._retry_seconds()
+        deadline: Optional[float] = None
         attempt = 0
         while True:
             try:
                 connection.execute("BEGIN IMMEDIATE")
                 break
             except sqlite3.OperationalError as exc:
+                if deadline is None:
+                    deadline = time.monotonic() + self._retry_seconds()
                 if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() >= deadline:
                     raise DBException(f"cannot begin a write transaction on {self._path}: {exc}") from exc
                 attempt += 1
-                _backoff(attempt)
+                backoff(attempt)
         try:
             values = connection.execute(update.sql, update.arguments(params)).fetchone()
             if values is None:

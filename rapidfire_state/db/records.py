@@ -30,17 +30,26 @@ class _Record:
     _ENUMS: Mapping[str, type] = {}
 
     @classmethod
+    def _layout(cls) -> tuple[tuple[str, Any], ...]:
+        # (field name, enum class or None), computed once per class: records are
+        # built on every status change, so this runs on the hot path.
+        layout = cls.__dict__.get("_rf_layout")
+        if layout is None:
+            layout = tuple((f.name, cls._ENUMS.get(f.name)) for f in fields(cls))  # type: ignore[arg-type]
+            cls._rf_layout = layout
+        return layout
+
+    @classmethod
     def from_row(cls, row: Mapping[str, Any], **extra: Any):
         values = {}
-        for field in fields(cls):  # type: ignore[arg-type]
-            if field.name in extra:
-                values[field.name] = extra[field.name]
+        for name, enum_cls in cls._layout():
+            if name in extra:
+                values[name] = extra[name]
                 continue
-            value = row.get(field.name)
-            enum_cls = cls._ENUMS.get(field.name)
+            value = row.get(name)
             if enum_cls is not None and value is not None:
                 value = enum_cls(value)
-            values[field.name] = value
+            values[name] = value
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

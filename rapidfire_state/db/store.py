@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
-import random
+
 import re
 import socket
 import threading
@@ -31,7 +31,7 @@ from enum import Enum
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar
 
-from sqlalchemy import Table, and_, bindparam, func, insert, literal, or_, select, update
+from sqlalchemy import String, Table, bindparam, func, insert, literal_column, null, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -52,6 +52,7 @@ from rapidfire_state.constants import (
 from rapidfire_state.datapaths import MAX_COMPONENT_LENGTH, validate_component
 from rapidfire_state.db.engine import (
     WRITE_OPTION,
+    backoff as _backoff,
     create_state_engine,
     is_retryable,
     is_unique_violation,
@@ -144,6 +145,7 @@ _INSERT_TRANSITION = insert(tables.state_transitions).values(
     reason=bindparam("reason"),
 )
 _CAS_STATEMENTS: dict[tuple, Any] = {}
+_CAS_PLANS: dict[tuple, tuple] = {}
 
 
 def _dispose_after_fork() -> None:
@@ -1630,17 +1632,25 @@ def _run_cas_parts(to_status: RunStatus, with_error: bool) -> tuple[Mapping[str,
     extra_where: list[Any] = []
     if to_status in states.terminal_states("run"):
         values["ended_at"] = db_now()
-        values["ended_by"] = to_status.value
+        values["ended_by"] = _constant(to_status)
     elif to_status == RunStatus.ONGOING:
         values["started_at"] = func.coalesce(table.c.started_at, db_now())
-        values["ended_by"] = None
+        values["ended_by"] = null()
         experiments = tables.experiments
-        running = select(experiments.c.experiment_id).where(experiments.c.status == ExperimentStatus.RUNNING.value)
+        running = select(experiments.c.experiment_id).where(experiments.c.status == _constant(ExperimentStatus.RUNNING))
         # resuming a STOPPED run requires its experiment to be RUNNING
-        extra_where.append(or_(table.c.status != RunStatus.STOPPED.value, table.c.experiment_id.in_(running)))
+        extra_where.append(or_(table.c.status != _constant(RunStatus.STOPPED), table.c.experiment_id.in_(running)))
     if with_error:
         values["error"] = bindparam("rf_error")
     return MappingProxyType(values), tuple(extra_where)
+
+
+def _constant(status: Any) -> Any:
+    """A status as an SQL string constant (our own enum values: letters and '_' only)."""
+    value = getattr(status, "value", status)
+    if not value.replace("_", "").isalpha():
+        raise ValueError(f"not a status constant: {value!r}")
+    return literal_column(f"'{value}'", String)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1673,6 +1683,26 @@ def _cas_plan(
     clauses (every datum goes through bound parameters), so the UPDATE is built
     once and reused: SQLAlchemy neither rebuilds it nor recomputes its cache key.
     """
+    if expected is None and cacheable:
+        # An unconditional change's plan depends on nothing else (``values`` and
+        # ``extra_where`` come from the lru-cached *_cas_parts): reuse it whole.
+        key = (machine.entity, to_status, id(values), id(extra_where))
+        cached = _CAS_PLANS.get(key)
+        if cached is None or cached[0] is not values or cached[1] is not extra_where:
+            cached = (values, extra_where, _build_cas_plan(machine, to_status, None, values, extra_where, True))
+            _CAS_PLANS[key] = cached
+        return cached[2]
+    return _build_cas_plan(machine, to_status, expected, values, extra_where, cacheable)
+
+
+def _build_cas_plan(
+    machine: _Machine,
+    to_status: Any,
+    expected: Optional[Iterable[Any]],
+    values: Mapping[str, Any],
+    extra_where: Sequence[Any],
+    cacheable: bool,
+) -> tuple[frozenset, frozenset, Optional[set], Any]:
     allowed = states.allowed_from(machine.machine, to_status)
     expected_set = None
     cas_from = allowed
@@ -1684,7 +1714,7 @@ def _cas_plan(
     if not cas_from:
         return allowed, cas_from, expected_set, None
     table = machine.table
-    assignments = {"previous_status": table.c.status, "status": to_status.value, **values}
+    assignments = {"previous_status": table.c.status, "status": _constant(to_status), **values}
     from_values = tuple(sorted(s.value for s in cas_from))
     key = (machine.entity, to_status.value, from_values, tuple(sorted(assignments)), len(extra_where))
     statement = _CAS_STATEMENTS.get(key) if cacheable else None
@@ -1692,8 +1722,9 @@ def _cas_plan(
         statement = (
             update(table)
             .where(machine.key_column == bindparam("rf_entity_id"))
-            # one bound value per status (not an expanding list): the same SQL text every call
-            .where(table.c.status.in_([literal(value) for value in from_values]))
+            # statuses as SQL constants: the same text every call, and SQLite plans
+            # (and uses the partial one-RUNNING index) as for literal SQL
+            .where(table.c.status.in_([_constant(value) for value in from_values]))
             .where(*extra_where)
             .values(**assignments)
             .returning(*table.c)
@@ -1705,11 +1736,6 @@ def _cas_plan(
 
 def _reopen(url: str, auto_upgrade: Optional[bool]) -> StateDB:
     return StateDB(url, auto_upgrade=auto_upgrade)
-
-
-def _backoff(attempt: int) -> None:
-    # Full jitter: writers that collided do not collide again in lockstep.
-    time.sleep(random.uniform(0, min(0.25, 0.002 * (2 ** min(attempt, 10)))))
 
 
 def _wrap(exc: SQLAlchemyError, database: StateDB) -> DBException:
