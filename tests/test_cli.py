@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from rapidfire_state import StateDB
 from rapidfire_state.cli import main
 from rapidfire_state.db import migrate
 from rapidfire_state.db.engine import resolve_url

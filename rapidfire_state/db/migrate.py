@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib.util
 import sqlite3
-import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import os
-
 import re
 import socket
 import threading
