@@ -134,3 +134,50 @@ __all__ = [
     "InsufficientSharedMemoryError",
     "DataPathException",
 ]
+
+
+# --- migration and open-policy refusals ---------------------------------------------
+
+
+class MigrationError(DBException):
+    """A migration cannot be applied to the rows the database holds.
+
+    Raised before anything is altered (or mapped from the database's refusal);
+    the migration's transaction is rolled back, so the database stays at its old
+    revision with its data intact.  Carries ``table``, ``constraint``,
+    ``row_ids`` (the offending primary keys, at most 1000; empty when the
+    database did not say which), ``row_count`` (None when unknown) and
+    ``revision`` (the revision that could not be applied, when known).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        table: str | None = None,
+        constraint: str | None = None,
+        row_ids: Iterable[Any] = (),
+        revision: str | None = None,
+        row_count: int | None = None,
+    ):
+        self.table = table
+        self.constraint = constraint
+        self.row_ids = tuple(row_ids)
+        self.revision = revision
+        self.row_count = row_count
+        super().__init__(message)
+
+
+class DatabaseDamagedError(DBException):
+    """The database files are in a state the library cannot explain; nothing was changed.
+
+    ``paths`` names the files involved (for example an empty or missing SQLite
+    file and the non-empty write-ahead log beside it).
+    """
+
+    def __init__(self, message: str, *, paths: Iterable[str] = ()):
+        self.paths = tuple(str(p) for p in paths)
+        super().__init__(message)
+
+
+__all__ += ["MigrationError", "DatabaseDamagedError"]

@@ -16,6 +16,8 @@ from typing import Sequence, Union
 import sqlalchemy as sa
 from alembic import op
 
+from rapidfire_state.migrations.helpers import VIEWS_0001
+
 
 revision: str = '0001_initial'
 down_revision: Union[str, None] = None
@@ -23,31 +25,9 @@ branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
 
-#: views for people who inspect state with SQL (plain SQL both backends accept)
-VIEWS = {
-    "run_overview": """
-        SELECT r.run_id, e.name AS experiment_name, r.experiment_id, r.status, r.source,
-               r.ended_by, r.completed_steps, r.total_steps, r.progress,
-               r.num_chunks_visited, r.num_epochs_completed, r.metric_run_id,
-               r.cloned_from, r.warm_started_from, r.error,
-               r.created_at, r.started_at, r.ended_at
-        FROM runs r JOIN experiments e ON e.experiment_id = r.experiment_id
-    """,
-    "active_tasks": """
-        SELECT 'worker' AS kind, t.task_id, t.experiment_id, t.run_id, t.worker_id,
-               t.chunk_id, t.task_type, t.status, t.created_at, t.started_at
-        FROM worker_tasks t WHERE t.status IN ('PENDING', 'SCHEDULED', 'IN_PROGRESS')
-        UNION ALL
-        SELECT 'controller' AS kind, c.task_id, c.experiment_id, c.run_id, NULL AS worker_id,
-               NULL AS chunk_id, c.task_type, c.status, c.created_at, c.started_at
-        FROM controller_tasks c WHERE c.status IN ('PENDING', 'SCHEDULED', 'IN_PROGRESS')
-    """,
-    "shm_usage": """
-        SELECT s.experiment_id, s.location, s.object_type, COUNT(*) AS objects,
-               SUM(s.num_bytes) AS total_bytes, SUM(s.tensor_count) AS tensors
-        FROM shm_objects s GROUP BY s.experiment_id, s.location, s.object_type
-    """,
-}
+#: views for people who inspect state with SQL (frozen in the helpers module,
+#: where revisions that rebuild tables in offline mode read them too)
+VIEWS = VIEWS_0001
 
 
 def upgrade() -> None:

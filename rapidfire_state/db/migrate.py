@@ -14,19 +14,39 @@ Open policy (``ensure_schema``):
   upgraded; a server database raises :class:`SchemaOutOfDateError` naming the
   command, unless ``auto_upgrade=True``; ``auto_upgrade=False`` refuses SQLite too;
 * unknown (for example newer) revision → :class:`SchemaTooNewError`, always;
-  the database is not touched.
+  the database is not touched;
+* a SQLite file that is missing or empty while a non-empty ``-wal`` lies
+  beside it → :class:`DatabaseDamagedError`, always (the log holds the data;
+  opening the file would discard it); nothing is created or changed;
+* rows that a newer revision's CHECK forbids → :class:`MigrationError` naming
+  the table, the constraint and the row ids; the upgrade's transaction is
+  rolled back, so the database stays at its revision with its rows.
+
+Backups: before upgrading a SQLite file behind head, a copy named
+``<file>.<revision>.<UTC time>.bak`` is written beside it; when an existing
+backup of the same revision has exactly the same bytes (a previous attempt
+that failed and changed nothing), it is reused instead, so repeated failing
+attempts leave one backup, not one each.
 """
 
 from __future__ import annotations
 
+import glob
 import importlib.util
+import os
 import sqlite3
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
-from rapidfire_state.exceptions import DBException, SchemaOutOfDateError, SchemaTooNewError
+from rapidfire_state.exceptions import (
+    DatabaseDamagedError,
+    DBException,
+    MigrationError,
+    SchemaOutOfDateError,
+    SchemaTooNewError,
+)
 
 if TYPE_CHECKING:
     from rapidfire_state.db.store import StateDB
@@ -62,6 +82,9 @@ def alembic_config(database: "StateDB", connection: Any = None) -> Any:
     config.set_main_option(
         "sqlalchemy.url", database.url.render_as_string(hide_password=False).replace("%", "%%")
     )
+    # env.py prefers this over -x url, $RF_DB_URL and sqlalchemy.url: the
+    # library names the database it opened, whatever the environment says
+    config.attributes["url"] = database.url
     if connection is not None:
         config.attributes["connection"] = connection
     return config
@@ -93,9 +116,38 @@ def read_revision(url: Any, engine: Any = None) -> Optional[str]:
             engine.dispose()
 
 
+def refuse_damaged_sqlite(path: Path) -> None:
+    """Raise :class:`DatabaseDamagedError` when ``path`` is missing or empty but its WAL is not.
+
+    SQLite would take such a file for a new, empty database and discard the
+    log, with every row that was still only in it.  Only the file sizes are
+    looked at; nothing is opened or created.
+    """
+    wal = Path(f"{path}-wal")
+    try:
+        wal_size = wal.stat().st_size
+    except FileNotFoundError:
+        return
+    try:
+        main_size: Optional[int] = path.stat().st_size
+    except FileNotFoundError:
+        main_size = None
+    if wal_size == 0 or (main_size or 0) > 0:
+        return
+    state = "does not exist" if main_size is None else "is empty (0 bytes)"
+    raise DatabaseDamagedError(
+        f"database {path} {state}, but its write-ahead log {wal} holds {wal_size} bytes: the database "
+        "file was lost or truncated while its log was not, and opening it would discard the log. Nothing "
+        f"was changed. Restore {path.name} from a copy or backup (a `{path.name}.*.bak` beside it, if "
+        f"any) and keep {wal.name} with it, or move both files aside to start a new database",
+        paths=(str(path), str(wal)),
+    )
+
+
 def _sqlite_revision(path: Path) -> Optional[str]:
     # A read-only connection without our pragmas: reading the revision must not
     # change a byte of a database we may refuse to open.
+    refuse_damaged_sqlite(path)
     if not path.exists() or path.stat().st_size == 0:
         return None
     try:
@@ -152,7 +204,10 @@ def ensure_schema(database: "StateDB", *, auto_upgrade: Optional[bool]) -> None:
             )
         if database.is_sqlite:
             database.backup_path = str(backup_sqlite(database, revision))
-        _upgrade_locked(database, "head")
+        try:
+            _upgrade_locked(database, "head")
+        except MigrationError as exc:
+            raise _with_backup_note(exc, database.backup_path) from exc
         database.last_migration = (revision, HEAD_REVISION)
 
 
@@ -166,20 +221,61 @@ def _refuse_unknown(database: "StateDB", revision: Optional[str]) -> None:
 
 
 def backup_sqlite(database: "StateDB", revision: str) -> Path:
-    """Copy the SQLite file with the online backup API; returns the backup's path."""
+    """Copy the SQLite file with the online backup API; returns the backup's path.
+
+    The copy is ``<file>.<revision>.<UTC time>.bak`` beside the database.  When
+    an existing backup of the same revision has the same bytes (an earlier
+    attempt that failed left the database unchanged), the new copy is dropped
+    and that backup returned: failing attempts do not pile up backups.
+    """
     source_path = Path(database.sqlite_path or "")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    target = source_path.with_name(f"{source_path.name}.{revision}.{stamp}.bak")
+    prefix = f"{source_path.name}.{revision}."
+    target = source_path.with_name(f"{prefix}{stamp}.bak")
+    partial = source_path.with_name(f".{prefix}{stamp}.bak.partial")
     source = sqlite3.connect(str(source_path), timeout=30)
     try:
-        destination = sqlite3.connect(str(target))
+        destination = sqlite3.connect(str(partial))
         try:
             source.backup(destination)
         finally:
             destination.close()
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     finally:
         source.close()
+    for existing in sorted(source_path.parent.glob(f"{glob.escape(prefix)}*.bak"), reverse=True):
+        if _same_bytes(existing, partial):
+            partial.unlink()
+            return existing
+    # renamed into place only when complete: a *.bak is never a torn copy
+    os.replace(partial, target)
     return target
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with a.open("rb") as fa, b.open("rb") as fb:
+        while True:
+            chunk_a, chunk_b = fa.read(1 << 20), fb.read(1 << 20)
+            if chunk_a != chunk_b:
+                return False
+            if not chunk_a:
+                return True
+
+
+def _with_backup_note(exc: MigrationError, backup_path: Optional[str]) -> MigrationError:
+    note = f" The database is unchanged; a copy from before the attempt is at {backup_path}." if backup_path else ""
+    return MigrationError(
+        f"{exc}.{note}" if note else str(exc),
+        table=exc.table,
+        constraint=exc.constraint,
+        row_ids=exc.row_ids,
+        revision=exc.revision,
+        row_count=exc.row_count,
+    )
 
 
 @contextmanager
@@ -207,9 +303,51 @@ def migration_lock(database: "StateDB") -> Iterator[None]:
 
 def _upgrade_locked(database: "StateDB", revision: str) -> None:
     from alembic import command
+    from sqlalchemy.exc import IntegrityError
 
-    with database.engine.connect() as connection:
-        command.upgrade(alembic_config(database, connection), revision)
+    try:
+        with database.engine.connect() as connection:
+            command.upgrade(alembic_config(database, connection), revision)
+    except IntegrityError as exc:
+        # a revision that did not declare its CHECK for refuse_violating_rows:
+        # the database refused the rows itself (and the upgrade was rolled back)
+        raise migration_error_from(exc, database) from exc
+
+
+def migration_error_from(exc: Any, database: "StateDB") -> MigrationError:
+    """A :class:`MigrationError` for the database's own refusal during a migration.
+
+    The constraint and table are taken from the driver's message where it
+    names them; which rows broke it the database does not say.
+    """
+    import re
+
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    detail = lines[0] if lines else type(exc).__name__
+    constraint = table = None
+    match = re.search(r'constraint "([^"]+)" of relation "([^"]+)"', detail)  # PostgreSQL
+    if match:
+        constraint, table = match.group(1), match.group(2)
+    else:
+        match = re.search(r"constraint failed: (\w+)", detail)  # SQLite
+        if match:
+            constraint = match.group(1)
+            # names follow ck_<table>_<name>; the longest table name that fits
+            fitting = [t for t in _table_names() if constraint.startswith(f"ck_{t}_")]
+            table = max(fitting, key=len) if fitting else None
+    return MigrationError(
+        f"the upgrade of {database.url_text} was refused by the database ({detail}): rows of table "
+        f"{table or '?'} break constraint {constraint or '?'}. The migration was rolled back and the "
+        "database is unchanged at its revision; correct those rows and upgrade again",
+        table=table,
+        constraint=constraint,
+    )
+
+
+def _table_names() -> list[str]:
+    from rapidfire_state.db.schema import metadata
+
+    return list(metadata.tables)
 
 
 def run_upgrade(database: "StateDB", revision: str = "head") -> None:
