@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -38,7 +39,14 @@ from rapidfire_state.constants import (
 )
 from rapidfire_state.db import Base, migrate
 from rapidfire_state.db.engine import resolve_url
-from rapidfire_state.exceptions import DBException, RapidFireError, SchemaOutOfDateError, SchemaTooNewError
+from rapidfire_state.exceptions import (
+    DatabaseDamagedError,
+    DBException,
+    MigrationError,
+    RapidFireError,
+    SchemaOutOfDateError,
+    SchemaTooNewError,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 HEAD = migrate.HEAD_REVISION
@@ -282,10 +290,19 @@ def test_upgrade_is_refused_when_data_violates_the_new_check(db, db_url, tmp_pat
     run_id = min(run_statuses(db_url))
     execute(db_url, "UPDATE runs SET status = 'COMPLETED', ended_by = 'KILLED' WHERE run_id = :r", r=run_id)
     counts = row_counts(db_url)
-    with pytest.raises(Exception):
+    statuses = run_statuses(db_url)
+    with pytest.raises(MigrationError) as info:
         db.upgrade("head")
+    assert isinstance(info.value, DBException)
+    assert (info.value.table, info.value.constraint) == ("runs", "ck_runs_ended_by_matches_status")
+    assert info.value.row_ids == (run_id,) and info.value.row_count == 1
+    assert info.value.revision == "0002_run_ended_by_check"
     assert db.schema_revision() == FIRST
     assert row_counts(db_url) == counts
+    assert run_statuses(db_url) == statuses
+    assert "ck_runs_ended_by_matches_status" not in check_constraint_names(db_url, "runs")
+    for view in VIEWS:
+        scalar(db_url, f"SELECT COUNT(*) FROM {view}")
 
 
 def test_revisions_list_equals_alembic_script_directory():
@@ -720,3 +737,196 @@ def test_enum_values_round_trip_through_records(db, tmp_path):
     assert shm.location is SHMLocation.SHM and shm.object_type is SHMObjectType.CHECKPOINT
     db.transition_run(ids["run"], "KILLED")
     assert db.get_run(ids["run"]).ended_by is RunEndedBy.KILLED
+
+
+# --- the open policy refuses what it cannot explain ---------------------------------------
+
+
+def _database_with_runs_only_in_its_log(directory: Path, runs: int = 300) -> tuple[Path, Path]:
+    """A copy of a live database whose rows are still only in its WAL, with the main file
+    truncated to 0 bytes: what a copy tool or a full disk can leave behind.
+
+    A reader holds a snapshot from before the writes, so no checkpoint can move the new
+    pages into the main file; main file and log are copied while the database is open.
+    """
+    source = directory / "live" / "state.db"
+    database = StateDB(f"sqlite:///{source}")
+    experiment = database.create_experiment("in_the_log", str(directory))
+    reader = sqlite3.connect(source)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM runs").fetchone()
+        for i in range(runs):
+            database.create_run(experiment.experiment_id, {"i": i})
+        damaged = directory / "damaged" / "state.db"
+        damaged.parent.mkdir()
+        shutil.copyfile(source, damaged)
+        shutil.copyfile(f"{source}-wal", f"{damaged}-wal")
+    finally:
+        reader.close()
+        database.close()
+    # the copy is complete: main file + log hold every run
+    check = directory / "check" / "state.db"
+    check.parent.mkdir()
+    shutil.copyfile(damaged, check)
+    shutil.copyfile(f"{damaged}-wal", f"{check}-wal")
+    with sqlite3.connect(check) as connection:
+        assert connection.execute("SELECT COUNT(*) FROM runs").fetchone() == (runs,)
+    connection.close()
+    os.truncate(damaged, 0)
+    return damaged, Path(f"{damaged}-wal")
+
+
+@pytest.mark.parametrize("main_file", ["empty", "missing"])
+def test_an_empty_database_file_beside_a_live_log_is_refused_as_damaged(tmp_path, main_file):
+    path, wal = _database_with_runs_only_in_its_log(tmp_path)
+    if main_file == "missing":
+        path.unlink()
+    before = _sqlite_files(wal)
+    assert wal.stat().st_size > 0
+    for auto_upgrade in (None, True, False):
+        with pytest.raises(DatabaseDamagedError) as info:
+            StateDB(f"sqlite:///{path}", auto_upgrade=auto_upgrade)
+        message = str(info.value)
+        assert str(path) in message and str(wal) in message
+        assert info.value.paths == (str(path), str(wal))
+        assert isinstance(info.value, DBException)
+        assert _sqlite_files(wal) == before  # no byte changed, no file created (no -shm, no lock, no .bak)
+    # readers refuse too: they would discard the log just the same
+    with pytest.raises(DatabaseDamagedError):
+        migrate.read_revision(resolve_url(str(path)))
+    assert _sqlite_files(wal) == before
+
+
+def test_an_empty_database_file_beside_an_empty_log_is_a_new_database(tmp_path):
+    # not every empty file is damaged: an empty log holds nothing to lose
+    path = tmp_path / "db" / "state.db"
+    path.parent.mkdir()
+    path.touch()
+    Path(f"{path}-wal").touch()
+    database = StateDB(f"sqlite:///{path}")
+    try:
+        assert database.last_migration == (None, HEAD)
+    finally:
+        database.close()
+
+
+def _first_revision_with_a_bad_row(url: str, tmp_path: Path) -> tuple[int, dict]:
+    """A database at 0001 with one COMPLETED run whose ended_by is NULL (0002 forbids it)."""
+    info = _database_at_first_revision(url, tmp_path)
+    run_id = info["runs"]["COMPLETED"]
+    execute(url, "UPDATE runs SET ended_by = NULL WHERE run_id = :r", r=run_id)
+    return run_id, run_statuses(url)
+
+
+def test_opening_a_database_whose_rows_break_a_new_check_raises_migration_error(tmp_path):
+    path = tmp_path / "db" / "state.db"
+    url = f"sqlite:///{path}"
+    run_id, statuses = _first_revision_with_a_bad_row(url, tmp_path)
+    counts = row_counts(url)
+    backups = set()
+    for attempt in range(3):
+        with pytest.raises(MigrationError) as info:
+            StateDB(url)
+        error = info.value
+        assert (error.table, error.constraint, error.row_ids) == ("runs", "ck_runs_ended_by_matches_status", (run_id,))
+        message = str(error)
+        assert "runs" in message and "ck_runs_ended_by_matches_status" in message and f"run_id {run_id}" in message
+        assert scalar(url, "SELECT version_num FROM alembic_version") == FIRST
+        assert row_counts(url) == counts and run_statuses(url) == statuses
+        backups = set(path.parent.glob("*.bak"))
+        # one backup, however many attempts, and the message says where it is
+        assert len(backups) == 1, sorted(backups)
+        assert str(next(iter(backups))) in message
+    backup = next(iter(backups))
+    with sqlite3.connect(f"{backup.as_uri()}?mode=ro", uri=True) as connection:
+        assert connection.execute("SELECT version_num FROM alembic_version").fetchone() == (FIRST,)
+        assert connection.execute("SELECT ended_by FROM runs WHERE run_id = ?", (run_id,)).fetchone() == (None,)
+    connection.close()
+    # the operator corrects the row; the next open upgrades
+    execute(url, "UPDATE runs SET ended_by = 'COMPLETED' WHERE run_id = :r", r=run_id)
+    database = StateDB(url)
+    try:
+        assert database.last_migration == (FIRST, HEAD)
+        assert database.backup_path not in (None, str(backup))  # the corrected state got its own backup
+    finally:
+        database.close()
+    assert row_counts(url) == counts
+
+
+def test_migration_error_on_postgresql_leaves_the_database_at_its_revision(pg_database_url, tmp_path):
+    url = pg_database_url
+    run_id, statuses = _first_revision_with_a_bad_row(url, tmp_path)
+    counts = row_counts(url)
+    for _ in range(2):
+        with pytest.raises(MigrationError) as info:
+            StateDB(url, auto_upgrade=True)
+        assert (info.value.table, info.value.constraint, info.value.row_ids) == (
+            "runs", "ck_runs_ended_by_matches_status", (run_id,))
+        assert scalar(url, "SELECT version_num FROM alembic_version") == FIRST
+        assert row_counts(url) == counts and run_statuses(url) == statuses
+    assert "ck_runs_ended_by_matches_status" not in check_constraint_names(url, "runs")
+
+
+def test_many_bad_rows_are_counted_and_listed(db, db_url, tmp_path):
+    experiment = db.create_experiment("many", str(tmp_path))
+    ids = [db.create_run(experiment.experiment_id, {"i": i}).run_id for i in range(30)]
+    db.downgrade(FIRST)
+    execute(db_url, "UPDATE runs SET status = 'FAILED', ended_by = NULL")
+    with pytest.raises(MigrationError) as info:
+        db.upgrade("head")
+    assert info.value.row_ids == tuple(ids) and info.value.row_count == 30
+    assert "30 row(s)" in str(info.value) and "and 10 more" in str(info.value)
+    assert db.schema_revision() == FIRST
+
+
+def test_the_database_own_refusal_maps_to_migration_error(db, db_url, tmp_path):
+    # the fallback for a revision that did not declare its CHECK: a real
+    # IntegrityError from the database becomes a MigrationError naming table and constraint
+    experiment = db.create_experiment("refused", str(tmp_path))
+    run = db.create_run(experiment.experiment_id, {})
+    db.transition_run(run.run_id, "KILLED")
+    if db.is_sqlite:
+        # SQLite refuses the row the moment it is written (batch mode's table copy writes every row)
+        statement = "UPDATE runs SET ended_by = 'STOPPED' WHERE run_id = :r"
+    else:
+        db.downgrade(FIRST)
+        execute(db_url, "UPDATE runs SET ended_by = 'STOPPED' WHERE run_id = :r", r=run.run_id)
+        statement = ("ALTER TABLE runs ADD CONSTRAINT ck_runs_ended_by_matches_status "
+                     "CHECK (ended_by IS NULL OR ended_by = status)")
+    with pytest.raises(IntegrityError) as raised:
+        execute(db_url, statement, r=run.run_id)
+    error = migrate.migration_error_from(raised.value, db)
+    assert isinstance(error, MigrationError)
+    assert (error.table, error.constraint) == ("runs", "ck_runs_ended_by_matches_status")
+    assert error.row_ids == ()
+    assert "ck_runs_ended_by_matches_status" in str(error) and "unchanged" in str(error)
+
+
+def test_snapshots_in_the_helpers_equal_the_schema_they_describe(tmp_path):
+    # offline mode on SQLite builds runs and the views from these; the online
+    # migration must agree (tests/test_alembic_command.py compares whole schemas)
+    from rapidfire_state.migrations import helpers
+
+    db_url = f"sqlite:///{tmp_path / 'snap.db'}"
+    db = StateDB(db_url)
+    db.downgrade(FIRST)
+    db.close()
+    engine = raw_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            inspector = inspect(connection)
+            reflected = {c["name"]: (str(c["type"]), c["nullable"]) for c in inspector.get_columns("runs")}
+            checks = {c["name"] for c in inspector.get_check_constraints("runs")}
+            indexes = {i["name"] for i in inspector.get_indexes("runs")}
+            views = set(inspector.get_view_names())
+    finally:
+        engine.dispose()
+    from sqlalchemy import MetaData
+
+    snapshot = helpers.runs_table_0001(MetaData())
+    compiled = {c.name: (str(c.type.compile(engine.dialect)), c.nullable) for c in snapshot.columns}
+    assert compiled == reflected
+    assert {c.name for c in snapshot.constraints if c.__class__.__name__ == "CheckConstraint"} == checks
+    assert {i.name for i in snapshot.indexes} == indexes
+    assert set(helpers.VIEWS_0001) == views
