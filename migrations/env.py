@@ -88,10 +88,22 @@ def _cli_errors() -> Iterator[None]:
     if _from_library:
         yield
         return
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
     try:
         yield
     except RapidFireError as exc:
         raise CommandError(str(exc)) from exc
+    except OperationalError as exc:
+        # cannot connect, database locked, ...: the driver's first line says which
+        lines = str(exc.orig or exc).strip().splitlines() or [type(exc).__name__]
+        raise CommandError(f"database {_configured_url().render_as_string()}: {lines[0]}") from exc
+    except IntegrityError as exc:
+        # a revision that did not declare its CHECK: the database refused the
+        # rows itself, and the migration's transaction was rolled back
+        from rapidfire_state.db.migrate import migration_error_from
+
+        raise CommandError(str(migration_error_from(exc, _configured_url().render_as_string()))) from exc
 
 
 def _check_sqlite_file(url: Any, *, may_create: bool) -> None:

@@ -148,6 +148,15 @@ def test_a_url_that_is_not_one_fails_in_one_line(tmp_path, home):
     assert "mysql" in result.stdout + result.stderr and "allowed" in out(result)
 
 
+def test_a_database_server_that_does_not_answer_fails_in_one_line(home):
+    result = alembic("-x", "url=postgresql+psycopg://nobody:secret@127.0.0.1:1/none", "current", home=home)
+    assert result.returncode != 0
+    assert "Traceback" not in out(result)
+    failed = [line for line in out(result).splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 1 and "127.0.0.1" in failed[0]
+    assert "secret" not in out(result)
+
+
 # --- read commands never create --------------------------------------------------------
 
 
@@ -195,6 +204,25 @@ def test_current_refuses_an_empty_file_beside_a_live_write_ahead_log(tmp_path, h
         assert str(target) in out(result) and f"{target}-wal" in out(result)
         assert "Traceback" not in out(result)
         assert files_of(tmp_path) == before
+
+
+def test_upgrade_over_rows_a_new_check_forbids_fails_in_one_line(tmp_path, home):
+    target = tmp_path / "b.db"
+    url = f"sqlite:///{target}"
+    _at(url, FIRST, home)
+    with sqlite3.connect(target) as connection:
+        connection.execute("UPDATE runs SET ended_by = NULL WHERE status = 'COMPLETED'")
+        bad = connection.execute("SELECT run_id FROM runs WHERE status = 'COMPLETED'").fetchone()[0]
+    connection.close()
+    before = rows(url)
+    result = alembic("-x", f"url={url}", "upgrade", "head", home=home)
+    assert result.returncode != 0
+    assert "Traceback" not in out(result)
+    failed = [line for line in out(result).splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 1
+    assert "ck_runs_ended_by_matches_status" in failed[0] and "table runs" in failed[0]
+    assert f"run_id {bad}" in failed[0]
+    assert sqlite_revision(target) == FIRST and rows(url) == before
 
 
 # --- offline mode: every revision step, both backends ----------------------------------

@@ -896,7 +896,7 @@ def test_the_database_own_refusal_maps_to_migration_error(db, db_url, tmp_path):
                      "CHECK (ended_by IS NULL OR ended_by = status)")
     with pytest.raises(IntegrityError) as raised:
         execute(db_url, statement, r=run.run_id)
-    error = migrate.migration_error_from(raised.value, db)
+    error = migrate.migration_error_from(raised.value, db.url_text)
     assert isinstance(error, MigrationError)
     assert (error.table, error.constraint) == ("runs", "ck_runs_ended_by_matches_status")
     assert error.row_ids == ()

@@ -311,10 +311,10 @@ def _upgrade_locked(database: "StateDB", revision: str) -> None:
     except IntegrityError as exc:
         # a revision that did not declare its CHECK for refuse_violating_rows:
         # the database refused the rows itself (and the upgrade was rolled back)
-        raise migration_error_from(exc, database) from exc
+        raise migration_error_from(exc, database.url_text) from exc
 
 
-def migration_error_from(exc: Any, database: "StateDB") -> MigrationError:
+def migration_error_from(exc: Any, url_text: str) -> MigrationError:
     """A :class:`MigrationError` for the database's own refusal during a migration.
 
     The constraint and table are taken from the driver's message where it
@@ -336,7 +336,7 @@ def migration_error_from(exc: Any, database: "StateDB") -> MigrationError:
             fitting = [t for t in _table_names() if constraint.startswith(f"ck_{t}_")]
             table = max(fitting, key=len) if fitting else None
     return MigrationError(
-        f"the upgrade of {database.url_text} was refused by the database ({detail}): rows of table "
+        f"the migration of {url_text} was refused by the database ({detail}): rows of table "
         f"{table or '?'} break constraint {constraint or '?'}. The migration was rolled back and the "
         "database is unchanged at its revision; correct those rows and upgrade again",
         table=table,
