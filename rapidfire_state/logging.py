@@ -411,8 +411,9 @@ class RFLogger:
         """A loguru logger bound to ``component=name`` and this ``experiment``.
 
         Adds the file sink :meth:`log_file` (``<log dir>/<name>.log`` by default; see
-        ``RF_LOG_FILENAME``) and the console sink unless this process already has them.  Keyword arguments of a logging call are recorded in
-        the record's extra and written as ``key=value``::
+        ``RF_LOG_FILENAME``) and the console sink unless this process already has them.
+        Keyword arguments of a logging call are recorded in the record's extra and
+        written as ``key=value``::
 
             log = RFLogger().create_logger("controller")
             log.error("Failed to schedule", run_id=5)

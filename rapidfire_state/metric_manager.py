@@ -570,33 +570,32 @@ class MLflowManager:
                 f"MLflow ({_mlflow_version()}) does not know: it was made by a newer MLflow. Use that "
                 "MLflow version, or another tracking store. The file was left untouched."
             )
-        self._install_new_store(path, replacing=(state, problem))
+        self._install_new_store(path, replacing=problem)
 
-    def _install_new_store(self, path: Path, replacing: tuple[_StoreState, str] | None) -> None:
+    def _install_new_store(self, path: Path, replacing: str | None) -> None:
         """Build a complete store beside ``path`` and rename it into place.
 
-        ``replacing``: the inspection of an unfinished store at ``path`` and what is
-        wrong with it.  It is replaced only when it holds no data (nothing beyond
-        the rows MLflow itself creates in a new store); otherwise the new build is
-        discarded and :class:`MetricLoggingError` says what was found.
+        ``replacing``: what is wrong with the unfinished store at ``path``, None when
+        there is none.  It is replaced only when it holds no data (nothing beyond the
+        rows MLflow itself puts in a new store); otherwise the new build is discarded
+        and :class:`MetricLoggingError` says what was found.
         """
         tmp = path.with_name(f"{path.name}{_BUILD_INFIX}{os.getpid()}.{uuid.uuid4().hex[:8]}")
         try:
             self._build_store(tmp)
             if replacing is not None:
-                _, problem = replacing
                 data = _user_data(_inspect_store(path, counts=True), _inspect_store(tmp, counts=True))
                 if data:
                     raise MetricLoggingError(
-                        f"the MLflow store {str(path)!r} is unfinished ({problem}) but holds data "
-                        f"({', '.join(data)}); it is never deleted and was left untouched. Move it "
+                        f"the MLflow store {str(path)!r} is unfinished ({replacing}) but holds data "
+                        f"({', '.join(data)}); a store with data is never deleted: it was left untouched. Move it "
                         "aside to start a new store, or repair it with MLflow (back it up, then "
                         f"'mlflow db upgrade sqlite:///{path}'; leftover _alembic_tmp_* tables of an "
                         "interrupted migration must be dropped by hand first)."
                     )
                 _log.warning(
                     "the MLflow store %s was unfinished (%s) and held no data: rebuilt it "
-                    "(a process was probably killed while creating it)", path, problem,
+                    "(a process was probably killed while creating it)", path, replacing,
                 )
                 # A journal or WAL of the old file must not be applied to the new one.
                 for sidecar in _sidecars(path):

@@ -1018,7 +1018,8 @@ def _finish(db: "StateDB", task: "TaskRecord", worker_id: int, *, ok: bool, erro
 #: :func:`default_worker_target` (``"package.module:function"``).
 WORKER_HANDLER_KEY = "worker_handler"
 
-_HANDLER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
+_HANDLER_NAME = re.compile(f"{_DOTTED}:{_DOTTED}")
 _DEFAULT_TARGET_KWARGS = frozenset({"handler", "heartbeat_seconds", "poll_seconds"})
 
 

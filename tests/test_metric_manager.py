@@ -616,7 +616,9 @@ def _store_tables(path: Path) -> tuple[set[str], str | None]:
     con = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
     try:
         tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        revision = con.execute("SELECT version_num FROM alembic_version").fetchone() if "alembic_version" in tables else None
+        revision = None
+        if "alembic_version" in tables:
+            revision = con.execute("SELECT version_num FROM alembic_version").fetchone()
     finally:
         con.close()
     return tables, None if revision is None else revision[0]
