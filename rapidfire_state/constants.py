@@ -6,8 +6,10 @@ and never torch or mlflow.
 Paths and service addresses are read from the environment each time they are
 used, never frozen at import, so a process that sets ``RF_HOME`` after importing
 the library still gets the right database.  Module attributes such as
-``constants.DB_PATH`` are computed on access (PEP 562); the functions
-:func:`rf_home`, :func:`db_path`, :func:`log_path` do the same explicitly.
+``constants.DB_PATH``, ``constants.RF_LOG_FILENAME`` and ``constants.RF_MLFLOW_PORT``
+are computed on access (PEP 562); the functions :func:`rf_home`, :func:`db_path`,
+:func:`log_path`, :func:`log_filename` and the ``PORT``/``HOST``/``URL`` attributes
+of the config classes do the same explicitly.
 """
 
 from __future__ import annotations
@@ -144,9 +146,43 @@ def log_path() -> Path:
     return Path(raw).expanduser() if raw else rf_home() / "logs"
 
 
+#: Default of ``RF_LOG_FILENAME``: one file per component (``controller.log``, ``worker_0.log``).
+DEFAULT_LOG_FILENAME = "{name}.log"
+_NAME_FIELD = "{name}"
+
+
 def log_filename() -> str:
-    """``$RF_LOG_FILENAME``, default ``rapidfire.log``."""
-    return os.environ.get("RF_LOG_FILENAME") or "rapidfire.log"
+    """``$RF_LOG_FILENAME``, the log file naming pattern; default ``{name}.log``.
+
+    ``{name}`` stands for the logger's component (``controller``, ``worker_0``,
+    ``training``); a pattern without it names one file that every component of
+    the experiment shares (``rapidfire.log``), each line still saying its component.
+    Checked here (see :func:`log_file_name`), read on every call.
+    """
+    raw = os.environ.get("RF_LOG_FILENAME")
+    if raw is None or raw.strip() == "":
+        return DEFAULT_LOG_FILENAME
+    _check_log_pattern(raw)
+    return raw
+
+
+def _check_log_pattern(pattern: str) -> None:
+    rest = pattern.replace(_NAME_FIELD, "")
+    problem = None
+    if "{" in rest or "}" in rest:
+        problem = "its only placeholder may be {name} (the logger's component); no other braces"
+    elif "/" in pattern or "\\" in pattern or os.sep in pattern:
+        problem = "it names a file, not a path (set the directory with RF_LOG_PATH)"
+    if problem:
+        raise ConfigError(
+            f"RF_LOG_FILENAME={pattern!r} is not a log file naming pattern: {problem}; "
+            f"e.g. {DEFAULT_LOG_FILENAME!r} (the default) or 'rapidfire.log' (one file for all)"
+        )
+
+
+def log_file_name(name: str) -> str:
+    """The log file name of the component ``name`` under ``$RF_LOG_FILENAME`` (read now)."""
+    return log_filename().replace(_NAME_FIELD, name)
 
 
 def use_shared_memory() -> bool:
@@ -218,6 +254,22 @@ class FrontendConfig(_ServiceConfig):
     DEFAULT_PORT = 8853
 
 
+#: The services whose address settings are also module attributes, as the spec's
+#: ``start_colab.py`` uses them: ``RF_MLFLOW_PORT``, ``RF_MLFLOW_HOST``, ``RF_MLFLOW_URL``
+#: and the same for ``DISPATCHER`` and ``FRONTEND``.  Each is read from the
+#: environment when accessed (``from rapidfire_state.constants import RF_MLFLOW_PORT``
+#: reads it at that import), with the class's default and validation.
+_SERVICE_CONFIGS: dict[str, type[_ServiceConfig]] = {
+    "DISPATCHER": DispatcherConfig,
+    "MLFLOW": MLFlowConfig,
+    "FRONTEND": FrontendConfig,
+}
+for _service, _config in _SERVICE_CONFIGS.items():
+    for _field in ("HOST", "PORT", "URL"):
+        _DYNAMIC[f"RF_{_service}_{_field}"] = lambda c=_config, f=_field: getattr(c, f)
+del _service, _config, _field
+
+
 class DBConfig:
     """Where the state database lives and how it is opened.
 
@@ -265,10 +317,13 @@ __all__ = [
     "db_path",
     "log_path",
     "log_filename",
+    "log_file_name",
+    "DEFAULT_LOG_FILENAME",
     "use_shared_memory",
     "RF_HOME",
     "DB_PATH",
     "RF_LOG_PATH",
     "RF_LOG_FILENAME",
     "USE_SHARED_MEMORY",
+    *(f"RF_{service}_{field}" for service in _SERVICE_CONFIGS for field in ("HOST", "PORT", "URL")),
 ]

@@ -307,10 +307,13 @@ class DataPath:
         """``$RF_LOG_PATH/<experiment>/<logger_name>.log`` (the directory is created).
 
         ``logger_name`` must be a safe path component (``controller``, ``worker_0``…).
+        The file name follows ``$RF_LOG_FILENAME`` (default ``{name}.log``), as the
+        loggers' files do.
         """
         logger = validate_component(logger_name, "logger name")
+        filename = validate_component(constants.log_file_name(logger), "log file name (RF_LOG_FILENAME)")
         directory = cls.log_dir()
-        return ensure_within(directory / f"{logger}.log", directory, "log file")
+        return ensure_within(directory / filename, directory, "log file")
 
 
 def _reinit_lock_in_child() -> None:

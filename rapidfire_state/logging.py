@@ -15,7 +15,11 @@ Usage, as in the original utilities::
 
 Files: ``<log dir>/<name>.log`` — ``controller.log``, ``worker_0.log``,
 ``dispatcher.log`` …, and ``training.log`` for :class:`TrainingLogger`.  The log dir is
-``$RF_LOG_PATH/<experiment>`` unless given.
+``$RF_LOG_PATH/<experiment>`` unless given.  The file name follows the pattern
+``$RF_LOG_FILENAME`` (default ``{name}.log``; ``{name}`` is the component), read each
+time a logger is created: ``RF_LOG_FILENAME=rf_{name}.log`` gives ``rf_controller.log``,
+and a pattern without ``{name}`` (``rapidfire.log``) puts every component of the
+experiment in that one file, each line naming its component.
 
 How it behaves with loguru's single global logger:
 
@@ -382,17 +386,34 @@ class RFLogger:
         return ensure_within(base / self.experiment_name, base, "log directory")
 
     def log_file(self, name: str) -> Path:
-        """``<log dir>/<name>.log`` for a component ``name`` (not created here)."""
+        """The log file of component ``name`` (not created here).
+
+        ``<log dir>/<file name>``, the file name made from ``$RF_LOG_FILENAME`` (read
+        now; default ``{name}.log``, so ``controller`` → ``controller.log``).
+
+        Raises:
+            DataPathException: ``name`` is not a safe path component.
+            ConfigError: ``RF_LOG_FILENAME`` does not give a safe file name.
+        """
         component = validate_component(name, "logger name")
+        filename = constants.log_file_name(component)
+        try:
+            validate_component(filename, "log file name")
+        except DataPathException as exc:
+            raise ConfigError(
+                f"RF_LOG_FILENAME={constants.log_filename()!r} gives the file name {filename!r} for "
+                f"logger {component!r}: {exc}"
+            ) from exc
         directory = self.log_dir
-        return ensure_within(directory / f"{component}.log", directory, "log file")
+        return ensure_within(directory / filename, directory, "log file")
 
     def create_logger(self, name: str) -> Logger:
         """A loguru logger bound to ``component=name`` and this ``experiment``.
 
-        Adds the file sink ``<log dir>/<name>.log`` (and the console sink) unless this
-        process already has it.  Keyword arguments of a logging call are recorded in
-        the record's extra and written as ``key=value``::
+        Adds the file sink :meth:`log_file` (``<log dir>/<name>.log`` by default; see
+        ``RF_LOG_FILENAME``) and the console sink unless this process already has them.
+        Keyword arguments of a logging call are recorded in the record's extra and
+        written as ``key=value``::
 
             log = RFLogger().create_logger("controller")
             log.error("Failed to schedule", run_id=5)

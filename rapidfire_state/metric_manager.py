@@ -45,6 +45,15 @@ MLflow behaviours worth knowing (MLflow 3.17):
   on other new databases MLflow gives it ``./mlruns/0`` relative to the working
   directory.  Experiments made by :meth:`MLflowManager.get_experiment` always get
   a location under ``artifact_root``.
+* A new ``sqlite:///`` store is built in a temporary file beside it
+  (``mlflow.db.creating.<pid>.<hex>``) and renamed into place once MLflow's
+  migrations finished, under the lock file ``mlflow.db.lock``: a process killed
+  while creating it leaves no store, never a half-made one (the next open removes
+  the temporary file and builds again).  A half-made store found at open (left by
+  an older version, or by MLflow itself: ``_alembic_tmp_*`` tables, no or an old
+  schema revision) is rebuilt, with a warning, when it holds no data beyond what
+  MLflow puts in a new store; one that holds data is never deleted:
+  :class:`MetricLoggingError` says what it holds and the file stays byte-identical.
 * Against a server, a connection failure is retried by MLflow with exponential
   backoff (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7) before it is reported,
   which can take minutes.  :meth:`MLflowManager.check_server` answers in seconds.
@@ -57,10 +66,15 @@ MLflow behaviours worth knowing (MLflow 3.17):
 
 from __future__ import annotations
 
+import functools
+import logging
 import operator
+import os
 import re
+import sqlite3
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlparse
@@ -71,6 +85,8 @@ from rapidfire_state.exceptions import ConfigError, NotFoundError, RapidFireErro
 if TYPE_CHECKING:  # pragma: no cover - typing only, never imported at runtime
     from mlflow.entities import Experiment
     from mlflow.tracking import MlflowClient
+
+_log = logging.getLogger(__name__)
 
 
 # --- errors ---------------------------------------------------------------------------
@@ -168,6 +184,199 @@ def _sqlite_file(uri: str) -> Path | None:
     if not raw or raw == ":memory:":
         return None
     return Path(raw)
+
+
+# --- the embedded store's file: inspection, unfinished builds ------------------------------
+
+#: Infix of the temporary file a new SQLite store is built in: ``mlflow.db.creating.<pid>.<hex>``.
+_BUILD_INFIX = ".creating."
+_TMP_TABLE_PREFIX = "_alembic_tmp_"
+
+
+@dataclass(frozen=True)
+class _StoreState:
+    """What an existing SQLite store file holds (read without writing)."""
+
+    tables: tuple[str, ...]
+    #: MLflow's schema revision (``alembic_version``), None when there is none
+    revision: str | None
+    #: rows per table; only filled when asked for (counting a big store costs)
+    counts: Mapping[str, int]
+    #: experiments other than MLflow's "Default" (id 0), in ``experiments`` and its tmp copy
+    user_experiments: int
+
+    @property
+    def tmp_tables(self) -> list[str]:
+        return [t for t in self.tables if t.startswith(_TMP_TABLE_PREFIX)]
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _inspect_store(path: Path, *, counts: bool = False) -> _StoreState:
+    """Read the tables, revision (and row counts) of the SQLite file ``path``.
+
+    ``mode=rw`` never creates a file, and a connection that only reads writes nothing
+    -- except that SQLite rolls back a hot journal left by a killed writer, which is
+    what any next open does anyway and what makes the committed state readable.
+    """
+    try:
+        con = sqlite3.connect(f"{path.as_uri()}?mode=rw", uri=True, timeout=30)
+    except sqlite3.Error as exc:
+        raise MetricLoggingError(f"cannot read the MLflow store {str(path)!r}: {exc}") from exc
+    try:
+        tables = tuple(
+            row[0]
+            for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        )
+        revision = None
+        if "alembic_version" in tables:
+            row = con.execute("SELECT version_num FROM alembic_version").fetchone()
+            revision = None if row is None else str(row[0])
+        rows: dict[str, int] = {}
+        user_experiments = 0
+        if counts:
+            for table in tables:
+                if not table.startswith("sqlite_"):
+                    rows[table] = int(con.execute(f"SELECT count(*) FROM {_quote(table)}").fetchone()[0])
+            for table in ("experiments", _TMP_TABLE_PREFIX + "experiments"):
+                if table in tables:
+                    try:
+                        user_experiments += int(
+                            con.execute(f"SELECT count(*) FROM {_quote(table)} WHERE experiment_id != 0").fetchone()[0]
+                        )
+                    except sqlite3.OperationalError:  # no experiment_id column: count every row
+                        user_experiments += rows.get(table, 0)
+    except sqlite3.DatabaseError as exc:
+        raise MetricLoggingError(
+            f"the MLflow store {str(path)!r} cannot be read as an SQLite database ({exc}); it was left "
+            "untouched. Move it aside to start a new store."
+        ) from exc
+    finally:
+        con.close()
+    return _StoreState(tables, revision, rows, user_experiments)
+
+
+@functools.lru_cache(maxsize=1)
+def _mlflow_revisions() -> tuple[str, frozenset[str]]:
+    """The head and every revision of the installed MLflow's tracking-store migrations."""
+    import mlflow.store
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(mlflow.store.__file__).parent / "db_migrations"))
+    script = ScriptDirectory.from_config(config)
+    heads = script.get_heads()
+    if len(heads) != 1:
+        raise MetricLoggingError(f"MLflow's migrations have {len(heads)} heads ({heads}); expected one")
+    return heads[0], frozenset(r.revision for r in script.walk_revisions())
+
+
+def _mlflow_version() -> str:
+    try:
+        import mlflow
+
+        return f"MLflow {mlflow.__version__}"
+    except Exception:  # pragma: no cover - mlflow is imported by now
+        return "MLflow"
+
+
+def _store_problem(state: _StoreState, head: str, known: frozenset[str]) -> str | None:
+    """Why the store is unfinished, or None when it is complete (at MLflow's head revision).
+
+    Alembic stamps a revision only after its migration finished, so a store at the
+    head revision went through every migration; an ``_alembic_tmp_`` table below the
+    head is what a migration killed midway leaves (MLflow's next run of it fails on it).
+    """
+    if state.revision == head and state.revision is not None:
+        return None
+    tmp = state.tmp_tables
+    if tmp:
+        return f"an interrupted migration left {', '.join(tmp)}"
+    if not state.tables:
+        return "it has no tables"
+    if state.revision is None:
+        return "it has no MLflow schema revision (no alembic_version row)"
+    if state.revision in known:
+        return (
+            f"it is at MLflow schema revision {state.revision}, not {head} (an interrupted creation, "
+            "or a store of an older MLflow)"
+        )
+    return f"its schema revision {state.revision} is unknown to this MLflow"
+
+
+def _user_data(old: _StoreState, fresh: _StoreState) -> list[str]:
+    """What ``old`` holds beyond the rows MLflow puts in a new store (``fresh``).
+
+    A table rebuilt by a migration may hold its rows only in its ``_alembic_tmp_``
+    copy, so such a copy is compared with the table it stands for.  Anything more
+    rows than a new store has counts as data: when in doubt, the store is kept.
+    """
+    found = []
+    for table, count in sorted(old.counts.items()):
+        if table == "alembic_version":
+            continue
+        base = table[len(_TMP_TABLE_PREFIX):] if table.startswith(_TMP_TABLE_PREFIX) else table
+        if count > fresh.counts.get(base, 0):
+            found.append(f"{table}: {count} row{'s' if count != 1 else ''}")
+    if old.user_experiments and not any(f.startswith(("experiments:", "_alembic_tmp_experiments:")) for f in found):
+        found.append(f"experiments other than Default: {old.user_experiments}")
+    return found
+
+
+def _sidecars(path: Path) -> tuple[Path, ...]:
+    """SQLite's journal, WAL and shared-memory files of the database ``path``."""
+    return tuple(path.with_name(path.name + suffix) for suffix in ("-journal", "-wal", "-shm"))
+
+
+def _remove_unfinished_builds(path: Path) -> None:
+    """Delete temporary builds of ``path`` left by killed processes (hold the lock file)."""
+    prefix = path.name + _BUILD_INFIX
+    try:
+        leftovers = [entry for entry in path.parent.iterdir() if entry.name.startswith(prefix)]
+    except FileNotFoundError:
+        return
+    for leftover in leftovers:
+        _log.info("removing %s, an MLflow store whose creation was interrupted", leftover)
+        leftover.unlink(missing_ok=True)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory descriptors
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _forget_cached_engine(uri: str) -> None:
+    """Close MLflow's cached engine of ``uri``: its pooled connections point at a replaced file.
+
+    ``SqlAlchemyStore`` keeps one engine per URI for the life of the process.
+    """
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        engine = getattr(SqlAlchemyStore, "_engine_map", {}).pop(uri, None)
+    except Exception:  # pragma: no cover - a different MLflow layout: nothing cached to close
+        return
+    if engine is not None:
+        engine.dispose()
 
 
 # --- input validation ---------------------------------------------------------------------
@@ -313,12 +522,13 @@ class MLflowManager:
                 # measured, 4 processes opening one new store at once all failed
                 # ("duplicate column", "table _alembic_tmp_tags already exists").  The
                 # controller and the workers do exactly that, so opening a SQLite store
-                # is serialised by a lock file next to the database.
+                # is serialised by a lock file next to the database (an OS lock: it is
+                # released when its holder dies, also by SIGKILL).
                 from filelock import FileLock
 
-                with FileLock(str(sqlite_file.resolve()) + ".lock", timeout=300):
-                    if not sqlite_file.exists():
-                        self._create_sqlite_store()
+                path = sqlite_file.resolve()
+                with FileLock(str(path) + ".lock", timeout=300):
+                    self._ensure_sqlite_store(path)
                     client = MlflowClient(tracking_uri=self.tracking_uri)
             self._max_param_length = _max_param_length()
         except ImportError as exc:
@@ -331,7 +541,75 @@ class MLflowManager:
             ) from exc
         return client
 
-    def _create_sqlite_store(self) -> None:
+    # --- the SQLite store: built beside, renamed into place -------------------------------
+    #
+    # MLflow makes a new SQLite store by creating its tables and then running ~60
+    # Alembic migrations, several of which rebuild a table through an
+    # ``_alembic_tmp_<table>`` copy; SQLite commits each DDL statement on its own.
+    # A process killed during those ~2 s left a store that every later open refused
+    # ("table _alembic_tmp_experiments already exists").  So the store is built in a
+    # temporary file in the same directory and renamed over the final name only once
+    # MLflow finished with it: the final file is either absent or complete.  All of
+    # it runs under the lock file, so nobody else builds, inspects or renames meanwhile.
+
+    def _ensure_sqlite_store(self, path: Path) -> None:
+        """Make ``path`` a complete MLflow store (hold the lock file)."""
+        _remove_unfinished_builds(path)
+        if not path.exists():
+            self._install_new_store(path, replacing=None)
+            return
+        state = _inspect_store(path)
+        head, known = _mlflow_revisions()
+        problem = _store_problem(state, head, known)
+        if problem is None:
+            return
+        if state.revision is not None and state.revision not in known and not state.tmp_tables:
+            # Made by a newer MLflow: not ours to judge, whatever it holds.
+            raise MetricLoggingError(
+                f"the MLflow store {str(path)!r} is at schema revision {state.revision!r}, which this "
+                f"MLflow ({_mlflow_version()}) does not know: it was made by a newer MLflow. Use that "
+                "MLflow version, or another tracking store. The file was left untouched."
+            )
+        self._install_new_store(path, replacing=problem)
+
+    def _install_new_store(self, path: Path, replacing: str | None) -> None:
+        """Build a complete store beside ``path`` and rename it into place.
+
+        ``replacing``: what is wrong with the unfinished store at ``path``, None when
+        there is none.  It is replaced only when it holds no data (nothing beyond the
+        rows MLflow itself puts in a new store); otherwise the new build is discarded
+        and :class:`MetricLoggingError` says what was found.
+        """
+        tmp = path.with_name(f"{path.name}{_BUILD_INFIX}{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        try:
+            self._build_store(tmp)
+            if replacing is not None:
+                data = _user_data(_inspect_store(path, counts=True), _inspect_store(tmp, counts=True))
+                if data:
+                    raise MetricLoggingError(
+                        f"the MLflow store {str(path)!r} is unfinished ({replacing}) but holds data "
+                        f"({', '.join(data)}); a store with data is never deleted: it was left untouched. Move it "
+                        "aside to start a new store, or repair it with MLflow (back it up, then "
+                        f"'mlflow db upgrade sqlite:///{path}'; leftover _alembic_tmp_* tables of an "
+                        "interrupted migration must be dropped by hand first)."
+                    )
+                _log.warning(
+                    "the MLflow store %s was unfinished (%s) and held no data: rebuilt it "
+                    "(a process was probably killed while creating it)", path, replacing,
+                )
+                # A journal or WAL of the old file must not be applied to the new one.
+                for sidecar in _sidecars(path):
+                    sidecar.unlink(missing_ok=True)
+            _fsync_file(tmp)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        finally:
+            for leftover in (tmp, *_sidecars(tmp)):
+                leftover.unlink(missing_ok=True)
+        if replacing is not None:
+            _forget_cached_engine(self.tracking_uri)
+
+    def _build_store(self, file: Path) -> None:
         # A new SQLite store creates its "Default" experiment (id 0) with an artifact
         # location derived from the store's artifact root, which an MlflowClient sets
         # to ./mlruns in the *current directory*.  Creating the store ourselves first,
@@ -340,7 +618,12 @@ class MLflowManager:
         from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
         assert self.artifact_root is not None
-        SqlAlchemyStore(self.tracking_uri, self.artifact_root.as_uri()).engine.dispose()
+        uri = f"sqlite:///{file}"
+        SqlAlchemyStore(uri, self.artifact_root.as_uri())
+        _forget_cached_engine(uri)
+        leftovers = [str(f) for f in _sidecars(file) if f.exists()]
+        if leftovers:  # pragma: no cover - MLflow's stores use the rollback journal, deleted on commit
+            raise MetricLoggingError(f"building the MLflow store left {leftovers} behind; not installing it")
 
     def __repr__(self) -> str:
         return f"MLflowManager(tracking_uri={self.tracking_uri!r})"

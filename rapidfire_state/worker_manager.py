@@ -26,6 +26,13 @@ Usage::
     # ... the controller queues tasks with db.create_worker_task(...) ...
     manager.shutdown_workers()
 
+Or, with no target of one's own, name the handler in the experiment's config and let
+every worker run the library's loop with it::
+
+    # mypkg/tasks.py:  def train_task(task, context): ...   (context: WorkerContext)
+    db.create_experiment("exp", path, config_options={"worker_handler": "mypkg.tasks:train_task"})
+    manager = WorkerManager(4, registry, lock)
+
 Process model and the reasons behind it:
 
 * **spawn, never fork.**  A forked child inherits the parent's OpenMP/CUDA thread
@@ -70,10 +77,14 @@ Process model and the reasons behind it:
 from __future__ import annotations
 
 import atexit
+import functools
+import importlib
+import inspect
 import logging
 import multiprocessing
 import os
 import pickle
+import re
 import signal
 import sys
 import threading
@@ -95,6 +106,10 @@ if TYPE_CHECKING:  # imported for annotations only: keeps `import` of this modul
 __all__ = [
     "WorkerManager",
     "run_worker",
+    "default_worker_target",
+    "resolve_worker_handler",
+    "WorkerContext",
+    "WORKER_HANDLER_KEY",
     "ORPHANED_EXIT_CODE",
     "START_FAILED_EXIT_CODE",
     "WATCHDOG_INTERVAL_SECONDS",
@@ -348,11 +363,19 @@ def _still_running(process: "psutil.Process") -> bool:
 class WorkerManager:
     """Spawns, tracks and stops the worker processes of one experiment.
 
-    ``WorkerManager(num_workers, registry=None, lock=None, *, target, db=None,
+    ``WorkerManager(num_workers, registry=None, lock=None, *, target=None, db=None,
     heartbeat_seconds=2.0, worker_kwargs=None, parent_death_signal=SIGTERM,
     start_timeout=120.0)``
 
-    ``target`` runs in each worker process as::
+    Without a ``target`` (``WorkerManager(4, registry, lock)``, as the spec writes it)
+    every worker runs :func:`default_worker_target`: the library's own loop
+    (:func:`run_worker`) with the task handler the experiment names in
+    ``config_options["worker_handler"]`` (``"package.module:function"``, called as
+    ``handler(task, context)``; see :func:`default_worker_target`).  ``worker_kwargs``
+    may then hold only ``handler`` (a name that overrides the experiment's),
+    ``heartbeat_seconds`` (default: the manager's) and ``poll_seconds``.
+
+    A ``target`` runs in each worker process as::
 
         target(worker_id=..., experiment_id=..., experiment_name=..., db=...,
                registry=..., lock=..., shutdown_event=..., **worker_kwargs)
@@ -382,7 +405,7 @@ class WorkerManager:
         registry: Any = None,
         lock: Any = None,
         *,
-        target: Callable[..., Any],
+        target: Optional[Callable[..., Any]] = None,
         db: "Optional[StateDB]" = None,
         heartbeat_seconds: float = 2.0,
         worker_kwargs: Optional[dict[str, Any]] = None,
@@ -391,6 +414,9 @@ class WorkerManager:
     ):
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             raise ConfigError(f"num_workers={num_workers!r} is not valid; an int >= 1 is required")
+        if target is None:
+            worker_kwargs = _default_target_kwargs(worker_kwargs, heartbeat_seconds)
+            target = default_worker_target
         if not callable(target):
             raise ConfigError(f"target={target!r} is not callable")
         try:
@@ -983,3 +1009,177 @@ def _finish(db: "StateDB", task: "TaskRecord", worker_id: int, *, ok: bool, erro
         # Someone else ended it meanwhile (fail_stale_workers, experiment cleanup):
         # theirs is the recorded outcome.
         _log.warning("worker %s could not finish task %s: %s", worker_id, task.task_id, exc)
+
+
+
+# --- the default target: run_worker with the handler the experiment names ----------
+
+#: The key of an experiment's ``config_options`` that names the task handler run by
+#: :func:`default_worker_target` (``"package.module:function"``).
+WORKER_HANDLER_KEY = "worker_handler"
+
+_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
+_HANDLER_NAME = re.compile(f"{_DOTTED}:{_DOTTED}")
+_DEFAULT_TARGET_KWARGS = frozenset({"handler", "heartbeat_seconds", "poll_seconds"})
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """What a task handler run by :func:`default_worker_target` may need besides the task.
+
+    ``db`` is the worker's :class:`StateDB`; ``registry``/``lock`` are those the
+    :class:`WorkerManager` was given (the shared-memory registry and its lock);
+    ``shutdown_event`` is set when the controller asks the workers to stop.
+    ``handler_name`` is the ``module:function`` the handler was resolved from.
+    """
+
+    worker_id: int
+    experiment_id: int
+    experiment_name: str
+    db: "StateDB"
+    registry: Any
+    lock: Any
+    shutdown_event: Any
+    handler_name: str
+
+
+def _default_target_kwargs(worker_kwargs: Optional[dict[str, Any]], heartbeat_seconds: Any) -> dict[str, Any]:
+    """Check the ``worker_kwargs`` of a manager without a target; add the heartbeat."""
+    kwargs = dict(worker_kwargs or {})
+    unknown = sorted(set(kwargs) - _DEFAULT_TARGET_KWARGS)
+    if unknown:
+        raise ConfigError(
+            f"worker_kwargs {unknown} are not accepted without a target; the default target takes "
+            f"{', '.join(sorted(_DEFAULT_TARGET_KWARGS))} (pass target=... for other arguments)"
+        )
+    if "handler" in kwargs and not isinstance(kwargs["handler"], str):
+        raise ConfigError(
+            f"worker_kwargs['handler']={kwargs['handler']!r} is not a handler name; use 'package.module:function'"
+        )
+    # The manager judges staleness by its own interval: the workers beat at it.
+    kwargs.setdefault("heartbeat_seconds", heartbeat_seconds)
+    return kwargs
+
+
+def resolve_worker_handler(name: object, *, where: str = "the handler name") -> Callable[..., Any]:
+    """Import and return the callable ``name`` (``"package.module:function"``).
+
+    The part after the colon may be dotted (``module:Class.method``).  The callable
+    must accept ``(task, context)`` or just ``(task)``.
+
+    Raises:
+        ConfigError: naming ``where`` and the value: not a string of that form, the
+            module cannot be imported (with the import's own error), no such
+            attribute, not callable, or a signature that accepts neither form.
+    """
+    if not isinstance(name, str) or _HANDLER_NAME.fullmatch(name.strip()) is None:
+        raise ConfigError(
+            f"{where}={name!r} is not a task handler name; use 'package.module:function' "
+            "(a function called as handler(task, context))"
+        )
+    module_name, _, attribute = name.strip().partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or whatever the module raised while importing
+        raise ConfigError(
+            f"{where}={name!r}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    handler: Any = module
+    for part in attribute.split("."):
+        try:
+            handler = getattr(handler, part)
+        except AttributeError:
+            raise ConfigError(f"{where}={name!r}: module {module_name!r} has no attribute {attribute!r}") from None
+    if not callable(handler):
+        raise ConfigError(f"{where}={name!r} is a {type(handler).__name__}, not a callable")
+    if _handler_arity(handler) is None:
+        raise ConfigError(
+            f"{where}={name!r}: {handler!r} accepts neither (task, context) nor (task); "
+            "a task handler is called as handler(task, context)"
+        )
+    return handler
+
+
+def _handler_arity(handler: Callable[..., Any]) -> Optional[int]:
+    """2 when ``handler`` accepts (task, context), 1 for (task) only, None for neither."""
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):  # some builtins have none: assume the documented form
+        return 2
+    for arity in (2, 1):
+        try:
+            signature.bind(*([None] * arity))
+        except TypeError:
+            continue
+        return arity
+    return None
+
+
+def default_worker_target(
+    *,
+    worker_id: int,
+    experiment_id: int,
+    experiment_name: str,
+    db: "StateDB",
+    registry: Any,
+    lock: Any,
+    shutdown_event: Any,
+    handler: Optional[str] = None,
+    heartbeat_seconds: float = 2.0,
+    poll_seconds: float = 0.2,
+) -> None:
+    """The target of a :class:`WorkerManager` made without one: :func:`run_worker`
+    with the task handler the experiment names.
+
+    The handler is ``handler`` when given (``worker_kwargs={"handler": ...}``), else
+    ``config_options["worker_handler"]`` of the experiment, read from the database in
+    the worker; a ``"package.module:function"`` resolved in the worker (so it is
+    imported where the work happens, also torch).  Each claimed task is passed to it
+    as ``handler(task, context)`` (:class:`WorkerContext`) or ``handler(task)``.
+
+    When the name is missing or cannot be resolved, the worker does not hang and
+    does not die silently: it logs the error once and goes on claiming its tasks,
+    failing each with that error, so the controller reads the reason on every task
+    it queued (and none stays SCHEDULED for a worker that cannot run it) until it
+    stops the workers.
+    """
+    try:
+        if handler is not None:
+            where = "worker_kwargs['handler']"
+            name: object = handler
+        else:
+            where = f"config_options[{WORKER_HANDLER_KEY!r}] of experiment {experiment_id} ({experiment_name!r})"
+            options = db.get_experiment(experiment_id).config_options or {}
+            if WORKER_HANDLER_KEY not in options:
+                raise ConfigError(
+                    f"{where} is not set: name the task handler of the workers there as "
+                    "'package.module:function', or give the WorkerManager a target"
+                )
+            name = options[WORKER_HANDLER_KEY]
+        function = resolve_worker_handler(name, where=where)
+        task_handler = _bind_handler(
+            function,
+            WorkerContext(worker_id, experiment_id, experiment_name, db, registry, lock, shutdown_event, str(name)),
+        )
+    except RapidFireError as exc:
+        message = f"worker {worker_id} cannot run tasks: {exc}"
+        _log.error("%s", message)
+        task_handler = functools.partial(_refuse_task, message)
+    run_worker(
+        worker_id, db, task_handler, shutdown_event, experiment_id=experiment_id,
+        heartbeat_seconds=heartbeat_seconds, poll_seconds=poll_seconds,
+    )
+
+
+def _bind_handler(function: Callable[..., Any], context: WorkerContext) -> Callable[["TaskRecord"], Any]:
+    if _handler_arity(function) == 1:
+        return function
+    return functools.partial(_call_with_context, function, context)
+
+
+def _call_with_context(function: Callable[..., Any], context: WorkerContext, task: "TaskRecord") -> Any:
+    return function(task, context)
+
+
+def _refuse_task(message: str, task: "TaskRecord") -> None:
+    raise WorkerException(message)

@@ -26,6 +26,7 @@ LINE_RE = re.compile(
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("RF_LOG_PATH", str(tmp_path / "logs"))
+    monkeypatch.delenv("RF_LOG_FILENAME", raising=False)
     monkeypatch.delenv("RF_EXPERIMENT_NAME", raising=False)
     monkeypatch.delenv("NO_COLOR", raising=False)
     monkeypatch.delenv("FORCE_COLOR", raising=False)
@@ -441,3 +442,82 @@ def test_three_processes_own_and_shared_files(logs):
     assert len(shared) == 3 * lines
     for i in range(3):
         assert [s for w, s in shared if w == i] == list(range(lines))
+
+
+# --- RF_LOG_FILENAME: the file naming pattern ---------------------------------------------------
+
+
+def test_rf_log_filename_pattern_names_the_files(logs, monkeypatch):
+    monkeypatch.setenv("RF_LOG_FILENAME", "rf_{name}.log")
+    rf = RFLogger("exp", console=False)
+    for name in ("controller", "worker_0"):
+        rf.create_logger(name).info(f"hello from {name}")
+    TrainingLogger("exp").get_logger().info("training line")
+    logger.complete()
+    assert sorted(p.name for p in (logs / "exp").iterdir()) == [
+        "rf_controller.log",
+        "rf_training.log",
+        "rf_worker_0.log",
+    ]
+    assert [parse(l)["rest"] for l in read_lines(logs / "exp" / "rf_worker_0.log")] == ["hello from worker_0"]
+    assert rf.log_file("controller") == logs / "exp" / "rf_controller.log"
+    DataPath.initialize("exp", logs.parent / "experiments")
+    assert DataPath.log_path("controller") == logs / "exp" / "rf_controller.log"
+
+
+def test_rf_log_filename_is_read_when_a_logger_is_made(logs, monkeypatch):
+    import rapidfire_state.constants as constants
+
+    rf = RFLogger("exp", console=False)  # made (and the module imported) before the variable is set
+    rf.create_logger("controller").info("default name")
+    assert constants.RF_LOG_FILENAME == "{name}.log"
+    monkeypatch.setenv("RF_LOG_FILENAME", "later_{name}.txt")
+    assert constants.RF_LOG_FILENAME == "later_{name}.txt"
+    rf.create_logger("worker_1").info("new name")
+    assert read_lines(logs / "exp" / "controller.log")
+    assert [parse(l)["rest"] for l in read_lines(logs / "exp" / "later_worker_1.txt")] == ["new name"]
+    assert not (logs / "exp" / "worker_1.log").exists()
+
+
+def test_rf_log_filename_without_placeholder_is_one_shared_file(logs, monkeypatch):
+    monkeypatch.setenv("RF_LOG_FILENAME", "rapidfire.log")
+    rf = RFLogger("exp", console=False)
+    controller = rf.create_logger("controller")
+    worker = rf.create_logger("worker_0")
+    controller.info("from the controller")
+    worker.info("from the worker")
+    logger.info("plain user message")  # bound to no component: not in the file
+    assert sorted(p.name for p in (logs / "exp").iterdir()) == ["rapidfire.log"]
+    lines = [parse(l) for l in read_lines(logs / "exp" / "rapidfire.log")]
+    assert [(f["component"], f["rest"]) for f in lines] == [
+        ("controller", "from the controller"),
+        ("worker_0", "from the worker"),
+    ]
+    assert rf_log_files() == [logs / "exp" / "rapidfire.log"]  # one sink for both
+
+
+@pytest.mark.parametrize(
+    "pattern, hint",
+    [
+        ("{nme}.log", "only placeholder may be {name}"),
+        ("{name}-{experiment}.log", "only placeholder may be {name}"),
+        ("x}.log", "no other braces"),
+        ("sub/{name}.log", "names a file, not a path"),
+        ("..{name}.log", "gives the file name"),
+        (".{name}", "gives the file name"),
+        ("{name} log", "gives the file name"),
+    ],
+)
+def test_bad_rf_log_filename_refused_and_nothing_created(logs, monkeypatch, pattern, hint):
+    monkeypatch.setenv("RF_LOG_FILENAME", pattern)
+    with pytest.raises(ConfigError, match=re.escape(hint)) as info:
+        RFLogger("exp", console=False).create_logger("controller")
+    assert f"RF_LOG_FILENAME={pattern!r}" in str(info.value)
+    assert not logs.exists() or not any(logs.rglob("*"))
+    assert rf_log_files() == []
+
+
+def test_empty_rf_log_filename_means_the_default(logs, monkeypatch):
+    monkeypatch.setenv("RF_LOG_FILENAME", "  ")
+    RFLogger("exp", console=False).create_logger("controller").info("x")
+    assert read_lines(logs / "exp" / "controller.log")

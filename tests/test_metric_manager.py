@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -594,3 +595,285 @@ def test_against_a_real_server(mlflow_server, tmp_path):
         manager.log_metric(UNKNOWN_RUN, "loss", 1.0)
     with pytest.raises(MetricInputError):
         manager.log_metric(run, "bad key!", 1.0)
+
+
+# --- a store whose creation was interrupted -------------------------------------------------------------
+#
+# MLflow builds a new SQLite store in ~60 migrations over ~2 s, committing each DDL
+# statement on its own.  A process SIGKILLed meanwhile used to leave a store every
+# later open refused ("table _alembic_tmp_experiments already exists").
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _store_tables(path: Path) -> tuple[set[str], str | None]:
+    import sqlite3
+
+    con = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        revision = None
+        if "alembic_version" in tables:
+            revision = con.execute("SELECT version_num FROM alembic_version").fetchone()
+    finally:
+        con.close()
+    return tables, None if revision is None else revision[0]
+
+
+def _mlflow_script():
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+    import mlflow.store
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(mlflow.store.__file__).parent / "db_migrations"))
+    return ScriptDirectory.from_config(config)
+
+
+def _mlflow_head() -> str:
+    return _mlflow_script().get_current_head()
+
+
+def _assert_complete(path: Path) -> None:
+    tables, revision = _store_tables(path)
+    assert not [t for t in tables if t.startswith("_alembic_tmp_")], tables
+    assert revision == _mlflow_head()
+
+
+def _assert_usable(uri: str) -> None:
+    """A new manager opens ``uri``, logs a metric, and MLflow's own client reads it back."""
+    from mlflow.tracking import MlflowClient
+
+    manager = MLflowManager(uri)
+    experiment = manager.get_experiment("after the kill")
+    run = manager.create_run(experiment.experiment_id)
+    manager.log_metric(run, "loss", 0.125, step=7)
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run, "loss")
+    assert [(m.step, m.value) for m in history] == [(7, 0.125)]
+
+
+@pytest.fixture(scope="module")
+def pristine_store(tmp_path_factory) -> Path:
+    """A complete, new store nobody wrote to (copied by the tests that damage one)."""
+    directory = tmp_path_factory.mktemp("pristine")
+    MLflowManager(f"sqlite:///{directory / 'mlflow.db'}")
+    return directory / "mlflow.db"
+
+
+def _copy_store(pristine: Path, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / "mlflow.db"
+    shutil.copyfile(pristine, target)
+    return target
+
+
+def _older_revision() -> str:
+    head = _mlflow_script().get_revision("head")
+    return head.down_revision if isinstance(head.down_revision, str) else head.down_revision[0]
+
+
+def _damage(path: Path, how: str) -> None:
+    """Make ``path`` look like a store whose creation (or migration) was killed midway."""
+    import sqlite3
+
+    if how == "empty-file":
+        path.write_bytes(b"")
+        return
+    con = sqlite3.connect(path)
+    try:
+        if how == "tmp-table":
+            # What a batch migration leaves when killed between copying a table into
+            # its _alembic_tmp_ twin and renaming it back, one revision short of head.
+            con.execute("CREATE TABLE _alembic_tmp_experiments AS SELECT * FROM experiments")
+            con.execute("UPDATE alembic_version SET version_num = ?", (_older_revision(),))
+        elif how == "no-revision":
+            con.execute("DROP TABLE alembic_version")
+        elif how == "tmp-runs":
+            con.execute("CREATE TABLE _alembic_tmp_runs AS SELECT * FROM runs")
+            con.execute("UPDATE alembic_version SET version_num = ?", (_older_revision(),))
+        elif how == "older-revision":
+            con.execute("UPDATE alembic_version SET version_num = ?", (_older_revision(),))
+        elif how == "newer-revision":
+            con.execute("UPDATE alembic_version SET version_num = 'ffffffffffff'")
+        else:  # pragma: no cover
+            raise AssertionError(how)
+        con.commit()
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("how", ["tmp-table", "no-revision", "empty-file"])
+def test_unfinished_store_without_data_is_rebuilt(pristine_store, tmp_path, how, caplog):
+    path = _copy_store(pristine_store, tmp_path / "store")
+    _damage(path, how)
+    if how == "tmp-table":
+        # The failure this guards against: MLflow itself refuses such a store.
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        with pytest.raises(Exception):
+            SqlAlchemyStore(f"sqlite:///{path}", (tmp_path / "art").as_uri())
+    caplog.set_level("WARNING", logger="rapidfire_state.metric_manager")
+    _assert_usable(f"sqlite:///{path}")
+    _assert_complete(path)
+    rebuilt = [r.getMessage() for r in caplog.records if "rebuilt" in r.getMessage()]
+    assert len(rebuilt) == 1 and str(path) in rebuilt[0] and "held no data" in rebuilt[0], rebuilt
+    assert sorted(p.name for p in path.parent.iterdir()) == ["artifacts", "mlflow.db", "mlflow.db.lock"]
+
+
+@pytest.mark.parametrize(
+    "how, problem",
+    [
+        ("tmp-runs", "interrupted migration left _alembic_tmp_runs"),
+        ("older-revision", "schema revision"),
+        ("no-revision", "no MLflow schema revision"),
+    ],
+)
+def test_unfinished_store_with_data_is_refused_and_kept(pristine_store, tmp_path, how, problem):
+    path = _copy_store(pristine_store, tmp_path / "store")
+    uri = f"sqlite:///{path}"
+    manager = MLflowManager(uri)
+    run = manager.create_run(manager.get_experiment("precious").experiment_id)
+    manager.log_metric(run, "loss", 0.5, step=1)
+    _damage(path, how)
+    before = _sha256(path)
+    listing = sorted(p.name for p in path.parent.iterdir())
+    for _ in range(2):  # and again: a refusal leaves nothing that changes the next answer
+        with pytest.raises(MetricLoggingError) as info:
+            MLflowManager(uri)
+        message = str(info.value)
+        assert str(path) in message and problem in message
+        assert "holds data" in message and "runs: 1 row" in message and "left untouched" in message
+        assert _sha256(path) == before
+        assert sorted(p.name for p in path.parent.iterdir()) == listing
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [("newer-revision", "newer MLflow"), (b"this is not a database, " * 100, "cannot be read as an SQLite")],
+    ids=["newer-revision", "not-sqlite"],
+)
+def test_store_that_cannot_be_judged_is_left_untouched(pristine_store, tmp_path, content, match):
+    path = _copy_store(pristine_store, tmp_path / "store")
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        _damage(path, content)
+    before = _sha256(path)
+    with pytest.raises(MetricLoggingError, match=match) as info:
+        MLflowManager(f"sqlite:///{path}")
+    assert "untouched" in str(info.value)
+    assert _sha256(path) == before
+
+
+_STORE_OPENER = """
+import sys, time
+from pathlib import Path
+kind, uri, root, work = sys.argv[1:5]
+if kind == "manager":
+    from rapidfire_state.metric_manager import MLflowManager
+else:  # MLflow on its own: how a store was made before this library built it beside
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+import mlflow.tracking  # imported before the start signal: the test waits for the store, not imports
+(Path(work) / "ready").touch()
+while not (Path(work) / "go").exists():
+    time.sleep(0.005)
+if kind == "manager":
+    MLflowManager(uri)
+else:
+    SqlAlchemyStore(uri, root)
+"""
+
+
+@pytest.fixture(scope="module")
+def full_store_size(pristine_store) -> int:
+    return pristine_store.stat().st_size
+
+
+def _store_files(directory: Path) -> dict[str, int]:
+    files = {}
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                try:
+                    files[entry.name] = entry.stat().st_size
+                except FileNotFoundError:  # renamed or deleted while we looked
+                    pass
+    except FileNotFoundError:
+        pass
+    return files
+
+
+def _databases(files: dict[str, int]) -> dict[str, int]:
+    """The database files among ``files`` (final or temporary), without lock and journals."""
+    return {
+        name: size
+        for name, size in files.items()
+        if name.startswith("mlflow.db") and not name.endswith((".lock", "-journal", "-wal", "-shm"))
+    }
+
+
+# Moments of a first start, told by what the directory shows (not by sleeps).
+_KILL_MOMENTS = {
+    "database-file-created": lambda files, full: bool(_databases(files)),
+    "tables-being-created": lambda files, full: any(s > 0 for s in _databases(files).values()),
+    "journal-open": lambda files, full: any(n.startswith("mlflow.db") and n.endswith("-journal") for n in files),
+    "migrations-30pct": lambda files, full: any(s >= 0.3 * full for s in _databases(files).values()),
+    "migrations-75pct": lambda files, full: any(s >= 0.75 * full for s in _databases(files).values()),
+    "store-installed": lambda files, full: files.get("mlflow.db", 0) > 0 and len(_databases(files)) == 1,
+}
+_KILLS = [("manager", m) for m in _KILL_MOMENTS] + [("mlflow-alone", "migrations-30pct")]
+
+
+@pytest.mark.slow
+def test_sigkill_during_store_creation_never_bricks_later_opens(tmp_path, full_store_size):
+    # One child per moment, all started at once so that their imports (seconds each)
+    # overlap; each waits for its own start signal.
+    children = []
+    for index, (opener, moment) in enumerate(_KILLS):
+        work = tmp_path / f"kill{index}"
+        directory = work / "mlflow"
+        directory.mkdir(parents=True)
+        uri = f"sqlite:///{directory / 'mlflow.db'}"
+        child = subprocess.Popen(
+            [sys.executable, "-c", _STORE_OPENER, opener, uri, (work / "art").as_uri(), str(work)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        children.append((opener, moment, work, directory, uri, child))
+    try:
+        for opener, moment, work, directory, uri, child in children:
+            label = f"{opener}/{moment}"
+            wait_until = time.monotonic() + 120
+            while not (work / "ready").exists():
+                assert child.poll() is None, (label, child.stderr.read()[-2000:])
+                assert time.monotonic() < wait_until, label
+                time.sleep(0.02)
+            condition = _KILL_MOMENTS[moment]
+            (work / "go").touch()
+            seen: dict[str, int] = {}
+            while child.poll() is None and time.monotonic() < wait_until:
+                seen = _store_files(directory)
+                if condition(seen, full_store_size):
+                    child.kill()
+                    break
+                time.sleep(0.001)
+            child.wait(timeout=30)
+            if moment != "store-installed":
+                # The kill must have landed during the creation, not after it.
+                assert child.returncode == -signal.SIGKILL, (label, seen, child.stderr.read()[-2000:])
+            final = directory / "mlflow.db"
+            if opener == "manager" and final.exists():
+                _assert_complete(final)  # never a half-made store under the final name
+            _assert_usable(uri)
+            _assert_complete(final)
+            leftovers = [n for n in os.listdir(directory) if ".creating." in n or n.endswith(("-journal", "-wal"))]
+            assert leftovers == [], label
+    finally:
+        for *_, child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()

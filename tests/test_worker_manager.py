@@ -520,3 +520,211 @@ def test_workers_left_running_are_terminated_at_interpreter_exit(sqlite_db, sqli
     assert gone(pid)
     row = sqlite_db.list_workers(sqlite_experiment.experiment_id)[0]
     assert row.pid == pid and row.exit_code == -signal.SIGTERM
+
+
+# =====================================================================================
+# WorkerManager without a target: the default target runs run_worker with the task
+# handler the experiment names in config_options["worker_handler"].
+# (A separate block: other tests of this module are above.)
+# =====================================================================================
+
+
+def handled_records(record_dir: Path) -> list[dict]:
+    path = record_dir / "handled.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def handler_experiment(db: StateDB, tmp_path: Path, record_dir: Path, handler: Any = "worker_targets:context_handler"):
+    options: dict[str, Any] = {"record_dir": str(record_dir)}
+    if handler is not None:
+        options[wm.WORKER_HANDLER_KEY] = handler
+    record = db.create_experiment("handler_exp", str(tmp_path / "experiments"), config_options=options, unique=True)
+    return record
+
+
+class _Registry(dict):
+    """A registry and lock as in-process threads see them (the spawned tests use a Manager's)."""
+
+
+def test_manager_without_target_takes_the_spec_signature(sqlite_db):
+    manager = WorkerManager(2, None, None, db=sqlite_db)
+    assert manager.target is wm.default_worker_target
+    assert manager.worker_kwargs == {"heartbeat_seconds": 2.0}
+    manager = WorkerManager(2, {}, threading.Lock(), db=sqlite_db, heartbeat_seconds=0.5,
+                            worker_kwargs={"handler": "worker_targets:context_handler", "poll_seconds": 0.05})
+    assert manager.worker_kwargs == {"handler": "worker_targets:context_handler", "poll_seconds": 0.05,
+                                     "heartbeat_seconds": 0.5}
+    with pytest.raises(ConfigError, match=r"\['record_dir'\] are not accepted without a target"):
+        WorkerManager(1, db=sqlite_db, worker_kwargs={"record_dir": "/x"})
+    with pytest.raises(ConfigError, match="is not a handler name"):
+        WorkerManager(1, db=sqlite_db, worker_kwargs={"handler": worker_targets.context_handler})
+
+
+def test_manager_without_target_uses_the_default_database(tmp_path, monkeypatch):
+    # WorkerManager(num_workers, registry, lock), exactly as the spec constructs it.
+    monkeypatch.setenv("RF_DB_URL", f"sqlite:///{tmp_path / 'default.db'}")
+    manager = WorkerManager(4, {}, threading.Lock())
+    assert manager.num_workers == 4 and manager.db.sqlite_path == str(tmp_path / "default.db")
+    manager.db.close()
+
+
+@pytest.mark.parametrize(
+    "name, hint",
+    [
+        ("", "is not a task handler name"),
+        ("worker_targets", "is not a task handler name"),
+        ("worker_targets:context_handler:x", "is not a task handler name"),
+        ("worker targets:f", "is not a task handler name"),
+        (42, "is not a task handler name"),
+        ("no_such_module_for_rf_tests:handler", "cannot import module 'no_such_module_for_rf_tests': ModuleNotFoundError"),
+        ("worker_targets:no_such_function", "has no attribute 'no_such_function'"),
+        ("worker_targets:NOT_CALLABLE", "is a int, not a callable"),
+        ("worker_targets:three_arguments", "accepts neither (task, context) nor (task)"),
+        ("rf_broken_handler_module:f", "cannot import module 'rf_broken_handler_module': RuntimeError: broken at import"),
+    ],
+)
+def test_resolve_worker_handler_refuses_clearly(tmp_path, monkeypatch, name, hint):
+    (tmp_path / "rf_broken_handler_module.py").write_text("raise RuntimeError('broken at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError) as info:
+        wm.resolve_worker_handler(name, where="config_options['worker_handler']")
+    message = str(info.value)
+    assert hint in message and f"config_options['worker_handler']={name!r}" in message
+
+
+def test_resolve_worker_handler_finds_functions_and_dotted_attributes():
+    assert wm.resolve_worker_handler("worker_targets:context_handler") is worker_targets.context_handler
+    assert wm.resolve_worker_handler(" worker_targets:HandlerHolder.handle ") is worker_targets.HandlerHolder.handle
+    assert wm.resolve_worker_handler("worker_targets:task_only_handler") is worker_targets.task_only_handler
+
+
+def start_default_target(db, experiment, **kwargs):
+    event = threading.Event()
+    registry, lock = _Registry(), threading.Lock()
+    result: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            wm.default_worker_target(
+                worker_id=0, experiment_id=experiment.experiment_id, experiment_name=experiment.name, db=db,
+                registry=registry, lock=lock, shutdown_event=event, heartbeat_seconds=0.1, poll_seconds=0.02,
+                **kwargs,
+            )
+        except BaseException as exc:  # surfaced by the test
+            result["error"] = exc
+
+    db.register_worker(experiment.experiment_id, 0, os.getpid())
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return event, thread, result, registry
+
+
+def test_default_target_runs_the_named_handler_in_process(db, tmp_path, record_dir):
+    experiment = handler_experiment(db, tmp_path, record_dir)
+    ok = db.create_worker_task(experiment.experiment_id, None, 0, 0)
+    bad = db.create_worker_task(experiment.experiment_id, None, 0, 1, config_options={"fail": True})
+    event, thread, result, registry = start_default_target(db, experiment)
+    try:
+        wait_for(lambda: all(task_status(db, t.task_id) in (TaskStatus.COMPLETED, TaskStatus.FAILED)
+                             for t in (ok, bad)), 20, "both tasks")
+    finally:
+        event.set()
+        thread.join(10)
+    assert not thread.is_alive() and "error" not in result
+    assert task_status(db, ok.task_id) == TaskStatus.COMPLETED
+    failed = db.get_task("worker", bad.task_id)
+    assert failed.status == TaskStatus.FAILED and f"ValueError: handler failed task {bad.task_id}" in failed.error
+    [record] = handled_records(record_dir)
+    assert record["task_id"] == ok.task_id and record["handler_name"] == "worker_targets:context_handler"
+    assert registry == {f"task_{ok.task_id}": 0, f"task_{bad.task_id}": 0}
+
+
+def test_default_target_handler_override_and_task_only_handler(db, tmp_path, record_dir):
+    experiment = handler_experiment(db, tmp_path, record_dir, handler="worker_targets:three_arguments")
+    task = db.create_worker_task(experiment.experiment_id, None, 0, 0, config_options={"record_dir": str(record_dir)})
+    event, thread, result, _ = start_default_target(db, experiment, handler="worker_targets:task_only_handler")
+    try:
+        wait_for(lambda: task_status(db, task.task_id) == TaskStatus.COMPLETED, 20, "the task")
+    finally:
+        event.set()
+        thread.join(10)
+    assert "error" not in result
+    assert [r["task_id"] for r in handled_records(record_dir)] == [task.task_id]
+
+
+@pytest.mark.parametrize(
+    "handler, hint",
+    [
+        (None, "config_options['worker_handler'] of experiment"),
+        ("worker_targets:no_such_function", "has no attribute 'no_such_function'"),
+    ],
+    ids=["missing", "no-such-function"],
+)
+def test_default_target_with_a_bad_handler_fails_each_task_with_the_reason(db, tmp_path, record_dir, handler, hint, caplog):
+    experiment = handler_experiment(db, tmp_path, record_dir, handler=handler)
+    tasks = [db.create_worker_task(experiment.experiment_id, None, 0, c) for c in range(2)]
+    event, thread, result, _ = start_default_target(db, experiment)
+    try:
+        wait_for(lambda: all(task_status(db, t.task_id) == TaskStatus.FAILED for t in tasks), 20, "tasks failed")
+        late = db.create_worker_task(experiment.experiment_id, None, 0, 9)  # queued after the error: failed too
+        wait_for(lambda: task_status(db, late.task_id) == TaskStatus.FAILED, 20, "the late task failed")
+    finally:
+        event.set()
+        thread.join(10)
+    assert not thread.is_alive() and "error" not in result  # stopped on request, did not hang
+    for task in tasks + [late]:
+        error = db.get_task("worker", task.task_id).error
+        assert "worker 0 cannot run tasks" in error and hint in error
+    assert handled_records(record_dir) == []
+    logged = [r.getMessage() for r in caplog.records if r.name == "rapidfire_state.worker_manager"]
+    assert any("cannot run tasks" in m and hint in m for m in logged), logged
+
+
+@pytest.mark.slow
+def test_spawned_workers_without_target_run_the_handler_the_experiment_names(db, tmp_path, record_dir, managers, monkeypatch):
+    monkeypatch.setenv("RF_DB_URL", db.url.render_as_string(hide_password=False))
+    experiment = handler_experiment(db, tmp_path, record_dir)
+    exp = experiment.experiment_id
+    db.transition_experiment(exp, "RUNNING")
+    tasks = {w: [db.create_worker_task(exp, None, w, c) for c in range(2)] for w in (0, 1)}
+    failing = db.create_worker_task(exp, None, 1, 2, config_options={"fail": True})
+    sync = multiprocessing.get_context("spawn").Manager()
+    try:
+        registry, lock = sync.dict(), sync.Lock()
+        manager = WorkerManager(2, registry, lock, heartbeat_seconds=0.5)  # no target, default database
+        managers.append(manager)
+        pids = manager.spawn_workers(exp, experiment.name)
+        everything = [t for ts in tasks.values() for t in ts] + [failing]
+        wait_for(lambda: all(task_status(manager.db, t.task_id) in (TaskStatus.COMPLETED, TaskStatus.FAILED)
+                             for t in everything), 60, "all tasks to finish")
+        records = handled_records(record_dir)
+        assert sorted(r["task_id"] for r in records) == sorted(t.task_id for ts in tasks.values() for t in ts)
+        for r in records:
+            assert r["worker_id"] == r["task_worker"] and r["pid"] == pids[r["worker_id"]] != os.getpid()
+            assert (r["experiment_id"], r["experiment_name"]) == (exp, experiment.name)
+            assert r["handler_name"] == "worker_targets:context_handler"
+            assert task_status(db, r["task_id"]) == TaskStatus.COMPLETED
+        failed = db.get_task("worker", failing.task_id)
+        assert failed.status == TaskStatus.FAILED and "ValueError: handler failed task" in failed.error
+        # The registry and lock the manager was given reached the handler in each worker.
+        assert dict(registry) == {f"task_{t.task_id}": w for w, ts in tasks.items() for t in ts} | {
+            f"task_{failing.task_id}": 1}
+        assert manager.shutdown_workers(timeout=10) == {0: 0, 1: 0}
+    finally:
+        sync.shutdown()
+
+
+@pytest.mark.slow
+def test_spawned_worker_with_a_missing_handler_reports_it_and_stops_on_request(sqlite_db, tmp_path, record_dir, managers, capfd):
+    experiment = handler_experiment(sqlite_db, tmp_path, record_dir, handler=None)
+    exp = experiment.experiment_id
+    task = sqlite_db.create_worker_task(exp, None, 0, 0)
+    manager = WorkerManager(1, db=sqlite_db, heartbeat_seconds=0.5)
+    managers.append(manager)
+    manager.spawn_workers(exp, experiment.name)
+    wait_for(lambda: task_status(sqlite_db, task.task_id) == TaskStatus.FAILED, 60, "the task to fail")
+    error = sqlite_db.get_task("worker", task.task_id).error
+    assert f"config_options['worker_handler'] of experiment {exp} ('handler_exp') is not set" in error
+    assert manager.get_worker_status()[0]["alive"]  # neither dead nor hung: it answers the shutdown
+    assert manager.shutdown_workers(timeout=10) == {0: 0}
+    assert "worker 0 cannot run tasks" in capfd.readouterr().err  # the worker's log line (stderr)

@@ -164,5 +164,52 @@ def controller_main(db_url: str, experiment_id: int, record_dir: str, parent_dea
         time.sleep(1)
 
 
+# --- task handlers named in an experiment's config (WorkerManager without a target) ---
+
+
+def _append(path: Path, record: dict) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())  # one write: lines never interleave
+    finally:
+        os.close(fd)
+
+
+def context_handler(task: Any, context: Any) -> None:
+    """Named as ``worker_targets:context_handler``; records what it was given."""
+    options = context.db.get_experiment(task.experiment_id).config_options
+    with context.lock:
+        context.registry[f"task_{task.task_id}"] = context.worker_id
+    if (task.config_options or {}).get("fail"):
+        raise ValueError(f"handler failed task {task.task_id}")
+    _append(
+        Path(options["record_dir"]) / "handled.jsonl",
+        {
+            "task_id": task.task_id, "task_worker": task.worker_id, "worker_id": context.worker_id,
+            "pid": os.getpid(), "experiment_id": context.experiment_id,
+            "experiment_name": context.experiment_name, "handler_name": context.handler_name,
+            "shutdown_set": context.shutdown_event.is_set(),
+        },
+    )
+
+
+def task_only_handler(task: Any) -> None:
+    """A handler that takes the task alone (``handler(task)``)."""
+    _append(Path(task.config_options["record_dir"]) / "handled.jsonl", {"task_id": task.task_id, "pid": os.getpid()})
+
+
+class HandlerHolder:
+    @staticmethod
+    def handle(task: Any, context: Any) -> None:
+        context_handler(task, context)
+
+
+NOT_CALLABLE = 42
+
+
+def three_arguments(task: Any, context: Any, extra: Any) -> None:  # pragma: no cover - never called
+    raise AssertionError("a handler that needs three arguments must be refused")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit("import me")
