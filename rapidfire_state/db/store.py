@@ -1070,42 +1070,46 @@ class StateDB:
 
         return self._read(unit)
 
-    def _claim(self, conn: Connection, machine: _Machine, conditions: Sequence[Any]) -> Optional[int]:
-        table = machine.table
-        # The claim is recorded on the task: a fresh random token and the
-        # claiming process, so liveness is judged per claim (fail_stale_workers,
-        # register_worker) and a finish can be held to the claim's token.
+    def _claim(self, kind: str, filters: Mapping[str, int]) -> Optional[TaskRecord]:
+        """Claim the oldest SCHEDULED task of ``kind`` matching ``filters`` (column = value), as one unit.
+
+        The claim is recorded on the task: a fresh random token and the claiming
+        process, so liveness is judged per claim (:meth:`fail_stale_workers`,
+        :meth:`register_worker`) and a finish can be held to the claim's token.
+        """
+        machine = _TASK_MACHINES[kind]
+        statement = _claim_statement(machine, tuple(sorted(filters)))
         pid, process_started_at = _own_process()
-        # The oldest SCHEDULED task; on PostgreSQL rows locked by another
-        # claimer are skipped, on SQLite the write lock already serialises us.
-        candidate = (
-            select(table.c.task_id)
-            .where(table.c.status == TaskStatus.SCHEDULED.value, *conditions)
-            .order_by(table.c.task_id)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
+        params = {f"rf_claim_{name}": value for name, value in filters.items()}
+        params.update(
+            rf_new_claim_token=secrets.token_hex(16), rf_claim_pid=pid, rf_claim_host=_HOST,
+            rf_claim_started=process_started_at,
         )
-        row = conn.execute(
-            update(table)
-            .where(table.c.task_id == candidate, table.c.status == TaskStatus.SCHEDULED.value)
-            .values(
-                previous_status=table.c.status,
-                status=TaskStatus.IN_PROGRESS.value,
-                started_at=db_now(),
-                claim_token=secrets.token_hex(16),
-                claim_pid=pid,
-                claim_host=_HOST,
-                claim_process_started_at=process_started_at,
+        writer = self._prepared_writer
+        if writer is not None:
+            # SQLite: the whole unit on a prepared statement; an idle poll is
+            # BEGIN IMMEDIATE, one UPDATE that matches nothing, ROLLBACK.
+            row = writer.compare_and_set(
+                writer.prepare(statement), params, writer.prepare(_INSERT_TRANSITION),
+                lambda task_id: {
+                    "entity": machine.entity, "entity_id": task_id, "from_status": TaskStatus.SCHEDULED.value,
+                    "to_status": TaskStatus.IN_PROGRESS.value, "pid": pid, "host": _HOST, "reason": "claimed",
+                },
+                history_column="task_id",
             )
-            .returning(table.c.task_id)
-        ).first()
-        if row is None:
-            return None
-        self._record_transition(
-            conn, machine.entity, row.task_id, TaskStatus.SCHEDULED.value, TaskStatus.IN_PROGRESS.value, "claimed"
-        )
-        return row.task_id
+            return TaskRecord.from_row(row, kind=kind) if row is not None else None
+
+        def unit(conn: Connection) -> Optional[TaskRecord]:
+            row = conn.execute(statement, params).mappings().first()
+            if row is None:
+                return None
+            self._record_transition(
+                conn, machine.entity, row["task_id"], TaskStatus.SCHEDULED.value, TaskStatus.IN_PROGRESS.value,
+                "claimed",
+            )
+            return TaskRecord.from_row(row, kind=kind)  # RETURNING gave the whole row
+
+        return self._write(unit)
 
     def claim_worker_task(self, worker_id: int, *, experiment_id: Optional[int] = None) -> Optional[TaskRecord]:
         """Atomically move the oldest SCHEDULED task of ``worker_id`` to IN_PROGRESS; None when idle.
@@ -1116,16 +1120,10 @@ class StateDB:
         """
         _check_id("worker_id", worker_id)
         _check_id("experiment_id", experiment_id, optional=True)
-        table = tables.worker_tasks
-        conditions = [table.c.worker_id == worker_id]
+        filters = {"worker_id": worker_id}
         if experiment_id is not None:
-            conditions.append(table.c.experiment_id == experiment_id)
-
-        def unit(conn: Connection) -> Optional[TaskRecord]:
-            task_id = self._claim(conn, _WORKER_TASK, conditions)
-            return self._task(conn, "worker", task_id) if task_id is not None else None
-
-        return self._write(unit)
+            filters["experiment_id"] = experiment_id
+        return self._claim("worker", filters)
 
     def finish_worker_task(
         self, task_id: int, *, ok: bool = True, error: Optional[str] = None, claim_token: Optional[str] = None
@@ -1172,14 +1170,7 @@ class StateDB:
         The claim is recorded on the task as for :meth:`claim_worker_task`.
         """
         _check_id("experiment_id", experiment_id, optional=True)
-        table = tables.controller_tasks
-        conditions = [table.c.experiment_id == experiment_id] if experiment_id is not None else []
-
-        def unit(conn: Connection) -> Optional[TaskRecord]:
-            task_id = self._claim(conn, _CONTROLLER_TASK, conditions)
-            return self._task(conn, "controller", task_id) if task_id is not None else None
-
-        return self._write(unit)
+        return self._claim("controller", {"experiment_id": experiment_id} if experiment_id is not None else {})
 
     def finish_controller_task(
         self, task_id: int, *, ok: bool = True, error: Optional[str] = None, claim_token: Optional[str] = None
@@ -1833,6 +1824,42 @@ def _task_cas_parts(entity: str, to_status: TaskStatus, with_error: bool) -> Map
     if with_error:
         values["error"] = bindparam("rf_error")
     return MappingProxyType(values)
+
+
+@functools.lru_cache(maxsize=None)
+def _claim_statement(machine: _Machine, filters: tuple[str, ...]) -> Any:
+    """The claim UPDATE of ``machine`` filtered on the columns ``filters`` (built once per shape).
+
+    Moves the oldest matching SCHEDULED task to IN_PROGRESS, records the claim
+    (every datum a bound parameter) and returns the whole row.  On PostgreSQL a
+    row locked by another claimer is skipped; on SQLite the write lock already
+    serialises claimers.
+    """
+    table = machine.table
+    conditions = [table.c[name] == bindparam(f"rf_claim_{name}") for name in filters]
+    scheduled = _constant(TaskStatus.SCHEDULED)
+    candidate = (
+        select(table.c.task_id)
+        .where(table.c.status == scheduled, *conditions)
+        .order_by(table.c.task_id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    return (
+        update(table)
+        .where(table.c.task_id == candidate, table.c.status == scheduled)
+        .values(
+            previous_status=table.c.status,
+            status=_constant(TaskStatus.IN_PROGRESS),
+            started_at=db_now(),
+            claim_token=bindparam("rf_new_claim_token"),
+            claim_pid=bindparam("rf_claim_pid"),
+            claim_host=bindparam("rf_claim_host"),
+            claim_process_started_at=bindparam("rf_claim_started"),
+        )
+        .returning(*table.c)
+    )
 
 
 @functools.lru_cache(maxsize=None)
