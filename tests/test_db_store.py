@@ -784,7 +784,7 @@ def test_claim_records_the_claiming_process_and_a_fresh_token(db, experiment):
         assert claim.claim_pid == os.getpid() and claim.claim_host == socket.gethostname()
         assert abs(claim.claim_process_started_at - started) < 1.0
         assert isinstance(claim.claim_token, str) and len(claim.claim_token) == 32
-        assert db.get_task("worker", task.task_id).claim_token == claim.claim_token
+        assert db.get_task("worker", task.task_id) == claim  # the claim returns the stored row
     assert claims[0].claim_token != claims[1].claim_token  # one token per claim
     controller = db.create_controller_task(e, ControllerTask.IC_STOP)
     claimed = db.claim_controller_task(e)
