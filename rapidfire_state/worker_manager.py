@@ -937,9 +937,11 @@ def run_worker(
     """The worker loop; returns the number of tasks processed (completed or failed).
 
     Until ``shutdown_event`` is set: claim this worker's oldest SCHEDULED task
-    (``db.claim_worker_task``, which moves it to IN_PROGRESS), call
-    ``handler(task)``, and finish the task COMPLETED — or FAILED with the traceback
-    text when the handler raises an ``Exception`` (the loop goes on).  With no task
+    (``db.claim_worker_task``, which moves it to IN_PROGRESS and records this
+    process and a claim token on it), call ``handler(task)``, and finish the task
+    COMPLETED — or FAILED with the traceback text when the handler raises an
+    ``Exception`` (the loop goes on).  The finish presents the claim's token, so
+    it never overwrites what a restart or ``fail_stale_workers`` recorded.  With no task
     it waits ``poll_seconds`` (waking at once when the event is set).  The event
     is checked between tasks, so the current task is always finished.
 
@@ -1004,10 +1006,12 @@ def _process_task(db: "StateDB", handler: Callable[["TaskRecord"], Any], task: "
 
 def _finish(db: "StateDB", task: "TaskRecord", worker_id: int, *, ok: bool, error: Optional[str]) -> None:
     try:
-        db.finish_worker_task(task.task_id, ok=ok, error=error)
+        # The finish presents this claim's token: a worker declared dead (its
+        # task failed by fail_stale_workers or a restart) cannot overwrite that.
+        db.finish_worker_task(task.task_id, ok=ok, error=error, claim_token=task.claim_token)
     except InvalidTransitionError as exc:
-        # Someone else ended it meanwhile (fail_stale_workers, experiment cleanup):
-        # theirs is the recorded outcome.
+        # Someone else ended it meanwhile (fail_stale_workers, experiment cleanup),
+        # or the claim is no longer ours: theirs is the recorded outcome.
         _log.warning("worker %s could not finish task %s: %s", worker_id, task.task_id, exc)
 
 

@@ -283,6 +283,63 @@ def test_data_bearing_downgrade_and_upgrade_keep_rows(db, db_url, tmp_path):
     assert [h.to_status for h in db.history("run", run.run_id)][-1] is RunStatus.ONGOING
 
 
+CLAIMS = "0003_task_claims"
+CLAIM_COLUMNS = ("claim_token", "claim_pid", "claim_host", "claim_process_started_at")
+
+
+def column_names(url: str, table: str) -> list[str]:
+    engine = raw_engine(url)
+    try:
+        with engine.connect() as connection:
+            return [c["name"] for c in inspect(connection).get_columns(table)]
+    finally:
+        engine.dispose()
+
+
+def test_task_claims_round_trip_keeps_rows_and_an_unrecorded_claim(db, db_url, tmp_path):
+    info = populate(db, tmp_path)
+    claimed = db.get_task("worker", info["task_id"])
+    assert claimed.status is TaskStatus.IN_PROGRESS and claimed.claim_pid == os.getpid()
+    counts = row_counts(db_url)
+    db.downgrade(migrate.REVISIONS[migrate.REVISIONS.index(CLAIMS) - 1])
+    for table in ("worker_tasks", "controller_tasks"):
+        assert not set(CLAIM_COLUMNS) & set(column_names(db_url, table))
+    assert row_counts(db_url) == counts
+    for view in VIEWS:  # SQLite dropped the columns in place: the views still work
+        scalar(db_url, f"SELECT COUNT(*) FROM {view}")
+    db.upgrade("head")
+    assert schema_diff(db) == []
+    for table in ("worker_tasks", "controller_tasks"):
+        assert column_names(db_url, table)[-4:] == list(CLAIM_COLUMNS)
+    assert row_counts(db_url) == counts
+    # the task claimed before the revision has no recorded claim; it is judged by its
+    # worker row (alive here), so neither a restart nor fail-stale takes it
+    task = db.get_task("worker", info["task_id"])
+    assert task.status is TaskStatus.IN_PROGRESS and task.claim_token is None and task.claim_pid is None
+    db.register_worker(info["experiment_id"], 0, os.getpid())
+    assert db.fail_stale_workers(60) == []
+    assert db.get_task("worker", info["task_id"]).status is TaskStatus.IN_PROGRESS
+    assert db.finish_worker_task(info["task_id"]).status is TaskStatus.COMPLETED
+
+
+def test_task_claims_revision_in_offline_mode(db_url, tmp_path):
+    # ``alembic upgrade … --sql`` prints the DDL without reading the database
+    previous = migrate.REVISIONS[migrate.REVISIONS.index(CLAIMS) - 1]
+    up = alembic_cli("upgrade", f"{previous}:{CLAIMS}", "--sql", url=db_url)
+    assert up.returncode == 0, up.stdout + up.stderr
+    for table in ("worker_tasks", "controller_tasks"):
+        for column in CLAIM_COLUMNS:
+            assert f"ALTER TABLE {table} ADD COLUMN {column}" in up.stdout
+    assert f"version_num='{CLAIMS}'" in up.stdout
+    down = alembic_cli("downgrade", f"{CLAIMS}:{previous}", "--sql", url=db_url)
+    assert down.returncode == 0, down.stdout + down.stderr
+    for table in ("worker_tasks", "controller_tasks"):
+        for column in CLAIM_COLUMNS:
+            assert f"ALTER TABLE {table} DROP COLUMN {column}" in down.stdout
+    if db_url.startswith("sqlite"):
+        assert not Path(db_url[len("sqlite:///"):]).exists()  # nothing was opened or created
+
+
 def test_upgrade_is_refused_when_data_violates_the_new_check(db, db_url, tmp_path):
     # a row 0001 accepts but 0002 forbids: the upgrade fails whole and changes nothing
     populate(db, tmp_path)

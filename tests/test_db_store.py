@@ -4,8 +4,11 @@ shared-memory metadata, cleanup, and the unhappy paths (nothing stored on refusa
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
 import pickle
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -733,6 +736,246 @@ def test_fail_stale_workers_refuses_a_bad_grace(db):
     for bad in (-1, True, "5", None):
         with pytest.raises(ConfigError):
             db.fail_stale_workers(bad)
+
+
+# --- claims: who holds a task, judged per claim ----------------------------------------------------
+
+_fork = multiprocessing.get_context("fork")
+
+
+def _claimer(url: str, experiment_id: int, worker_id: int, register: bool, stay: bool, conn) -> None:
+    database = StateDB(url)
+    if register:
+        database.register_worker(experiment_id, worker_id, os.getpid())
+    task = database.claim_worker_task(worker_id, experiment_id=experiment_id)
+    conn.send(None if task is None else task.task_id)
+    if stay:
+        time.sleep(300)
+
+
+def claim_in_child(url: str, experiment_id: int, worker_id: int, *, register: bool = True, stay: bool = False):
+    """A real process (registered as ``worker_id`` when ``register``) claims one task.
+
+    Returns ``(process, task_id)``; without ``stay`` the process has exited (and
+    been reaped) on return, so its claim names a dead pid.
+    """
+    parent, child = _fork.Pipe()
+    process = _fork.Process(target=_claimer, args=(url, experiment_id, worker_id, register, stay, child))
+    process.start()
+    assert parent.poll(60), "the claiming process did not answer"
+    task_id = parent.recv()
+    if not stay:
+        process.join(60)
+        assert process.exitcode == 0
+    return process, task_id
+
+
+def test_claim_records_the_claiming_process_and_a_fresh_token(db, experiment):
+    import psutil
+
+    e = experiment.experiment_id
+    first = db.create_worker_task(e, None, 1, 0)
+    second = db.create_worker_task(e, None, 1, 1)
+    assert (first.claim_token, first.claim_pid, first.claim_host, first.claim_process_started_at) == (None,) * 4
+    claims = [db.claim_worker_task(1), db.claim_worker_task(1)]
+    started = psutil.Process().create_time()
+    for claim, task in zip(claims, (first, second)):
+        assert claim.task_id == task.task_id
+        assert claim.claim_pid == os.getpid() and claim.claim_host == socket.gethostname()
+        assert abs(claim.claim_process_started_at - started) < 1.0
+        assert isinstance(claim.claim_token, str) and len(claim.claim_token) == 32
+        assert db.get_task("worker", task.task_id) == claim  # the claim returns the stored row
+    assert claims[0].claim_token != claims[1].claim_token  # one token per claim
+    controller = db.create_controller_task(e, ControllerTask.IC_STOP)
+    claimed = db.claim_controller_task(e)
+    assert claimed.task_id == controller.task_id and claimed.claim_pid == os.getpid() and len(claimed.claim_token) == 32
+    # moving a task to IN_PROGRESS by hand is a claim too, recorded the same way
+    manual = db.create_worker_task(e, None, 9, 0)
+    moved = db.transition_task("worker", manual.task_id, "IN_PROGRESS")
+    assert moved.claim_pid == os.getpid() and len(moved.claim_token) == 32
+    assert moved.claim_token not in {c.claim_token for c in claims}
+    # finishing keeps the claim on record
+    done = db.finish_worker_task(first.task_id, claim_token=claims[0].claim_token)
+    assert done.status is TaskStatus.COMPLETED and done.claim_token == claims[0].claim_token
+
+
+def test_a_finish_with_another_claims_token_is_refused_and_changes_nothing(db, experiment):
+    e = experiment.experiment_id
+    run = make_run(db, e, "ONGOING")
+    task = db.create_worker_task(e, run.run_id, 1, 0)
+    claim = db.claim_worker_task(1)
+    other = "0" * 32
+    before = snapshot(db)
+    for ok in (True, False):
+        with pytest.raises(InvalidTransitionError, match="claim token") as info:
+            db.finish_worker_task(task.task_id, ok=ok, error="late", claim_token=other)
+        assert claim.claim_token in str(info.value) and str(os.getpid()) in str(info.value)
+        assert snapshot(db) == before
+    for bad in (1, b"x" * 32, True):
+        with pytest.raises(ConfigError, match="claim_token"):
+            db.finish_worker_task(task.task_id, claim_token=bad)
+    assert snapshot(db) == before
+    # the claim's own token finishes it; a repeat with that token is the usual idempotent repeat
+    assert db.finish_worker_task(task.task_id, claim_token=claim.claim_token).status is TaskStatus.COMPLETED
+    after = snapshot(db)
+    assert db.finish_worker_task(task.task_id, claim_token=claim.claim_token).status is TaskStatus.COMPLETED
+    assert snapshot(db) == after
+    # ... but another claim's token does not get to confirm it
+    with pytest.raises(InvalidTransitionError, match="claim token"):
+        db.finish_worker_task(task.task_id, claim_token=other)
+    with pytest.raises(InvalidTransitionError, match="claim token"):
+        db.finish_worker_task(task.task_id, ok=False, claim_token=other)
+    assert snapshot(db) == after
+    # a task that was never claimed holds no token to match
+    unclaimed = db.create_worker_task(e, None, 2, 0)
+    before = snapshot(db)
+    with pytest.raises(InvalidTransitionError, match="no recorded claim"):
+        db.transition_task("worker", unclaimed.task_id, "FAILED", claim_token=other)
+    assert snapshot(db) == before
+    # controller tasks alike
+    db.create_controller_task(e, ControllerTask.IC_STOP)
+    controller = db.claim_controller_task(e)
+    before = snapshot(db)
+    with pytest.raises(InvalidTransitionError, match="claim token"):
+        db.finish_controller_task(controller.task_id, claim_token=other)
+    assert snapshot(db) == before
+    assert db.finish_controller_task(controller.task_id, claim_token=controller.claim_token).status is TaskStatus.COMPLETED
+
+
+def test_a_worker_failed_as_dead_cannot_overwrite_the_outcome(db, db_url, experiment):
+    e = experiment.experiment_id
+    run = make_run(db, e, "ONGOING")
+    task = db.create_worker_task(e, run.run_id, 1, 0)
+    db.register_worker(e, 1, os.getpid())
+    claim = db.claim_worker_task(1)
+    time.sleep(0.3)
+    [report] = db.fail_stale_workers(0.1)  # declared dead by its heartbeat, although it runs
+    assert report.failed_task_ids == (task.task_id,)
+    failed = snapshot(db)
+    with pytest.raises(InvalidTransitionError):
+        db.finish_worker_task(task.task_id, ok=True, claim_token=claim.claim_token)
+    assert snapshot(db) == failed
+    assert db.get_task("worker", task.task_id).error == report.reason
+
+
+def test_register_worker_fails_a_dead_predecessors_tasks_at_once(db, db_url, experiment):
+    e = experiment.experiment_id
+    run = make_run(db, e, "ONGOING")
+    other_run = make_run(db, e, "ONGOING")
+    held = db.create_worker_task(e, run.run_id, 5, 0)
+    waiting = db.create_worker_task(e, run.run_id, 5, 1)
+    neighbour = db.create_worker_task(e, other_run.run_id, 6, 0)
+    dead, task_id = claim_in_child(db_url, e, 5)
+    assert task_id == held.task_id
+    _, neighbour_id = claim_in_child(db_url, e, 6)  # another worker id's dead claim: not ours to fail
+    assert neighbour_id == neighbour.task_id
+    assert db.get_task("worker", held.task_id).claim_pid == dead.pid
+
+    row = db.register_worker(e, 5, os.getpid())  # the restarted worker 5
+    assert row.pid == os.getpid() and row.alive
+    task = db.get_task("worker", held.task_id)
+    assert task.status is TaskStatus.FAILED and task.ended_at is not None
+    assert f"pid {dead.pid}" in task.error and "registered again" in task.error and "exited" in task.error
+    assert chain(db, "worker_task", held.task_id)[-1] == ("IN_PROGRESS", "FAILED")
+    failed_run = db.get_run(run.run_id)
+    assert failed_run.status is RunStatus.FAILED and f"pid {dead.pid}" in failed_run.error
+    assert db.get_task("worker", waiting.task_id).status is TaskStatus.SCHEDULED
+    assert db.get_task("worker", neighbour.task_id).status is TaskStatus.IN_PROGRESS
+    assert db.get_run(other_run.run_id).status is RunStatus.ONGOING
+    # registering again (the same live process) changes no task
+    before = {t.task_id: t.status for t in db.list_tasks("worker")}
+    db.register_worker(e, 5, os.getpid())
+    assert {t.task_id: t.status for t in db.list_tasks("worker")} == before
+
+
+def test_fail_stale_fails_a_dead_claimers_task_behind_a_live_successor(db, db_url, experiment):
+    e = experiment.experiment_id
+    run = make_run(db, e, "ONGOING")
+    held = db.create_worker_task(e, run.run_id, 5, 0)
+    waiting = db.create_worker_task(e, run.run_id, 5, 1)
+    predecessor, task_id = claim_in_child(db_url, e, 5, stay=True)
+    try:
+        assert task_id == held.task_id
+        # the successor registers while the predecessor still runs: its claim is live, left alone
+        db.register_worker(e, 5, os.getpid())
+        assert db.get_task("worker", held.task_id).status is TaskStatus.IN_PROGRESS
+        assert db.fail_stale_workers(60) == []
+    finally:
+        os.kill(predecessor.pid, signal.SIGKILL)
+        predecessor.join(60)
+    assert predecessor.exitcode == -signal.SIGKILL
+    db.heartbeat(e, 5)
+    [report] = db.fail_stale_workers(60)
+    assert report.claim_pid == predecessor.pid
+    assert report.worker.pid == os.getpid() and report.worker.alive  # the live successor's row
+    assert report.failed_task_ids == (held.task_id,) and report.failed_run_ids == (run.run_id,)
+    assert f"pid {predecessor.pid}" in report.reason and f"now pid {os.getpid()}" in report.reason
+    task = db.get_task("worker", held.task_id)
+    assert task.status is TaskStatus.FAILED and task.error == report.reason
+    assert db.get_run(run.run_id).status is RunStatus.FAILED
+    assert db.get_task("worker", waiting.task_id).status is TaskStatus.SCHEDULED
+    assert [w.pid for w in db.list_workers(e, alive_only=True)] == [os.getpid()]
+    before = snapshot(db)
+    assert db.fail_stale_workers(60) == []
+    assert snapshot(db) == before
+
+
+def _set_claim(db_url: str, task_id: int, **values) -> None:
+    from sqlalchemy import create_engine
+
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as connection:
+            assignments = ", ".join(f"{name} = :{name}" for name in values)
+            connection.execute(text(f"UPDATE worker_tasks SET {assignments} WHERE task_id = :t"), {"t": task_id, **values})
+    finally:
+        engine.dispose()
+
+
+def test_a_claimers_recycled_pid_is_not_taken_for_it(db, db_url, experiment):
+    e = experiment.experiment_id
+    task = db.create_worker_task(e, None, 2, 0)
+    db.register_worker(e, 2, os.getpid())
+    claim = db.claim_worker_task(2)
+    assert db.fail_stale_workers(60) == []
+    # the claim's pid is running, but as a process started at another time: the claimer is gone
+    _set_claim(db_url, task.task_id, claim_process_started_at=claim.claim_process_started_at - 3600)
+    [report] = db.fail_stale_workers(60)
+    assert report.claim_pid == os.getpid() and "another process" in report.reason
+    assert report.failed_task_ids == (task.task_id,) and report.worker.alive
+
+
+def test_claims_of_other_hosts_and_unrecorded_claims_are_judged_by_the_worker_row(db, db_url, experiment):
+    e = experiment.experiment_id
+    remote = db.create_worker_task(e, None, 3, 0)
+    legacy = db.create_worker_task(e, None, 4, 0)
+    db.register_worker(e, 3, os.getpid())
+    db.register_worker(e, 4, os.getpid())
+    db.claim_worker_task(3)
+    db.claim_worker_task(4)
+    # a claim made on another host: its pid means nothing here
+    _set_claim(db_url, remote.task_id, claim_host="elsewhere", claim_pid=_dead_pid())
+    # a claim made before claims were recorded (revision 0002)
+    _set_claim(db_url, legacy.task_id, claim_token=None, claim_pid=None, claim_host=None,
+               claim_process_started_at=None)
+    assert db.fail_stale_workers(60) == []
+    assert db.register_worker(e, 3, os.getpid()).alive
+    # the row it was claimed under is alive: a re-registration leaves the unrecorded claim alone
+    db.register_worker(e, 4, os.getpid())
+    assert {t.task_id: t.status for t in db.list_tasks("worker")} == {
+        remote.task_id: TaskStatus.IN_PROGRESS, legacy.task_id: TaskStatus.IN_PROGRESS,
+    }
+    # once the row's process is gone, a restart fails the unrecorded claim with it
+    gone = _dead_pid()
+    db.register_worker(e, 4, gone)
+    db.register_worker(e, 4, os.getpid())
+    task = db.get_task("worker", legacy.task_id)
+    assert task.status is TaskStatus.FAILED and f"pid {gone}" in task.error
+    # the remote claim falls with its worker row's heartbeat
+    time.sleep(0.3)
+    db.heartbeat(e, 4)
+    reports = db.fail_stale_workers(0.2)
+    assert [(r.worker.worker_id, r.failed_task_ids) for r in reports] == [(3, (remote.task_id,))]
 
 
 # --- the ORM cannot bypass the state machine ---------------------------------------------------------

@@ -185,6 +185,37 @@ def test_shutdown_event_lets_the_current_task_finish(db, experiment, record_dir)
     assert task_status(db, queued.task_id) == TaskStatus.SCHEDULED
 
 
+def test_run_worker_finishes_only_under_its_own_claim(db, db_url, experiment):
+    from sqlalchemy import create_engine, text
+
+    exp = experiment.experiment_id
+    db.register_worker(exp, 0, os.getpid())
+    taken = db.create_worker_task(exp, None, 0, 0)
+    kept = db.create_worker_task(exp, None, 0, 1)
+    newer = "f" * 32
+
+    def handler(task):
+        if task.task_id == taken.task_id:
+            # while the handler runs, the task's claim becomes another one's (a newer truth
+            # this worker does not know about): its finish must not overwrite it
+            engine = create_engine(db_url)
+            try:
+                with engine.begin() as connection:
+                    connection.execute(text("UPDATE worker_tasks SET claim_token = :t WHERE task_id = :i"),
+                                       {"t": newer, "i": task.task_id})
+            finally:
+                engine.dispose()
+
+    event, thread, result = start_loop(db, exp, handler)
+    wait_for(lambda: task_status(db, kept.task_id) == TaskStatus.COMPLETED, 10, "the second task")
+    event.set()
+    thread.join(5)
+    assert "error" not in result and result["processed"] == 2
+    task = db.get_task("worker", taken.task_id)
+    assert task.status is TaskStatus.IN_PROGRESS and task.claim_token == newer and task.ended_at is None
+    assert [h.to_status for h in db.history("worker_task", taken.task_id)][-1] is TaskStatus.IN_PROGRESS
+
+
 def test_a_handler_base_exception_fails_the_task_and_propagates(db, experiment):
     exp = experiment.experiment_id
     db.register_worker(exp, 0, os.getpid())

@@ -108,10 +108,14 @@ class SQLitePreparedWriter:
         params: Mapping[str, Any],
         history: PreparedStatement,
         history_params: Callable[[Any], Mapping[str, Any]],
+        *,
+        history_column: str = "previous_status",
     ) -> Optional[dict[str, Any]]:
         """Apply the UPDATE and its history row in one ``BEGIN IMMEDIATE`` unit.
 
-        ``history_params(previous_status)`` gives the history row's parameters.
+        ``history_params(value)`` gives the history row's parameters from the
+        updated row's ``history_column`` (by default the status it moved from;
+        a claim, whose row is not known in advance, passes ``task_id``).
         Returns the updated row (processed like SQLAlchemy's), or None when the
         compare-and-set matched nothing (rolled back; nothing written).
         """
@@ -136,8 +140,8 @@ class SQLitePreparedWriter:
                 return None
             # Only what the history row needs is computed while the write lock
             # is held; the returned row is processed after COMMIT.
-            previous_status = values[update.columns.index("previous_status")]
-            connection.execute(history.sql, history.arguments(history_params(previous_status)))
+            key = values[update.columns.index(history_column)]
+            connection.execute(history.sql, history.arguments(history_params(key)))
             connection.execute("COMMIT")
         except BaseException as exc:
             if connection.in_transaction:

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from rapidfire_state.db.store import StateDB
 
 #: every shipped revision, oldest first; the last is head
-REVISIONS: tuple[str, ...] = ("0001_initial", "0002_run_ended_by_check")
+REVISIONS: tuple[str, ...] = ("0001_initial", "0002_run_ended_by_check", "0003_task_claims")
 HEAD_REVISION = REVISIONS[-1]
 UPGRADE_COMMAND = "rapidfire-state db upgrade"
 

@@ -99,6 +99,10 @@ class WorkerTaskRow(Base):
     created_at: Mapped[datetime]
     started_at: Mapped[Optional[datetime]]
     ended_at: Mapped[Optional[datetime]]
+    claim_token: Mapped[Optional[str]]
+    claim_pid: Mapped[Optional[int]]
+    claim_host: Mapped[Optional[str]]
+    claim_process_started_at: Mapped[Optional[float]]
 
 
 class ControllerTaskRow(Base):
@@ -117,6 +121,10 @@ class ControllerTaskRow(Base):
     created_at: Mapped[datetime]
     started_at: Mapped[Optional[datetime]]
     ended_at: Mapped[Optional[datetime]]
+    claim_token: Mapped[Optional[str]]
+    claim_pid: Mapped[Optional[int]]
+    claim_host: Mapped[Optional[str]]
+    claim_process_started_at: Mapped[Optional[float]]
 
 
 class Worker(Base):

@@ -137,6 +137,11 @@ class TaskRecord(_Record):
     created_at: datetime
     started_at: Optional[datetime]
     ended_at: Optional[datetime]
+    #: the claim: a random id per claim, and the claiming process (None until claimed)
+    claim_token: Optional[str] = None
+    claim_pid: Optional[int] = None
+    claim_host: Optional[str] = None
+    claim_process_started_at: Optional[float] = None
 
     _ENUMS = {"status": TaskStatus}
 
@@ -229,12 +234,18 @@ class SHMObjectRecord(_Record):
 
 @dataclass(frozen=True)
 class StaleWorkerReport:
-    """What :meth:`StateDB.fail_stale_workers` changed for one worker."""
+    """What :meth:`StateDB.fail_stale_workers` changed for one worker or one dead claimer.
 
-    worker: WorkerRecord
+    ``claim_pid`` is set when the tasks were failed by their own claim: a dead
+    process that claimed them for ``worker``'s worker id, whose row may now name a
+    live successor (``worker`` is that row, None when the worker id has none).
+    """
+
+    worker: Optional[WorkerRecord]
     reason: str
     failed_task_ids: tuple[int, ...]
     failed_run_ids: tuple[int, ...]
+    claim_pid: Optional[int] = None
 
 
 @dataclass(frozen=True)

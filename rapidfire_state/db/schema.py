@@ -115,6 +115,24 @@ def _enum_check(column: str, enum_cls: type[Enum], *, nullable: bool = False) ->
     return CheckConstraint(condition, name=column)
 
 
+def _claim() -> list[Column]:
+    """Who claimed a task (moved it SCHEDULED -> IN_PROGRESS), set by the claim itself.
+
+    Liveness is judged per claim: a task whose claimer died is found by these
+    columns even after the worker id was registered again by a new process.
+    ``claim_token`` is a random id per claim; a finish that presents another
+    token is refused.
+    """
+    return [
+        Column("claim_token", String(32)),
+        Column("claim_pid", Integer),
+        Column("claim_host", String(255)),
+        # the OS start time of the claiming process (as workers.process_started_at),
+        # so a recycled pid is not taken for the claimer
+        Column("claim_process_started_at", Float),
+    ]
+
+
 def _status(default: Enum) -> list[Column]:
     """The status column of a state machine, and the status it last moved from."""
     return [
@@ -240,6 +258,7 @@ worker_tasks = Table(
     _created_at(),
     _timestamp("started_at"),
     _timestamp("ended_at"),
+    *_claim(),
     _enum_check("status", TaskStatus),
     _enum_check("task_type", WorkerTask),
     # claim_worker_task: the oldest SCHEDULED task of a worker
@@ -261,6 +280,7 @@ controller_tasks = Table(
     _created_at(),
     _timestamp("started_at"),
     _timestamp("ended_at"),
+    *_claim(),
     _enum_check("status", TaskStatus),
     _enum_check("task_type", ControllerTask),
     Index("ix_controller_tasks_experiment_id_status_task_id", "experiment_id", "status", "task_id"),

@@ -18,9 +18,11 @@ Transaction discipline
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
+import secrets
 import socket
 import threading
 import time
@@ -1068,53 +1070,73 @@ class StateDB:
 
         return self._read(unit)
 
-    def _claim(self, conn: Connection, machine: _Machine, conditions: Sequence[Any]) -> Optional[int]:
-        table = machine.table
-        # The oldest SCHEDULED task; on PostgreSQL rows locked by another
-        # claimer are skipped, on SQLite the write lock already serialises us.
-        candidate = (
-            select(table.c.task_id)
-            .where(table.c.status == TaskStatus.SCHEDULED.value, *conditions)
-            .order_by(table.c.task_id)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
-        )
-        row = conn.execute(
-            update(table)
-            .where(table.c.task_id == candidate, table.c.status == TaskStatus.SCHEDULED.value)
-            .values(
-                previous_status=table.c.status,
-                status=TaskStatus.IN_PROGRESS.value,
-                started_at=db_now(),
-            )
-            .returning(table.c.task_id)
-        ).first()
-        if row is None:
-            return None
-        self._record_transition(
-            conn, machine.entity, row.task_id, TaskStatus.SCHEDULED.value, TaskStatus.IN_PROGRESS.value, "claimed"
-        )
-        return row.task_id
+    def _claim(self, kind: str, filters: Mapping[str, int]) -> Optional[TaskRecord]:
+        """Claim the oldest SCHEDULED task of ``kind`` matching ``filters`` (column = value), as one unit.
 
-    def claim_worker_task(self, worker_id: int, *, experiment_id: Optional[int] = None) -> Optional[TaskRecord]:
-        """Atomically move the oldest SCHEDULED task of ``worker_id`` to IN_PROGRESS; None when idle."""
-        _check_id("worker_id", worker_id)
-        _check_id("experiment_id", experiment_id, optional=True)
-        table = tables.worker_tasks
-        conditions = [table.c.worker_id == worker_id]
-        if experiment_id is not None:
-            conditions.append(table.c.experiment_id == experiment_id)
+        The claim is recorded on the task: a fresh random token and the claiming
+        process, so liveness is judged per claim (:meth:`fail_stale_workers`,
+        :meth:`register_worker`) and a finish can be held to the claim's token.
+        """
+        machine = _TASK_MACHINES[kind]
+        statement = _claim_statement(machine, tuple(sorted(filters)))
+        pid, process_started_at = _own_process()
+        params = {f"rf_claim_{name}": value for name, value in filters.items()}
+        params.update(
+            rf_new_claim_token=secrets.token_hex(16), rf_claim_pid=pid, rf_claim_host=_HOST,
+            rf_claim_started=process_started_at,
+        )
+        writer = self._prepared_writer
+        if writer is not None:
+            # SQLite: the whole unit on a prepared statement; an idle poll is
+            # BEGIN IMMEDIATE, one UPDATE that matches nothing, ROLLBACK.
+            row = writer.compare_and_set(
+                writer.prepare(statement), params, writer.prepare(_INSERT_TRANSITION),
+                lambda task_id: {
+                    "entity": machine.entity, "entity_id": task_id, "from_status": TaskStatus.SCHEDULED.value,
+                    "to_status": TaskStatus.IN_PROGRESS.value, "pid": pid, "host": _HOST, "reason": "claimed",
+                },
+                history_column="task_id",
+            )
+            return TaskRecord.from_row(row, kind=kind) if row is not None else None
 
         def unit(conn: Connection) -> Optional[TaskRecord]:
-            task_id = self._claim(conn, _WORKER_TASK, conditions)
-            return self._task(conn, "worker", task_id) if task_id is not None else None
+            row = conn.execute(statement, params).mappings().first()
+            if row is None:
+                return None
+            self._record_transition(
+                conn, machine.entity, row["task_id"], TaskStatus.SCHEDULED.value, TaskStatus.IN_PROGRESS.value,
+                "claimed",
+            )
+            return TaskRecord.from_row(row, kind=kind)  # RETURNING gave the whole row
 
         return self._write(unit)
 
-    def finish_worker_task(self, task_id: int, *, ok: bool = True, error: Optional[str] = None) -> TaskRecord:
-        """IN_PROGRESS → COMPLETED (``ok``) or FAILED with ``error``."""
-        return self.transition_task("worker", task_id, TaskStatus.COMPLETED if ok else TaskStatus.FAILED, error=error)
+    def claim_worker_task(self, worker_id: int, *, experiment_id: Optional[int] = None) -> Optional[TaskRecord]:
+        """Atomically move the oldest SCHEDULED task of ``worker_id`` to IN_PROGRESS; None when idle.
+
+        The claim is recorded on the task: ``claim_token`` (a random id of this
+        claim, to present to :meth:`finish_worker_task`) and the calling
+        process (``claim_pid``, ``claim_host``, ``claim_process_started_at``).
+        """
+        _check_id("worker_id", worker_id)
+        _check_id("experiment_id", experiment_id, optional=True)
+        filters = {"worker_id": worker_id}
+        if experiment_id is not None:
+            filters["experiment_id"] = experiment_id
+        return self._claim("worker", filters)
+
+    def finish_worker_task(
+        self, task_id: int, *, ok: bool = True, error: Optional[str] = None, claim_token: Optional[str] = None
+    ) -> TaskRecord:
+        """IN_PROGRESS → COMPLETED (``ok``) or FAILED with ``error``.
+
+        With ``claim_token`` (the token of the claim, ``TaskRecord.claim_token``)
+        the finish applies only to that claim: when the task's claim has another
+        token (or none) :class:`InvalidTransitionError` says so and nothing changes.
+        """
+        return self.transition_task(
+            "worker", task_id, TaskStatus.COMPLETED if ok else TaskStatus.FAILED, error=error, claim_token=claim_token
+        )
 
     def create_controller_task(
         self,
@@ -1143,21 +1165,20 @@ class StateDB:
         )
 
     def claim_controller_task(self, experiment_id: Optional[int] = None) -> Optional[TaskRecord]:
-        """Atomically move the oldest SCHEDULED controller task to IN_PROGRESS; None when idle."""
+        """Atomically move the oldest SCHEDULED controller task to IN_PROGRESS; None when idle.
+
+        The claim is recorded on the task as for :meth:`claim_worker_task`.
+        """
         _check_id("experiment_id", experiment_id, optional=True)
-        table = tables.controller_tasks
-        conditions = [table.c.experiment_id == experiment_id] if experiment_id is not None else []
+        return self._claim("controller", {"experiment_id": experiment_id} if experiment_id is not None else {})
 
-        def unit(conn: Connection) -> Optional[TaskRecord]:
-            task_id = self._claim(conn, _CONTROLLER_TASK, conditions)
-            return self._task(conn, "controller", task_id) if task_id is not None else None
-
-        return self._write(unit)
-
-    def finish_controller_task(self, task_id: int, *, ok: bool = True, error: Optional[str] = None) -> TaskRecord:
-        """IN_PROGRESS → COMPLETED (``ok``) or FAILED with ``error``."""
+    def finish_controller_task(
+        self, task_id: int, *, ok: bool = True, error: Optional[str] = None, claim_token: Optional[str] = None
+    ) -> TaskRecord:
+        """IN_PROGRESS → COMPLETED (``ok``) or FAILED with ``error``; ``claim_token`` as in :meth:`finish_worker_task`."""
         return self.transition_task(
-            "controller", task_id, TaskStatus.COMPLETED if ok else TaskStatus.FAILED, error=error
+            "controller", task_id, TaskStatus.COMPLETED if ok else TaskStatus.FAILED, error=error,
+            claim_token=claim_token,
         )
 
     def transition_task(
@@ -1169,19 +1190,32 @@ class StateDB:
         error: Optional[str] = None,
         reason: Optional[str] = None,
         expected: Optional[Iterable[Any]] = None,
+        claim_token: Optional[str] = None,
     ) -> TaskRecord:
-        """Compare-and-set a task's status; ``kind`` is ``"worker"`` or ``"controller"``."""
+        """Compare-and-set a task's status; ``kind`` is ``"worker"`` or ``"controller"``.
+
+        A move to IN_PROGRESS records the calling process as the task's claim
+        (as the claim methods do).  With ``claim_token`` the change applies only
+        while the task's claim has that token; otherwise
+        :class:`InvalidTransitionError` names both claims and nothing changes.
+        """
         machine = self._task_kind(kind)
         to_status = states.coerce_status("task", to)
+        if claim_token is not None and not isinstance(claim_token, str):
+            raise ConfigError(f"claim_token={claim_token!r} is not valid; the str of TaskRecord.claim_token is required")
+        values, extra_where, params = _task_cas_arguments(machine.entity, to_status, error, claim_token)
         prepared = self._prepared_cas(
-            machine, task_id, to_status, expected=expected, values=_task_cas_parts(machine.entity, to_status, error is not None),
-            extra_where=(), params={} if error is None else {"rf_error": str(error)}, reason=reason,
+            machine, task_id, to_status, expected=expected, values=values,
+            extra_where=extra_where, params=params, reason=reason,
         )
         if prepared is not None:
             return TaskRecord.from_row(prepared, kind=kind)
 
         def unit(conn: Connection) -> TaskRecord:
-            self._transition_task(conn, machine, task_id, to_status, error=error, reason=reason, expected=expected)
+            self._transition_task(
+                conn, machine, task_id, to_status, error=error, reason=reason, expected=expected,
+                claim_token=claim_token,
+            )
             return self._task(conn, kind, task_id)
 
         return self._write(unit)
@@ -1196,43 +1230,155 @@ class StateDB:
         error: Optional[str] = None,
         reason: Optional[str] = None,
         expected: Optional[Iterable[Any]] = None,
+        claim_token: Optional[str] = None,
     ) -> Optional[Any]:
-        values = _task_cas_parts(machine.entity, to_status, error is not None)
-        params: dict[str, Any] = {} if error is None else {"rf_error": str(error)}
-        from_status, _ = self._cas(
-            conn, machine, task_id, to_status, expected=expected, values=values, reason=reason,
-            params=params, cacheable=True,
+        values, extra_where, params = _task_cas_arguments(machine.entity, to_status, error, claim_token)
+
+        def other_claim(row: Mapping[str, Any]) -> Optional[str]:
+            if claim_token is not None and row["claim_token"] != claim_token:
+                return _claim_mismatch(row, claim_token)
+            return None
+
+        from_status, row = self._cas(
+            conn, machine, task_id, to_status, expected=expected, values=values, extra_where=extra_where,
+            reason=reason, blocked_detail=other_claim, params=params, cacheable=True,
         )
+        if from_status is None and claim_token is not None and row["claim_token"] != claim_token:
+            # the task already has the wanted status, but under another claim:
+            # that outcome is not this caller's to confirm
+            raise InvalidTransitionError(
+                machine.entity, task_id, to_status, to_status,
+                sorted(states.allowed_from("task", to_status), key=str), _claim_mismatch(row, claim_token),
+            )
         return from_status
 
     # --- workers -----------------------------------------------------------------------
 
     def register_worker(self, experiment_id: int, worker_id: int, pid: int, *, host: Optional[str] = None) -> WorkerRecord:
-        """Record (or re-record, after a restart) worker ``worker_id``'s process."""
+        """Record (or re-record, after a restart) worker ``worker_id``'s process.
+
+        In the same transaction, the tasks of ``worker_id`` that a dead process
+        left IN_PROGRESS are failed (and their runs, as :meth:`fail_stale_workers`
+        does): every task whose own claim names a process of this host that is
+        gone, and the tasks without a recorded claim when the previous process of
+        the row is gone or marked exited.  A restart therefore never hides a
+        predecessor's tasks from failure by overwriting its pid.  Claims made on
+        another host are left to :meth:`fail_stale_workers` (heartbeats).
+        """
         _check_id("experiment_id", experiment_id)
         _check_id("worker_id", worker_id)
         if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
             raise ConfigError(f"pid={pid!r} is not valid; a positive int is required")
+        if host is not None and (not isinstance(host, str) or host == ""):
+            raise ConfigError(f"host={host!r} is not valid; a non-empty str is required")
         host = host or _HOST
         started = _process_start_time(pid) if host == _HOST else None
         table = tables.workers
 
         def unit(conn: Connection) -> WorkerRecord:
             self._experiment(conn, experiment_id)
+            previous = conn.execute(
+                select(table)
+                .where(table.c.experiment_id == experiment_id, table.c.worker_id == worker_id)
+                .with_for_update()  # PostgreSQL: registrations of one worker id run one after the other
+            ).mappings().first()
+            self._fail_dead_claims(
+                conn, experiment_id, worker_id,
+                WorkerRecord.from_row(previous) if previous is not None else None,
+                f"worker {worker_id} was registered again (pid {pid} on {host})",
+            )
             values = dict(
                 pid=pid, host=host, process_started_at=started, started_at=db_now(),
                 heartbeat_at=db_now(), exited_at=None, exit_code=None,
             )
-            result = conn.execute(
-                update(table)
-                .where(table.c.experiment_id == experiment_id, table.c.worker_id == worker_id)
-                .values(**values)
-            )
-            if result.rowcount == 0:
+            if previous is not None:
+                conn.execute(update(table).where(table.c.id == previous["id"]).values(**values))
+            else:
                 conn.execute(insert(table).values(experiment_id=experiment_id, worker_id=worker_id, **values))
             return self._worker(conn, experiment_id, worker_id)
 
         return self._write(unit, retry_on_unique=True)
+
+    def _fail_dead_claims(
+        self,
+        conn: Connection,
+        experiment_id: int,
+        worker_id: int,
+        previous: Optional[WorkerRecord],
+        context: str,
+    ) -> list[StaleWorkerReport]:
+        """Fail the IN_PROGRESS tasks of one worker id whose claimer is gone; never commits."""
+        tasks = tables.worker_tasks
+        open_tasks = conn.execute(
+            select(tasks.c.task_id, tasks.c.claim_token, tasks.c.claim_pid, tasks.c.claim_host,
+                   tasks.c.claim_process_started_at)
+            .where(tasks.c.experiment_id == experiment_id, tasks.c.worker_id == worker_id,
+                   tasks.c.status == TaskStatus.IN_PROGRESS.value)
+            .order_by(tasks.c.task_id)
+        ).all()
+        if not open_tasks:
+            return []
+        previous_gone: Optional[str] = None
+        if previous is not None:
+            previous_gone = "was marked exited" if previous.exited_at is not None else _gone_here(
+                previous.host, previous.pid, previous.process_started_at
+            )
+        # one message (and one report) per dead claimer
+        doomed: dict[tuple, list[int]] = {}
+        messages: dict[tuple, str] = {}
+        judged: dict[tuple, Optional[str]] = {}
+        for task in open_tasks:
+            if task.claim_token is None:
+                # claimed before claims were recorded: judged by the row it was claimed under
+                if previous is None or previous_gone is None:
+                    continue
+                claimer = (previous.pid, previous.host, previous.process_started_at)
+                why = previous_gone
+            else:
+                claimer = (task.claim_pid, task.claim_host, task.claim_process_started_at)
+                if claimer not in judged:
+                    judged[claimer] = _gone_here(task.claim_host, task.claim_pid, task.claim_process_started_at)
+                why = judged[claimer]
+                if why is None:
+                    continue
+            doomed.setdefault(claimer, []).append(task.task_id)
+            messages[claimer] = f"worker {worker_id}'s process (pid {claimer[0]} on {claimer[1]}) {why}; {context}"
+        reports = []
+        for claimer, task_ids in doomed.items():
+            failed, runs = self._fail_in_progress(conn, [tasks.c.task_id.in_(task_ids)], messages[claimer])
+            if failed:
+                reports.append(StaleWorkerReport(
+                    worker=previous, reason=messages[claimer], failed_task_ids=failed, failed_run_ids=runs,
+                    claim_pid=claimer[0],
+                ))
+        return reports
+
+    def _fail_in_progress(self, conn: Connection, conditions: Sequence[Any], message: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """IN_PROGRESS worker tasks matching ``conditions`` → FAILED, their runs FAILED; never commits.
+
+        Compare-and-set: a task someone else finished meanwhile is left as it is.
+        Returns the failed task ids and the runs it failed.
+        """
+        tasks = tables.worker_tasks
+        failed = conn.execute(
+            update(tasks)
+            .where(tasks.c.status == TaskStatus.IN_PROGRESS.value, *conditions)
+            .values(previous_status=tasks.c.status, status=TaskStatus.FAILED.value, ended_at=db_now(), error=message)
+            .returning(tasks.c.task_id, tasks.c.run_id)
+        ).all()
+        run_ids: list[int] = []
+        for task in sorted(failed):
+            self._record_transition(
+                conn, "worker_task", task.task_id, TaskStatus.IN_PROGRESS.value, TaskStatus.FAILED.value, message
+            )
+            if task.run_id is not None and task.run_id not in run_ids:
+                try:
+                    with conn.begin_nested():
+                        if self._transition_run(conn, task.run_id, RunStatus.FAILED, error=message, reason=message):
+                            run_ids.append(task.run_id)
+                except InvalidTransitionError:
+                    pass  # the run already ended (e.g. COMPLETED): keep its outcome
+        return tuple(sorted(t.task_id for t in failed)), tuple(run_ids)
 
     def _worker(self, conn: Connection, experiment_id: int, worker_id: int) -> WorkerRecord:
         table = tables.workers
@@ -1311,16 +1457,27 @@ class StateDB:
         return self._read(unit)
 
     def fail_stale_workers(self, grace_seconds: float, *, experiment_id: Optional[int] = None) -> list[StaleWorkerReport]:
-        """Fail every worker that is gone: its pid dead on this host, or its heartbeat too old.
+        """Fail every worker that is gone, and every task whose claimer is gone.
 
-        In one transaction, for each such worker: its IN_PROGRESS tasks become
-        FAILED, their runs FAILED with an error naming the worker, and the
-        worker row is marked exited.  Returns what changed.
+        In one transaction:
+
+        * each worker row not marked exited whose process is gone (its pid dead
+          on this host, or the pid now another process's) or whose heartbeat is
+          older than ``grace_seconds``: its IN_PROGRESS tasks become FAILED, their
+          runs FAILED with an error naming the worker, and the row is marked exited;
+        * each other IN_PROGRESS worker task whose own claim names a process of
+          this host that is gone — also when its worker id was registered again
+          by a live process since: the task and its run FAILED (the live
+          successor's row is left alone; the report's ``claim_pid`` names the
+          dead claimer).
+
+        Returns what changed, one report per worker or dead claimer.
         """
         if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, (int, float)) or grace_seconds < 0:
             raise ConfigError(f"grace_seconds={grace_seconds!r} is not valid; a number >= 0 is required")
         _check_id("experiment_id", experiment_id, optional=True)
         table = tables.workers
+        tasks = tables.worker_tasks
 
         def unit(conn: Connection) -> list[StaleWorkerReport]:
             now = conn.execute(select(db_now())).scalar_one()
@@ -1334,6 +1491,23 @@ class StateDB:
                 if reason is None:
                     continue
                 reports.append(self._fail_worker(conn, worker, reason))
+            # Per claim: what a dead process of this host left, whoever the worker row names now.
+            claimed = select(tasks.c.experiment_id, tasks.c.worker_id).distinct().where(
+                tasks.c.status == TaskStatus.IN_PROGRESS.value, tasks.c.claim_host == _HOST,
+            )
+            if experiment_id is not None:
+                claimed = claimed.where(tasks.c.experiment_id == experiment_id)
+            for owner in sorted(conn.execute(claimed).all()):
+                row = conn.execute(
+                    select(table).where(table.c.experiment_id == owner.experiment_id, table.c.worker_id == owner.worker_id)
+                ).mappings().first()
+                current = WorkerRecord.from_row(row) if row is not None else None
+                context = (
+                    f"worker {owner.worker_id} is now pid {current.pid} on {current.host}" if current is not None
+                    else f"worker {owner.worker_id} has no worker row"
+                )
+                for report in self._fail_dead_claims(conn, owner.experiment_id, owner.worker_id, None, context):
+                    reports.append(dataclasses.replace(report, worker=current))
             return reports
 
         return self._write(unit)
@@ -1341,28 +1515,9 @@ class StateDB:
     def _fail_worker(self, conn: Connection, worker: WorkerRecord, reason: str) -> StaleWorkerReport:
         tasks = tables.worker_tasks
         message = f"worker {worker.worker_id} (pid {worker.pid} on {worker.host}) {reason}"
-        failed = conn.execute(
-            update(tasks)
-            .where(
-                tasks.c.experiment_id == worker.experiment_id,
-                tasks.c.worker_id == worker.worker_id,
-                tasks.c.status == TaskStatus.IN_PROGRESS.value,
-            )
-            .values(previous_status=tasks.c.status, status=TaskStatus.FAILED.value, ended_at=db_now(), error=message)
-            .returning(tasks.c.task_id, tasks.c.run_id)
-        ).all()
-        run_ids: list[int] = []
-        for task in sorted(failed):
-            self._record_transition(
-                conn, "worker_task", task.task_id, TaskStatus.IN_PROGRESS.value, TaskStatus.FAILED.value, message
-            )
-            if task.run_id is not None and task.run_id not in run_ids:
-                try:
-                    with conn.begin_nested():
-                        if self._transition_run(conn, task.run_id, RunStatus.FAILED, error=message, reason=message):
-                            run_ids.append(task.run_id)
-                except InvalidTransitionError:
-                    pass  # the run already ended (e.g. COMPLETED): keep its outcome
+        failed, run_ids = self._fail_in_progress(
+            conn, [tasks.c.experiment_id == worker.experiment_id, tasks.c.worker_id == worker.worker_id], message
+        )
         conn.execute(
             update(tables.workers)
             .where(tables.workers.c.id == worker.id, tables.workers.c.exited_at.is_(None))
@@ -1371,8 +1526,8 @@ class StateDB:
         return StaleWorkerReport(
             worker=self._worker(conn, worker.experiment_id, worker.worker_id),
             reason=message,
-            failed_task_ids=tuple(sorted(t.task_id for t in failed)),
-            failed_run_ids=tuple(run_ids),
+            failed_task_ids=failed,
+            failed_run_ids=run_ids,
         )
 
     # --- shared-memory object metadata ----------------------------------------------------
@@ -1659,11 +1814,90 @@ def _task_cas_parts(entity: str, to_status: TaskStatus, with_error: bool) -> Map
     values: dict[str, Any] = {}
     if to_status == TaskStatus.IN_PROGRESS:
         values["started_at"] = func.coalesce(table.c.started_at, db_now())
+        # a move to IN_PROGRESS is a claim: it is recorded like one
+        values["claim_token"] = bindparam("rf_new_claim_token")
+        values["claim_pid"] = bindparam("rf_claim_pid")
+        values["claim_host"] = bindparam("rf_claim_host")
+        values["claim_process_started_at"] = bindparam("rf_claim_started")
     if to_status in states.terminal_states("task"):
         values["ended_at"] = db_now()
     if with_error:
         values["error"] = bindparam("rf_error")
     return MappingProxyType(values)
+
+
+@functools.lru_cache(maxsize=None)
+def _claim_statement(machine: _Machine, filters: tuple[str, ...]) -> Any:
+    """The claim UPDATE of ``machine`` filtered on the columns ``filters`` (built once per shape).
+
+    Moves the oldest matching SCHEDULED task to IN_PROGRESS, records the claim
+    (every datum a bound parameter) and returns the whole row.  On PostgreSQL a
+    row locked by another claimer is skipped; on SQLite the write lock already
+    serialises claimers.
+    """
+    table = machine.table
+    conditions = [table.c[name] == bindparam(f"rf_claim_{name}") for name in filters]
+    scheduled = _constant(TaskStatus.SCHEDULED)
+    candidate = (
+        select(table.c.task_id)
+        .where(table.c.status == scheduled, *conditions)
+        .order_by(table.c.task_id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    return (
+        update(table)
+        .where(table.c.task_id == candidate, table.c.status == scheduled)
+        .values(
+            previous_status=table.c.status,
+            status=_constant(TaskStatus.IN_PROGRESS),
+            started_at=db_now(),
+            claim_token=bindparam("rf_new_claim_token"),
+            claim_pid=bindparam("rf_claim_pid"),
+            claim_host=bindparam("rf_claim_host"),
+            claim_process_started_at=bindparam("rf_claim_started"),
+        )
+        .returning(*table.c)
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _claim_token_where(entity: str) -> tuple[Any, ...]:
+    """The extra WHERE of a task change held to one claim (built once per entity)."""
+    table = _HISTORY_MACHINES[entity].table
+    return (table.c.claim_token == bindparam("rf_claim_token"),)
+
+
+def _task_cas_arguments(
+    entity: str, to_status: TaskStatus, error: Optional[str], claim_token: Optional[str]
+) -> tuple[Mapping[str, Any], tuple[Any, ...], dict[str, Any]]:
+    """``(values, extra_where, params)`` of a task's compare-and-set (cached shapes, per-call data)."""
+    values = _task_cas_parts(entity, to_status, error is not None)
+    params: dict[str, Any] = {}
+    if error is not None:
+        params["rf_error"] = str(error)
+    if to_status == TaskStatus.IN_PROGRESS:
+        pid, process_started_at = _own_process()
+        params["rf_new_claim_token"] = secrets.token_hex(16)
+        params["rf_claim_pid"] = pid
+        params["rf_claim_host"] = _HOST
+        params["rf_claim_started"] = process_started_at
+    extra_where: tuple[Any, ...] = ()
+    if claim_token is not None:
+        extra_where = _claim_token_where(entity)
+        params["rf_claim_token"] = claim_token
+    return values, extra_where, params
+
+
+def _claim_mismatch(row: Mapping[str, Any], claim_token: str) -> str:
+    held = row["claim_token"]
+    if held is None:
+        return f"claim token {claim_token!r} was presented but the task has no recorded claim; nothing was changed"
+    return (
+        f"claim token {claim_token!r} is not the task's claim (token {held!r}, pid {row['claim_pid']}"
+        f" on {row['claim_host']}); nothing was changed"
+    )
 
 
 def _cas_plan(
@@ -1752,21 +1986,52 @@ def _process_start_time(pid: int) -> Optional[float]:
         return None
 
 
+_OWN_PROCESS: Optional[tuple[int, Optional[float]]] = None
+
+
+def _own_process() -> tuple[int, Optional[float]]:
+    """This process's pid and OS start time, for the claims it makes.
+
+    Cached per pid: one psutil call per process, and a forked child (another
+    pid) computes its own.
+    """
+    global _OWN_PROCESS
+    pid = os.getpid()
+    cached = _OWN_PROCESS
+    if cached is None or cached[0] != pid:
+        cached = (pid, _process_start_time(pid))
+        _OWN_PROCESS = cached
+    return cached
+
+
+def _gone_here(host: Optional[str], pid: Optional[int], process_started_at: Optional[float]) -> Optional[str]:
+    """Why the process ``pid`` started at ``process_started_at`` on ``host`` is gone.
+
+    None while it runs, and whenever this host cannot tell: another host's
+    pid means nothing here, and a process we may not inspect is taken as alive.
+    """
+    if host != _HOST or pid is None:
+        return None
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return "has exited (zombie process)"
+        if process_started_at is not None and abs(process.create_time() - process_started_at) > 1.0:
+            return "has exited (its pid now belongs to another process)"
+    except psutil.NoSuchProcess:
+        return "has exited (pid not running)"
+    except psutil.AccessDenied:
+        return None
+    return None
+
+
 def _staleness(worker: WorkerRecord, now: Any, grace_seconds: float) -> Optional[str]:
     """Why the worker counts as gone, or None while it looks alive."""
-    if worker.host == _HOST:
-        import psutil
-
-        try:
-            process = psutil.Process(worker.pid)
-            if process.status() == psutil.STATUS_ZOMBIE:
-                return "has exited (zombie process)"
-            if worker.process_started_at is not None and abs(process.create_time() - worker.process_started_at) > 1.0:
-                return "has exited (its pid now belongs to another process)"
-        except psutil.NoSuchProcess:
-            return "has exited (pid not running)"
-        except psutil.AccessDenied:
-            pass
+    gone = _gone_here(worker.host, worker.pid, worker.process_started_at)
+    if gone is not None:
+        return gone
     age = (now - worker.heartbeat_at).total_seconds()
     if age > grace_seconds:
         return f"missed its heartbeat ({age:.1f} s old, grace {grace_seconds} s)"
