@@ -55,7 +55,7 @@ def test_sql_reads_views_and_refuses_writes(populated, capsys):
     assert code == 0
     assert json.loads(out) == [{"run_id": run.run_id, "experiment_name": "cli_exp", "status": "ONGOING"}]
     code, out, err = run_cli(capsys, "--url", url, "sql", "DELETE FROM runs")
-    assert code == 2 and "query failed" in err
+    assert code == 2 and "refused: DELETE" in err
     assert len(db.list_runs()) == 1  # nothing was deleted
     code, _, err = run_cli(capsys, "--url", url, "sql", "SELECT * FROM no_such_table")
     assert code == 2 and "no_such_table" in err
@@ -80,9 +80,9 @@ def test_bad_url_is_a_clear_error(capsys):
 
 def test_db_current_never_migrates(tmp_path, capsys):
     path = tmp_path / "fresh.db"
-    code, out, _ = run_cli(capsys, "--url", str(path), "db", "current")
-    assert code == 0 and "empty" in out
-    assert migrate.read_revision(resolve_url(str(path))) is None
+    code, out, err = run_cli(capsys, "--url", str(path), "db", "current")
+    assert code == 2 and f"no database at {path}" in err and out == ""
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "rf_home"]  # nothing was created
     code, out, _ = run_cli(capsys, "--url", str(path), "db", "upgrade")
     assert code == 0 and f"to {migrate.HEAD_REVISION}" in out
     code, out, _ = run_cli(capsys, "--url", str(path), "db", "current")
