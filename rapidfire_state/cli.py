@@ -49,9 +49,15 @@ EXIT_BROKEN_PIPE = 141
 
 
 @contextmanager
-def _reader(args: argparse.Namespace) -> Iterator[Any]:
-    """The database opened read-only; a read that its (older) schema cannot serve says so."""
+def _reader(args: argparse.Namespace, *, explain_behind: bool = True) -> Iterator[Any]:
+    """The database opened read-only.
+
+    On a database behind head the command reads what its schema has; when a read
+    fails there (``explain_behind``), the error says which revision the database is
+    at and the command that upgrades it — the reader itself never does.
+    """
     from rapidfire_state.db import StateDB, migrate
+    from rapidfire_state.exceptions import SchemaOutOfDateError
 
     database = StateDB(args.url, read_only=True)
     try:
@@ -59,8 +65,8 @@ def _reader(args: argparse.Namespace) -> Iterator[Any]:
             yield database
         except DBException as exc:
             probe = database.probe
-            if probe is not None and probe.status == "behind" and not isinstance(exc, SQLRefusedError):
-                raise DBException(f"{migrate.behind_message(probe)}: {exc}") from exc
+            if explain_behind and probe is not None and probe.status == "behind":
+                raise SchemaOutOfDateError(f"{migrate.behind_message(probe)} ({exc})") from exc
             raise
     finally:
         database.close()
@@ -279,7 +285,8 @@ def _check_timeout(value: Any) -> float:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    with _reader(args) as database:
+    # a failing query on an older schema is the query's error, not the schema's
+    with _reader(args, explain_behind=False) as database:
         backend = "sqlite" if database.is_sqlite else "postgresql"
         _check_keyword(args.query, backend)
         if database.is_sqlite:
