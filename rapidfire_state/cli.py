@@ -542,7 +542,14 @@ def _sql_postgresql(database: Any, statement: str, timeout: float) -> tuple[Opti
                     (str(max(1, int(timeout * 1000))),),
                 )
                 _pg_check_reader(cursor, database)
-                cursor.execute(f"SET LOCAL ROLE {migrate.SQL_READER_ROLE}")
+                try:
+                    cursor.execute(f"SET LOCAL ROLE {migrate.SQL_READER_ROLE}")
+                except psycopg.errors.InsufficientPrivilege as exc:
+                    user = database.url.username or "the URL's user"
+                    raise SQLRefusedError(
+                        f"refused: {user} may not SET ROLE {migrate.SQL_READER_ROLE}, the role `sql` runs as; "
+                        f"a superuser or a member may (GRANT {migrate.SQL_READER_ROLE} TO {user})"
+                    ) from exc
                 watchdog.start()
                 # Parse (never executes): exactly one statement, and its columns even when no row comes.
                 pgconn = connection.pgconn

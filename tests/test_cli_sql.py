@@ -466,3 +466,32 @@ def test_query_errors_are_one_line_and_not_refusals(populated, capsys):
                 cli._sql_postgresql(reader, "SELEC 1", 5.0)
             finally:
                 reader.close()
+
+
+def test_postgresql_sql_as_a_member_and_as_a_non_member(populated, capsys):
+    """A login that is not a superuser: refused (one line, the GRANT to ask for) until it is
+    made a member of the reader role; then it reads, and still cannot write."""
+    pg_only(populated)
+    login = f"rf_test_login_{uuid.uuid4().hex[:10]}"
+    with populated.transaction() as session:
+        session.execute(text(f"CREATE ROLE {login} LOGIN"))
+        session.execute(text(f"GRANT SELECT ON alembic_version TO {login}"))
+    url = populated.url.set(username=login).render_as_string(hide_password=False)
+    try:
+        code, out, err = run_main(capsys, "--url", url, "sql", "SELECT count(*) AS n FROM runs")
+        assert code == 2 and out == ""
+        assert f"GRANT {migrate.SQL_READER_ROLE} TO {login}" in err and len(err.strip().splitlines()) == 1
+        with populated.transaction() as session:
+            session.execute(text(f"GRANT {migrate.SQL_READER_ROLE} TO {login}"))
+        code, out, err = run_main(capsys, "--url", url, "sql", "SELECT count(*) AS n FROM runs", "--json")
+        assert code == 0 and out.strip() == '[{"n": 1}]', err
+        before = snapshot(populated)
+        code, _, err = run_main(capsys, "--url", url, "sql", "WITH d AS (DELETE FROM runs RETURNING 1) SELECT * FROM d")
+        assert code == 2 and "refused" in err
+        assert snapshot(populated) == before
+    finally:
+        with populated.transaction() as session:
+            session.execute(text(f"REVOKE ALL ON alembic_version FROM {login}"))
+        populated.engine.dispose()  # the login's sessions are gone; nothing else holds the role
+        with populated.transaction() as session:
+            session.execute(text(f"DROP ROLE {login}"))

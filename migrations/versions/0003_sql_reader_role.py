@@ -80,8 +80,6 @@ BEGIN
     END IF;
 EXCEPTION
     WHEN duplicate_object OR unique_violation THEN NULL;
-    WHEN insufficient_privilege THEN
-        RAISE NOTICE 'cannot make % a member of {role}; grant it to the users of rapidfire-state sql', current_user;
 END
 $rf$
 """

@@ -15,6 +15,13 @@ Open policy (``ensure_schema``):
   command, unless ``auto_upgrade=True``; ``auto_upgrade=False`` refuses SQLite too;
 * unknown (for example newer) revision → :class:`SchemaTooNewError`, always;
   the database is not touched.
+
+Readers (``StateDB(read_only=True)``, the CLI's listings, ``sql``, ``db current``)
+go through :func:`probe_database` / :func:`check_readable` instead and never
+migrate, back up, lock or create anything: missing or empty →
+:class:`DatabaseMissingError`; unknown → :class:`SchemaTooNewError`; behind →
+read as it is (a read its schema cannot serve names the revision and
+``rapidfire-state db upgrade``).
 """
 
 from __future__ import annotations
