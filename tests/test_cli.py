@@ -412,12 +412,14 @@ def run_exe(*argv: str, cwd: Optional[Path] = None, **kwargs) -> subprocess.Comp
     (["--url", "postgresql+psycopg://postgres@127.0.0.1:1/test", "db", "current"], ["127.0.0.1:1", "Connection refused"]),
     (["--url", "postgresql+psycopg2://postgres@127.0.0.1/test", "runs"], ["'psycopg2'", "not installed", "postgresql+psycopg://"]),
     (["--url", "postgresql+nodriver://postgres@127.0.0.1/test", "runs"], ["no driver 'postgresql+nodriver'"]),
-    (["--url", "/no/such/dir/x.db", "runs"], ["no database at /no/such/dir/x.db"]),
+    (["--url", "{tmp}/no/such/dir/x.db", "runs"], ["no database at {tmp}/no/such/dir/x.db"]),
 ])
 def test_cli_errors_are_one_line_without_traceback(argv, needles, tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     before = tree(tmp_path)
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    needles = [needle.format(tmp=tmp_path) for needle in needles]
     result = run_exe(*argv, cwd=cwd)
     assert result.returncode == 2 and result.stdout == ""
     line = one_error_line(result.stderr)
