@@ -181,3 +181,26 @@ class DatabaseDamagedError(DBException):
 
 
 __all__ += ["MigrationError", "DatabaseDamagedError"]
+
+
+# --- readers and the CLI (appended: readers that never write) -----------------------
+
+
+class DatabaseMissingError(DBException):
+    """A reader was pointed at a database that does not exist (or holds no schema).
+
+    Readers never create a database; the message names where it looked and the
+    command that creates one.
+    """
+
+
+class ReadOnlyError(DBException):
+    """A write was attempted through a database opened with ``read_only=True``."""
+
+
+class SQLRefusedError(RapidFireError):
+    """``rapidfire-state sql`` refused a statement (it writes, escapes the reader
+    role, is more than one statement, or ran past its timeout); nothing was changed."""
+
+
+__all__ += ["DatabaseMissingError", "ReadOnlyError", "SQLRefusedError"]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import venv
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -16,6 +18,7 @@ from rapidfire_state.db import migrate
 from rapidfire_state.db.engine import resolve_url
 
 REPO = Path(__file__).resolve().parents[1]
+FIRST = "0001_initial"
 
 
 @pytest.fixture
@@ -55,7 +58,7 @@ def test_sql_reads_views_and_refuses_writes(populated, capsys):
     assert code == 0
     assert json.loads(out) == [{"run_id": run.run_id, "experiment_name": "cli_exp", "status": "ONGOING"}]
     code, out, err = run_cli(capsys, "--url", url, "sql", "DELETE FROM runs")
-    assert code == 2 and "query failed" in err
+    assert code == 2 and "refused: DELETE" in err
     assert len(db.list_runs()) == 1  # nothing was deleted
     code, _, err = run_cli(capsys, "--url", url, "sql", "SELECT * FROM no_such_table")
     assert code == 2 and "no_such_table" in err
@@ -80,9 +83,9 @@ def test_bad_url_is_a_clear_error(capsys):
 
 def test_db_current_never_migrates(tmp_path, capsys):
     path = tmp_path / "fresh.db"
-    code, out, _ = run_cli(capsys, "--url", str(path), "db", "current")
-    assert code == 0 and "empty" in out
-    assert migrate.read_revision(resolve_url(str(path))) is None
+    code, out, err = run_cli(capsys, "--url", str(path), "db", "current")
+    assert code == 2 and f"no database at {path}" in err and out == ""
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "rf_home"]  # nothing was created
     code, out, _ = run_cli(capsys, "--url", str(path), "db", "upgrade")
     assert code == 0 and f"to {migrate.HEAD_REVISION}" in out
     code, out, _ = run_cli(capsys, "--url", str(path), "db", "current")
@@ -131,3 +134,329 @@ def test_wheel_in_fresh_venv_runs_db_upgrade(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, check=True,
     ).stdout
     assert str(env_dir) in located
+
+
+# --- readers never create, migrate or back up (issue 8, item 2) -----------------------------
+
+READERS = [
+    ["experiments"], ["runs"], ["runs", "--json"], ["tasks", "--all"], ["workers"], ["shm"],
+    ["history", "run", "1"], ["sql", "SELECT 1 AS one"], ["db", "current"],
+]
+
+
+def tree(root: Path) -> dict[str, Optional[bytes]]:
+    """Every path under ``root`` with its bytes (None for a directory)."""
+    return {
+        str(path.relative_to(root)): (None if path.is_dir() else path.read_bytes())
+        for path in sorted(root.rglob("*"))
+    }
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_readers_on_a_missing_database_create_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "no" / "such" / "dir" / "x.db"
+    before = tree(tmp_path)
+    for argv in READERS + [["cleanup"], ["fail-stale"]]:
+        code, out, err = run_cli(capsys, "--url", str(missing), *argv)
+        assert code == 2 and out == "", argv
+        assert one_error_line(err) .startswith(f"rapidfire-state: error: no database at {missing}"), err
+    # the default database ($RF_HOME/db/rapidfire_state.db) is not created either
+    for argv in READERS:
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and "no database at" in one_error_line(err) and "rapidfire_state.db" in err
+    assert tree(tmp_path) == before
+
+
+def writer_database(url: str, tmp_path: Path) -> dict:
+    """A database with an experiment, a run and its history, closed again."""
+    from rapidfire_state import StateDB
+
+    database = StateDB(url)
+    try:
+        experiment = database.create_experiment("kept", str(tmp_path / "exps"))
+        database.transition_experiment(experiment.experiment_id, "RUNNING")
+        run = database.create_run(experiment.experiment_id, {"lr": 0.5})
+        database.transition_run(run.run_id, "ONGOING")
+        return {"experiment_id": experiment.experiment_id, "run_id": run.run_id, "database": database}
+    except BaseException:
+        database.close()
+        raise
+
+
+def read_everything(capsys, url: str, run_id: int, *, sql_ok: bool = True) -> None:
+    code, out, err = run_cli(capsys, "--url", url, "runs", "--json")
+    assert code == 0, err
+    assert [(r["run_id"], r["status"]) for r in json.loads(out)] == [(run_id, "ONGOING")]
+    code, out, err = run_cli(capsys, "--url", url, "history", "run", str(run_id), "--json")
+    assert code == 0 and [r["to_status"] for r in json.loads(out)] == ["NEW", "ONGOING"], err
+    for argv in (["experiments"], ["tasks", "--all"], ["workers"], ["shm"]):
+        code, _, err = run_cli(capsys, "--url", url, *argv)
+        assert code == 0, (argv, err)
+    if sql_ok:
+        code, out, err = run_cli(capsys, "--url", url, "sql", "SELECT count(*) AS n FROM state_transitions", "--json")
+        assert code == 0 and json.loads(out)[0]["n"] >= 3, err
+
+
+def test_readers_leave_a_sqlite_database_byte_for_byte(tmp_path, capsys):
+    path = tmp_path / "kept.db"
+    made = writer_database(str(path), tmp_path)
+    made["database"].close()
+    before = tree(tmp_path)
+    assert not (tmp_path / "kept.db-wal").exists()
+    read_everything(capsys, str(path), made["run_id"])
+    code, out, _ = run_cli(capsys, "--url", str(path), "db", "current")
+    assert code == 0 and "up to date" in out
+    assert tree(tmp_path) == before  # no -wal, -shm, backup or lock file; the same bytes
+
+
+def test_readers_read_a_database_behind_head_and_never_upgrade_it(db_url, tmp_path, capsys):
+    made = writer_database(db_url, tmp_path)
+    database = made["database"]
+    try:
+        database.downgrade(FIRST)
+    finally:
+        database.close()
+    before = tree(tmp_path)
+    read_everything(capsys, db_url, made["run_id"], sql_ok=db_url.startswith("sqlite"))
+    code, out, _ = run_cli(capsys, "--url", db_url, "db", "current")
+    assert code == 0 and f"revision: {FIRST} (behind: run `rapidfire-state db upgrade`)" in out
+    assert migrate.probe_database(resolve_url(db_url)).revision == FIRST
+    assert tree(tmp_path) == before  # SQLite: no backup, no upgrade, not a byte changed
+
+
+def test_a_read_the_older_schema_cannot_serve_names_revision_and_command(tmp_path, capsys):
+    """Stand-in for a future revision that adds a table: at 0001 without ``shm_objects``,
+    the ``shm`` listing cannot be served, and says so without upgrading anything."""
+    path = tmp_path / "old.db"
+    made = writer_database(str(path), tmp_path)
+    database = made["database"]
+    try:
+        database.downgrade(FIRST)
+    finally:
+        database.close()
+    connection = sqlite3.connect(path)
+    connection.execute("DROP VIEW shm_usage")
+    connection.execute("DROP TABLE shm_objects")
+    connection.commit()
+    connection.close()
+    before = tree(tmp_path)
+    code, out, err = run_cli(capsys, "--url", str(path), "shm")
+    line = one_error_line(err)
+    assert code == 2 and out == ""
+    assert f"at schema revision {FIRST}" in line and "rapidfire-state db upgrade" in line and "shm_objects" in line
+    code, out, _ = run_cli(capsys, "--url", str(path), "runs", "--json")
+    assert code == 0 and len(json.loads(out)) == 1  # what the schema has is still read
+    assert tree(tmp_path) == before
+
+
+def test_a_file_that_is_not_a_database_is_one_line_and_untouched(tmp_path, capsys):
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"these are not the pages you are looking for\n" * 100)
+    before = tree(tmp_path)
+    for argv in (["runs"], ["sql", "SELECT 1"], ["db", "current"]):
+        code, _, err = run_cli(capsys, "--url", str(path), *argv)
+        assert code == 2 and "not a readable SQLite database" in one_error_line(err) and str(path) in err
+    assert tree(tmp_path) == before
+
+
+def stamp(url: str, revision: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(resolve_url(url))
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": revision})
+    finally:
+        engine.dispose()
+
+
+def test_readers_refuse_a_newer_database_and_leave_it_alone(db_url, tmp_path, capsys):
+    made = writer_database(db_url, tmp_path)
+    made["database"].close()
+    stamp(db_url, "9999_from_the_future")
+    before = tree(tmp_path)
+    for argv in READERS[:-1]:
+        code, out, err = run_cli(capsys, "--url", db_url, *argv)
+        assert code == 2 and out == "", argv
+        line = one_error_line(err)
+        assert "9999_from_the_future" in line and "newer release" in line and "not modified" in line
+    code, out, _ = run_cli(capsys, "--url", db_url, "db", "current")
+    assert code == 0 and "9999_from_the_future (unknown to this library" in out
+    assert tree(tmp_path) == before
+    assert migrate.probe_database(resolve_url(db_url)).revision == "9999_from_the_future"
+
+
+def test_readers_refuse_an_empty_file_without_touching_it(tmp_path, capsys):
+    path = tmp_path / "empty.db"
+    path.write_bytes(b"")
+    before = tree(tmp_path)
+    for argv in READERS[:-1]:
+        code, _, err = run_cli(capsys, "--url", str(path), *argv)
+        assert code == 2 and "no rapidfire_state schema" in one_error_line(err) and "db upgrade" in err
+    code, out, _ = run_cli(capsys, "--url", str(path), "db", "current")
+    assert code == 0 and "empty" in out
+    assert tree(tmp_path) == before
+
+
+def test_readers_refuse_an_empty_file_with_a_wal_naming_both(tmp_path, capsys):
+    path = tmp_path / "damaged.db"
+    path.write_bytes(b"")
+    (tmp_path / "damaged.db-wal").write_bytes(b"\x37\x7f\x06\x82" + b"\0" * 60)
+    before = tree(tmp_path)
+    for argv in (["runs"], ["sql", "SELECT 1"], ["db", "current"]):
+        code, _, err = run_cli(capsys, "--url", str(path), *argv)
+        line = one_error_line(err)
+        assert code == 2 and str(path) in line and f"{path}-wal" in line and "damaged" in line
+    assert tree(tmp_path) == before
+
+
+def test_readers_on_a_missing_postgresql_database_create_nothing(capsys):
+    from conftest import PG_URL, _pg_admin_engine
+    from sqlalchemy import text
+
+    if not PG_URL:
+        pytest.skip("RF_TEST_PG_URL is not set")
+    name = f"rf_missing_{os.getpid()}_{id(capsys)}"
+    url = resolve_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    for argv in READERS:
+        code, out, err = run_cli(capsys, "--url", url, *argv)
+        assert code == 2 and out == "" and "no database at" in one_error_line(err) and name in err
+    admin = _pg_admin_engine()
+    try:
+        with admin.connect() as connection:
+            assert connection.execute(text("SELECT count(*) FROM pg_database WHERE datname = :n"), {"n": name}).scalar() == 0
+    finally:
+        admin.dispose()
+
+
+def test_read_only_statedb_never_writes(tmp_path):
+    import pickle
+
+    from rapidfire_state import StateDB
+    from rapidfire_state.exceptions import DatabaseMissingError, ReadOnlyError
+
+    with pytest.raises(DatabaseMissingError, match="no database at"):
+        StateDB(str(tmp_path / "deep" / "x.db"), read_only=True)
+    assert not (tmp_path / "deep").exists()
+    made = writer_database(str(tmp_path / "s.db"), tmp_path)
+    made["database"].close()
+    before = tree(tmp_path)
+    reader = StateDB(str(tmp_path / "s.db"), read_only=True)
+    try:
+        assert reader.read_only and reader.probe.status == "head"
+        assert reader.get_run(made["run_id"]).status.value == "ONGOING"
+        with pytest.raises(ReadOnlyError, match="read-only"):
+            reader.transition_run(made["run_id"], "COMPLETED")
+        with pytest.raises(ReadOnlyError):
+            reader.create_experiment("nope", str(tmp_path / "exps"))
+        with pytest.raises(ReadOnlyError):
+            reader.upgrade()
+        with pytest.raises(ReadOnlyError):
+            reader.downgrade(FIRST)
+        copy = pickle.loads(pickle.dumps(reader))
+        try:
+            assert copy.read_only
+        finally:
+            copy.close()
+    finally:
+        reader.close()
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("url, needle", [
+    ("sqlite:/abs/path/x.db", "no '://'"),
+    ("sqlite://x.db", "host part"),
+    ("", "empty"),
+    ("   ", "empty"),
+    ("postgresql://user@host:notaport/db", "not a valid URL"),
+    ("mysql://x@y/z", "allowed: sqlite, postgresql"),
+])
+def test_urls_that_are_not_urls_or_paths_are_refused(url, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = tree(tmp_path)
+    for argv in (["runs"], ["db", "current"], ["db", "upgrade"]):
+        code, out, err = run_cli(capsys, "--url", url, *argv)
+        line = one_error_line(err)
+        assert code == 2 and needle in line and ("expected" in line or "allowed" in line), line
+    assert tree(tmp_path) == before  # in particular no file named 'sqlite:' under the working directory
+
+
+def test_a_directory_is_not_a_database(tmp_path, capsys):
+    for argv in (["runs"], ["db", "upgrade"], ["sql", "SELECT 1"]):
+        code, _, err = run_cli(capsys, "--url", str(tmp_path), *argv)
+        assert code == 2 and "is a directory" in one_error_line(err) and str(tmp_path) in err
+
+
+# --- one-line errors from the real executable (issue 8, item 4) ---------------------------
+
+EXECUTABLE = str(Path(sys.executable).with_name("rapidfire-state"))
+
+
+def run_exe(*argv: str, cwd: Optional[Path] = None, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([EXECUTABLE, *argv], capture_output=True, text=True, cwd=cwd, timeout=120, **kwargs)
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--url", "sqlite:/abs/path/x.db", "runs"], ["'sqlite:/abs/path/x.db'", "sqlite:////ABSOLUTE/PATH"]),
+    (["--url", "sqlite://relative.db", "runs"], ["host part 'relative.db'"]),
+    (["--url", "", "runs"], ["empty"]),
+    (["--url", "/", "runs"], ["'/' is a directory"]),
+    (["--url", "postgresql+psycopg://postgres@127.0.0.1:1/test", "runs"], ["127.0.0.1:1", "Connection refused"]),
+    (["--url", "postgresql+psycopg://postgres@127.0.0.1:1/test", "db", "upgrade"], ["127.0.0.1:1", "Connection refused"]),
+    (["--url", "postgresql+psycopg://postgres@127.0.0.1:1/test", "db", "current"], ["127.0.0.1:1", "Connection refused"]),
+    (["--url", "postgresql+psycopg2://postgres@127.0.0.1/test", "runs"], ["'psycopg2'", "not installed", "postgresql+psycopg://"]),
+    (["--url", "postgresql+nodriver://postgres@127.0.0.1/test", "runs"], ["no driver 'postgresql+nodriver'"]),
+    (["--url", "{tmp}/no/such/dir/x.db", "runs"], ["no database at {tmp}/no/such/dir/x.db"]),
+])
+def test_cli_errors_are_one_line_without_traceback(argv, needles, tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    before = tree(tmp_path)
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    needles = [needle.format(tmp=tmp_path) for needle in needles]
+    result = run_exe(*argv, cwd=cwd)
+    assert result.returncode == 2 and result.stdout == ""
+    line = one_error_line(result.stderr)
+    assert line.startswith("rapidfire-state: error: ")
+    for needle in needles:
+        assert needle in line, line
+    assert tree(tmp_path) == before
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    for argv in (["--debug", "--url", "sqlite:/x.db", "runs"], ["--url", "sqlite:/x.db", "runs", "--debug"]):
+        result = run_exe(*argv, cwd=tmp_path)
+        assert result.returncode == 2
+        assert "Traceback" in result.stderr and "ConfigError" in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("rapidfire-state: error: ")
+
+
+def test_closed_stdout_ends_quietly(tmp_path):
+    path = tmp_path / "s.db"
+    writer_database(str(path), tmp_path)["database"].close()
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will ever read: the first write gets EPIPE
+    try:
+        result = subprocess.run(
+            [EXECUTABLE, "--url", str(path), "runs"], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141
+    assert result.stderr == ""
+
+
+def test_head_of_a_long_listing_is_quiet(tmp_path):
+    path = tmp_path / "s.db"
+    writer_database(str(path), tmp_path)["database"].close()
+    many = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 100000) SELECT x FROM c"
+    script = f'"{EXECUTABLE}" --url "{path}" sql "{many}" 2>"{tmp_path}/err" | head -1; echo "status=${{PIPESTATUS[0]}}"'
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.splitlines() == ["x", "status=141"]
+    assert (tmp_path / "err").read_text() == ""

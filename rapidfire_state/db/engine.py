@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -28,47 +29,108 @@ from sqlalchemy.engine.url import URL
 from sqlalchemy.exc import ArgumentError
 
 from rapidfire_state.constants import DBConfig
-from rapidfire_state.exceptions import ConfigError
+from rapidfire_state.exceptions import ConfigError, DatabaseMissingError, DBException
 
 WRITE_OPTION = "rf_write"
 
 _SUPPORTED = ("sqlite", "postgresql")
 
 
+#: what a database URL may look like, for error messages
+EXPECTED_URL = (
+    "expected sqlite:///RELATIVE/PATH, sqlite:////ABSOLUTE/PATH, a SQLite file path, "
+    "or postgresql+psycopg://USER@HOST:PORT/DB"
+)
+
+# "name:" at the start of a string that has no "://": a URL with a mistyped separator
+# (``sqlite:/abs/x.db``), not a file path.  A path that means to start like that can
+# be written ``./name:…``.
+_SCHEME_ONLY = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+
+
 def resolve_url(url: str | URL | os.PathLike | None = None) -> URL:
     """The database URL: ``url``, else ``$RF_DB_URL``, else the embedded SQLite file.
 
     A bare filesystem path is taken as a SQLite file.  ``postgresql://`` and
-    ``postgres://`` mean psycopg 3.
+    ``postgres://`` mean psycopg 3.  Refused with :class:`ConfigError` naming the
+    value and what was expected: an empty URL, a scheme without ``://``
+    (``sqlite:/abs/x.db``), a text that is not a URL, a SQLite URL with a host part
+    (``sqlite://x.db``), a SQLite path that is a directory, an unsupported backend,
+    and a driver that is not installed.  Nothing is created or opened here.
     """
     if url is None:
         url = DBConfig.URL
-    if isinstance(url, os.PathLike) or (isinstance(url, str) and "://" not in url):
-        url = f"sqlite:///{Path(url).expanduser()}"
-    try:
-        parsed = make_url(url)
-    except ArgumentError as exc:
-        raise ConfigError(
-            f"database URL {str(url)!r} is not a valid URL; use sqlite:///PATH or "
-            "postgresql+psycopg://USER@HOST:PORT/DB"
-        ) from exc
+    if isinstance(url, URL):
+        parsed = url
+    else:
+        if isinstance(url, os.PathLike):
+            url = os.fspath(url)
+        if not isinstance(url, str):
+            raise ConfigError(f"database URL {url!r} is a {type(url).__name__}; {EXPECTED_URL}")
+        if url.strip() == "":
+            raise ConfigError(f"the database URL is empty ({url!r}); {EXPECTED_URL}")
+        if "\x00" in url:
+            raise ConfigError(f"database URL {url!r} contains a NUL character; {EXPECTED_URL}")
+        if "://" not in url:
+            if _SCHEME_ONLY.match(url):
+                raise ConfigError(
+                    f"database URL {url!r} is not a valid URL (no '://' after the scheme); {EXPECTED_URL} "
+                    "(an absolute SQLite path takes three slashes after 'sqlite:', and a fourth for the root)"
+                )
+            url = f"sqlite:///{Path(url).expanduser()}"
+        try:
+            parsed = make_url(url)
+        except (ArgumentError, ValueError) as exc:
+            raise ConfigError(f"database URL {str(url)!r} is not a valid URL; {EXPECTED_URL}") from exc
     backend = parsed.get_backend_name()
     if backend == "postgres":
         parsed = parsed.set(drivername="postgresql+psycopg")
         backend = "postgresql"
+    shown = parsed.render_as_string(hide_password=True)
     if backend not in _SUPPORTED:
-        raise ConfigError(
-            f"database URL {parsed.render_as_string(hide_password=True)!r} uses backend "
-            f"{backend!r}; allowed: {', '.join(_SUPPORTED)}"
-        )
+        raise ConfigError(f"database URL {shown!r} uses backend {backend!r}; allowed: {', '.join(_SUPPORTED)}")
     if backend == "postgresql" and parsed.get_driver_name() in ("", "psycopg2") and "+" not in parsed.drivername:
         parsed = parsed.set(drivername="postgresql+psycopg")
-    if backend == "sqlite" and parsed.database in (None, "", ":memory:"):
-        raise ConfigError(
-            "an in-memory SQLite database cannot be shared between processes; "
-            "use sqlite:///PATH to a file"
-        )
+    if backend == "sqlite":
+        if parsed.host:
+            raise ConfigError(
+                f"database URL {shown!r} has a host part {parsed.host!r}, which SQLite does not take; {EXPECTED_URL}"
+            )
+        if parsed.database in (None, "", ":memory:"):
+            raise ConfigError(
+                "an in-memory SQLite database cannot be shared between processes; "
+                "use sqlite:///PATH to a file"
+            )
+        path = sqlite_file(parsed)
+        if path is not None and path.is_dir():
+            raise ConfigError(
+                f"database path {str(path)!r} is a directory; expected a SQLite database file "
+                f"(for example {str(path / 'rapidfire_state.db')!r})"
+            )
+    _check_driver(parsed)
     return parsed
+
+
+def _check_driver(url: URL) -> None:
+    """Refuse a URL whose SQLAlchemy dialect or DB-API module cannot be loaded."""
+    from sqlalchemy.exc import NoSuchModuleError
+
+    shown = url.render_as_string(hide_password=True)
+    try:
+        dialect = url.get_dialect()
+    except NoSuchModuleError as exc:
+        raise ConfigError(
+            f"database URL {shown!r}: SQLAlchemy has no driver {url.drivername!r}; {EXPECTED_URL}"
+        ) from exc
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        module = getattr(exc, "name", None) or url.get_driver_name()
+        raise ConfigError(
+            f"database URL {shown!r} needs the Python module {module!r} (driver {url.drivername!r}), "
+            "which is not installed; use postgresql+psycopg://USER@HOST:PORT/DB (psycopg 3, a dependency "
+            "of rapidfire_state)"
+        ) from exc
 
 
 def sqlite_file(url: URL) -> Path | None:
@@ -81,11 +143,18 @@ def sqlite_file(url: URL) -> Path | None:
     return Path(database).expanduser().resolve()
 
 
-def create_state_engine(url: URL) -> Engine:
-    """An engine configured for the state layer's transaction discipline."""
+def create_state_engine(url: URL, *, read_only: bool = False) -> Engine:
+    """An engine configured for the state layer's transaction discipline.
+
+    ``read_only=True`` (readers: listings, ``sql``, ``db current``): nothing is
+    created — no directory, no database file, and on SQLite no ``-wal``/``-shm``
+    left behind where it can be avoided (:func:`connect_sqlite_reader`); every
+    connection refuses writes (``query_only`` on SQLite,
+    ``default_transaction_read_only`` on PostgreSQL).
+    """
     if url.get_backend_name() == "sqlite":
-        return _sqlite_engine(url)
-    return _postgresql_engine(url)
+        return _sqlite_reader_engine(url) if read_only else _sqlite_engine(url)
+    return _postgresql_engine(url, read_only=read_only)
 
 
 def _sqlite_engine(url: URL) -> Engine:
@@ -113,6 +182,63 @@ def _sqlite_engine(url: URL) -> Engine:
     return engine
 
 
+def _sqlite_reader_engine(url: URL) -> Engine:
+    path = sqlite_file(url)
+    if path is None:
+        raise ConfigError(f"database URL {url.render_as_string(hide_password=True)!r} names no SQLite file")
+    busy_timeout_ms = int(DBConfig.BUSY_TIMEOUT_MS)
+    # The URL names the file (so the pool is a file database's pool); the
+    # creator opens it our way, never creating it.
+    engine = create_engine(
+        url, creator=lambda: connect_sqlite_reader(path, busy_timeout_ms), pool_pre_ping=False
+    )
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN")
+
+    return engine
+
+
+def connect_sqlite_reader(path: Path, busy_timeout_ms: int | None = None) -> sqlite3.Connection:
+    """A driver connection that reads ``path`` and never creates or changes a file.
+
+    The file must exist (:class:`DatabaseMissingError` otherwise); the
+    connection has ``query_only`` on and autocommit (no implicit ``BEGIN``).
+
+    Why two modes: a ``mode=ro`` connection to a WAL database creates ``-wal`` and
+    ``-shm`` beside it and, being read-only, can never remove them.  When no
+    ``-wal`` exists (no writer has the database open) a read-write connection is
+    opened instead, with ``query_only`` on: as the last connection it removes
+    the two files again on close, and with an empty WAL nothing is checkpointed,
+    so the database file keeps its bytes.  When a ``-wal`` exists, or the file
+    or its directory is not writable, ``mode=ro`` is used and creates nothing new.
+    """
+    if busy_timeout_ms is None:
+        busy_timeout_ms = int(DBConfig.BUSY_TIMEOUT_MS)
+    if not path.exists():
+        raise DatabaseMissingError(f"no database at {path}")
+    if not path.is_file():
+        raise ConfigError(f"database path {str(path)!r} is not a regular file; expected a SQLite database file")
+    wal = path.with_name(path.name + "-wal")
+    writable = os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+    mode = "rw" if writable and not wal.exists() else "ro"
+    try:
+        connection = sqlite3.connect(
+            f"{path.as_uri()}?mode={mode}", uri=True, timeout=busy_timeout_ms / 1000.0,
+            check_same_thread=False, isolation_level=None,
+        )
+    except sqlite3.Error as exc:
+        raise DBException(f"cannot open the SQLite database {path}: {exc}") from exc
+    try:
+        connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        connection.execute("PRAGMA query_only = ON")
+    except sqlite3.Error:
+        connection.close()
+        raise
+    return connection
+
+
 def configure_sqlite(dbapi_connection: Any, busy_timeout_ms: int) -> None:
     """The settings of every SQLite connection the library opens."""
     # Off: pysqlite would otherwise issue its own deferred BEGIN before DML.
@@ -127,14 +253,18 @@ def configure_sqlite(dbapi_connection: Any, busy_timeout_ms: int) -> None:
         cursor.close()
 
 
-def _postgresql_engine(url: URL) -> Engine:
+def _postgresql_engine(url: URL, *, read_only: bool = False) -> Engine:
     from rapidfire_state.db.schema import attach_postgresql_options
 
     attach_postgresql_options()
+    options = "-c timezone=UTC"
+    if read_only:
+        # every transaction of a reader is READ ONLY unless it says otherwise
+        options += " -c default_transaction_read_only=on"
     return create_engine(
         url,
         pool_pre_ping=True,
-        connect_args={"options": "-c timezone=UTC"},
+        connect_args={"options": options},
     )
 
 

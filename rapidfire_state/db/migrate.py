@@ -27,6 +27,13 @@ Backups: before upgrading a SQLite file behind head, a copy named
 backup of the same revision has exactly the same bytes (a previous attempt
 that failed and changed nothing), it is reused instead, so repeated failing
 attempts leave one backup, not one each.
+
+Readers (``StateDB(read_only=True)``, the CLI's listings, ``sql``, ``db current``)
+go through :func:`probe_database` / :func:`check_readable` instead and never
+migrate, back up, lock or create anything: missing or empty →
+:class:`DatabaseMissingError`; unknown → :class:`SchemaTooNewError`; behind →
+read as it is (a read its schema cannot serve names the revision and
+``rapidfire-state db upgrade``).
 """
 
 from __future__ import annotations
@@ -34,14 +41,17 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import re
 import sqlite3
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from rapidfire_state.exceptions import (
     DatabaseDamagedError,
+    DatabaseMissingError,
     DBException,
     MigrationError,
     SchemaOutOfDateError,
@@ -52,9 +62,21 @@ if TYPE_CHECKING:
     from rapidfire_state.db.store import StateDB
 
 #: every shipped revision, oldest first; the last is head
-REVISIONS: tuple[str, ...] = ("0001_initial", "0002_run_ended_by_check", "0003_task_claims")
+REVISIONS: tuple[str, ...] = (
+    "0001_initial",
+    "0002_run_ended_by_check",
+    "0003_task_claims",
+    "0004_sql_reader_role",
+)
 HEAD_REVISION = REVISIONS[-1]
 UPGRADE_COMMAND = "rapidfire-state db upgrade"
+
+#: the revision that creates what ``rapidfire-state sql`` runs as on PostgreSQL
+SQL_READER_REVISION = "0004_sql_reader_role"
+#: the NOLOGIN role (cluster-wide) that may only SELECT this schema's tables and views
+SQL_READER_ROLE = "rapidfire_reader"
+#: the SECURITY DEFINER function, owned by the reader role, that runs one statement
+SQL_READER_FUNCTION = "rapidfire_sql_read"
 
 # 64-bit key of the PostgreSQL advisory lock held while migrating ("rfstate" in hex)
 _PG_LOCK_KEY = 0x7266737461746500
@@ -166,6 +188,147 @@ def _sqlite_revision(path: Path) -> Optional[str]:
         raise DBException(f"{path} is not a readable SQLite database: {exc}") from exc
     finally:
         connection.close()
+
+
+# --- the readers' path: never creates, migrates, backs up or writes ----------------------
+
+
+@dataclass(frozen=True)
+class DatabaseProbe:
+    """What a reader found at a URL, without changing anything there."""
+
+    #: where it looked (a SQLite path, or the URL with any password hidden)
+    where: str
+    #: False when there is no database at all (no file; no PostgreSQL database)
+    exists: bool
+    #: the stamped revision; None when unversioned (empty) or missing
+    revision: Optional[str]
+
+    @property
+    def status(self) -> str:
+        """``missing``, ``empty``, ``head``, ``behind`` or ``unknown``."""
+        if not self.exists:
+            return "missing"
+        if self.revision is None:
+            return "empty"
+        if self.revision == HEAD_REVISION:
+            return "head"
+        if self.revision in REVISIONS:
+            return "behind"
+        return "unknown"
+
+    def at_least(self, revision: str) -> bool:
+        """True when the database has ``revision`` applied (an unknown one counts as newer)."""
+        if self.revision is None:
+            return False
+        if self.revision not in REVISIONS:
+            return True
+        return REVISIONS.index(self.revision) >= REVISIONS.index(revision)
+
+
+def probe_database(url: Any, engine: Any = None) -> DatabaseProbe:
+    """Whether a database exists at ``url`` and its revision; creates and changes nothing.
+
+    SQLite: a missing file is ``exists=False`` (no directory or file is made); a
+    0-byte file is an empty database — unless a non-empty ``-wal`` lies beside it,
+    which is refused as damaged, naming both files.  The file is read through
+    :func:`rapidfire_state.db.engine.connect_sqlite_reader`, which leaves no
+    ``-wal``/``-shm`` behind when none were there.  PostgreSQL: a database that
+    does not exist (SQLSTATE 3D000) is ``exists=False``; a refused connection
+    raises :class:`DBException` in one line.
+    """
+    from rapidfire_state.db.engine import connect_sqlite_reader, create_state_engine, sqlite_file
+
+    path = sqlite_file(url)
+    if path is not None:
+        where = str(path)
+        if not path.exists():
+            return DatabaseProbe(where, False, None)
+        if path.is_file() and path.stat().st_size == 0:
+            wal = path.with_name(path.name + "-wal")
+            if wal.exists() and wal.stat().st_size > 0:
+                raise DBException(
+                    f"{path} is empty but {wal} holds {wal.stat().st_size} bytes: the database looks damaged "
+                    "(its pages may exist only in the WAL); it was not opened or changed"
+                )
+            return DatabaseProbe(where, True, None)
+        connection = connect_sqlite_reader(path)
+        try:
+            has_table = connection.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
+            ).fetchone()
+            if not has_table:
+                return DatabaseProbe(where, True, None)
+            row = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+            return DatabaseProbe(where, True, row[0] if row else None)
+        except sqlite3.DatabaseError as exc:
+            raise DBException(f"{path} is not a readable SQLite database: {exc}") from exc
+        finally:
+            connection.close()
+
+    from sqlalchemy import inspect, text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    where = url.render_as_string(hide_password=True)
+    own_engine = engine is None
+    engine = engine if engine is not None else create_state_engine(url, read_only=True)
+    try:
+        with engine.connect() as connection:
+            if not inspect(connection).has_table("alembic_version"):
+                return DatabaseProbe(where, True, None)
+            revision = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+            return DatabaseProbe(where, True, revision)
+    except SQLAlchemyError as exc:
+        orig = getattr(exc, "orig", None)
+        message = driver_message(exc)
+        # invalid_catalog_name; at connection time psycopg may carry only the server's text
+        if getattr(orig, "sqlstate", None) == "3D000" or re.search(r'database ".*" does not exist', message):
+            return DatabaseProbe(where, False, None)
+        raise DBException(f"cannot open {where}: {message}") from exc
+    finally:
+        if own_engine:
+            engine.dispose()
+
+
+def check_readable(url: Any, engine: Any = None) -> DatabaseProbe:
+    """The readers' open policy: a database that exists, has a schema, and a known revision.
+
+    Missing or empty → :class:`DatabaseMissingError` ("no database at …", with the
+    command that creates it); unknown (newer) revision → :class:`SchemaTooNewError`;
+    behind head → returned as is: readers read what its schema allows and never
+    upgrade it.  Nothing is created, migrated, backed up or written.
+    """
+    probe = probe_database(url, engine)
+    if probe.status == "missing":
+        raise DatabaseMissingError(f"no database at {probe.where} (readers never create one; `{UPGRADE_COMMAND}` does)")
+    if probe.status == "empty":
+        raise DatabaseMissingError(
+            f"no rapidfire_state schema in the database at {probe.where} (it is empty); "
+            f"`{UPGRADE_COMMAND}` creates it"
+        )
+    if probe.status == "unknown":
+        raise SchemaTooNewError(
+            f"{probe.where} is at schema revision {probe.revision!r}, which this version of rapidfire_state "
+            f"does not know (it knows {', '.join(REVISIONS)}); it was probably written by a newer release: "
+            "upgrade rapidfire_state. The database was not modified."
+        )
+    return probe
+
+
+def behind_message(probe: DatabaseProbe, needed: str = HEAD_REVISION, what: str = "this command") -> str:
+    """"at revision X, behind Y: run the upgrade command" for a reader that cannot go on."""
+    return (
+        f"{probe.where} is at schema revision {probe.revision}, before {needed}, which {what} needs; "
+        f"run `{UPGRADE_COMMAND}` (readers never upgrade a database)"
+    )
+
+
+def driver_message(exc: BaseException) -> str:
+    """The driver's own message of a SQLAlchemy error, on one line, without SQLAlchemy's boilerplate."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig) if orig is not None else str(exc)
+    text = text.split("(Background on this error at:")[0]
+    return " ".join(text.split())
 
 
 def _has_user_tables(database: "StateDB") -> bool:

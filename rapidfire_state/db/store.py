@@ -81,6 +81,7 @@ from rapidfire_state.exceptions import (
     InvalidTransitionError,
     NotFoundError,
     RapidFireError,
+    ReadOnlyError,
     WorkerException,
 )
 
@@ -207,42 +208,74 @@ def _enum_value(enum_cls: type, value: Any, what: str) -> str:
 class StateDB:
     """The state database of one deployment (SQLite file or PostgreSQL).
 
-    ``StateDB(url=None, *, auto_upgrade=None)``: ``url`` defaults to
-    ``$RF_DB_URL``, else ``$RF_HOME/db/rapidfire_state.db``.  Opening applies the
-    open policy of :mod:`rapidfire_state.db.migrate` (empty → migrate under a
-    lock; behind → SQLite backed up then upgraded, a server database refused
-    unless ``auto_upgrade=True``; unknown/newer → :class:`SchemaTooNewError`).
+    ``StateDB(url=None, *, auto_upgrade=None, read_only=False)``: ``url`` defaults
+    to ``$RF_DB_URL``, else ``$RF_HOME/db/rapidfire_state.db``.  Opening for
+    writing applies the open policy of :mod:`rapidfire_state.db.migrate` (empty →
+    migrate under a lock; behind → SQLite backed up then upgraded, a server
+    database refused unless ``auto_upgrade=True``; unknown/newer →
+    :class:`SchemaTooNewError`).
+
+    ``read_only=True`` is how readers open: it never creates, migrates or backs
+    up anything (a missing or empty database raises
+    :class:`DatabaseMissingError`, an unknown revision :class:`SchemaTooNewError`,
+    one behind head is read as it is and :attr:`probe` says so), its connections
+    refuse writes, and every write method raises :class:`ReadOnlyError`.
 
     Reads go through :meth:`session`, writes through :meth:`transaction` or the
     store methods, each of which is one unit of work.  Instances pickle as
     their URL, so they can be handed to spawned processes.
     """
 
-    def __init__(self, url: Any = None, *, auto_upgrade: Optional[bool] = None):
+    def __init__(self, url: Any = None, *, auto_upgrade: Optional[bool] = None, read_only: bool = False):
         self._url = resolve_url(url)
         self._auto_upgrade = auto_upgrade
-        self._engine = create_state_engine(self._url)
-        self._write_engine: Optional[Engine] = self._engine.execution_options(**{WRITE_OPTION: True})
+        self._read_only = bool(read_only)
         self._prepared_writer: Optional[SQLitePreparedWriter] = None
-        if self.is_sqlite and self.sqlite_path is not None:
-            self._prepared_writer = SQLitePreparedWriter(
-                self.sqlite_path, self._engine.dialect, int(DBConfig.BUSY_TIMEOUT_MS),
-                lambda: float(DBConfig.WRITE_RETRY_SECONDS),
-            )
         self._cleanup_hooks: list[Callable[[Sequence[SHMObjectRecord]], None]] = []
         self._hooks_lock = threading.Lock()
         #: ``(from_revision, to_revision)`` when this instance migrated the database
         self.last_migration: Optional[tuple[Optional[str], str]] = None
         #: the SQLite backup taken before an upgrade by this instance
         self.backup_path: Optional[str] = None
+        #: read-only instances: what was found on opening (its ``revision``, ``status``)
+        self.probe: Any = None
         from rapidfire_state.db import migrate
 
+        if self._read_only:
+            # Readers: the database must exist and have a known revision; one behind
+            # head is read as it is.  No migration, no backup, no file is created.
+            self._engine = create_state_engine(self._url, read_only=True)
+            self._write_engine = None
+            try:
+                self.probe = migrate.check_readable(self._url, self._engine)
+            except BaseException:
+                self._engine.dispose()
+                raise
+            _LIVE_DATABASES.add(self)
+            return
+
+        self._engine = create_state_engine(self._url)
+        self._write_engine = self._engine.execution_options(**{WRITE_OPTION: True})
+        if self.is_sqlite and self.sqlite_path is not None:
+            self._prepared_writer = SQLitePreparedWriter(
+                self.sqlite_path, self._engine.dialect, int(DBConfig.BUSY_TIMEOUT_MS),
+                lambda: float(DBConfig.WRITE_RETRY_SECONDS),
+            )
         try:
             migrate.ensure_schema(self, auto_upgrade=auto_upgrade)
+        except SQLAlchemyError as exc:
+            # e.g. a refused connection: one line naming the database, not a traceback
+            self._engine.dispose()
+            raise DBException(f"cannot open {self.url_text}: {migrate.driver_message(exc)}") from exc
         except BaseException:
             self._engine.dispose()
             raise
         _LIVE_DATABASES.add(self)
+
+    @property
+    def read_only(self) -> bool:
+        """True when opened with ``read_only=True``: writes raise :class:`ReadOnlyError`."""
+        return self._read_only
 
     # --- plumbing ------------------------------------------------------------------
 
@@ -250,7 +283,7 @@ class StateDB:
         return f"StateDB({self.url_text!r})"
 
     def __reduce__(self) -> tuple:
-        return (_reopen, (self._url.render_as_string(hide_password=False), self._auto_upgrade))
+        return (_reopen, (self._url.render_as_string(hide_password=False), self._auto_upgrade, self._read_only))
 
     @property
     def url(self) -> Any:
@@ -299,19 +332,27 @@ class StateDB:
         """The Alembic revision the database is at (None when unversioned)."""
         from rapidfire_state.db import migrate
 
+        if self._read_only:  # the readers' probe leaves no -wal/-shm behind
+            return migrate.probe_database(self._url, self._engine).revision
         return migrate.current_revision(self)
 
     def upgrade(self, revision: str = "head") -> None:
         """Migrate to ``revision`` (SQLite: the whole upgrade is one transaction)."""
         from rapidfire_state.db import migrate
 
+        self._refuse_read_only("upgrade")
         migrate.run_upgrade(self, revision)
 
     def downgrade(self, revision: str) -> None:
         """Migrate down to ``revision`` (``"base"`` drops everything)."""
         from rapidfire_state.db import migrate
 
+        self._refuse_read_only("downgrade")
         migrate.run_downgrade(self, revision)
+
+    def _refuse_read_only(self, what: str) -> None:
+        if self._read_only:
+            raise ReadOnlyError(f"cannot {what} {self.url_text}: it was opened read-only")
 
     @contextmanager
     def session(self) -> Iterator["Session"]:
@@ -336,6 +377,8 @@ class StateDB:
         """
         write_engine = self._write_engine
         if write_engine is None:
+            if self._read_only:
+                raise ReadOnlyError(f"{self!r} was opened read-only; open StateDB(url) to write")
             raise DBException(f"{self!r} is closed")
         deadline = time.monotonic() + float(DBConfig.WRITE_RETRY_SECONDS)
         attempt = 0
@@ -1967,8 +2010,8 @@ def _build_cas_plan(
     return allowed, cas_from, expected_set, statement
 
 
-def _reopen(url: str, auto_upgrade: Optional[bool]) -> StateDB:
-    return StateDB(url, auto_upgrade=auto_upgrade)
+def _reopen(url: str, auto_upgrade: Optional[bool], read_only: bool = False) -> StateDB:
+    return StateDB(url, auto_upgrade=auto_upgrade, read_only=read_only)
 
 
 def _wrap(exc: SQLAlchemyError, database: StateDB) -> DBException:
