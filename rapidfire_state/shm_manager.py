@@ -89,10 +89,14 @@ than a ``copy_`` per tensor: on the busy 2-core project machine a loop of 200
 took 190-730 ms against 48-80 ms for one ``copy_`` of the same 512 MB, while
 the memmove pieces took 40-85 ms; on a quiet machine both take 25 ms.
 ``scripts/bench/shm.py`` measures the whole path (512 MB, 200 tensors, medians
-of 3, SQLite rows): memcpy 31 ms, first store 279 ms (page faults of fresh
-shared memory), swap 37 ms (1.19x memcpy), load in a second process 1.7 ms
-(0.05x; 0.16 ms cached), clone + ``share_memory_`` + registry 677 ms (first
-store 0.41x of it), ``torch.save`` + ``torch.load`` through /dev/shm 448 ms.
+of 3, SQLite rows).  On a quiet machine: memcpy 31 ms, first store 279 ms (page
+faults of fresh shared memory), load in a second process 1.7 ms (0.05x; 0.16 ms
+cached), clone + ``share_memory_`` + registry 677 ms (first store 0.41x of it),
+``torch.save`` + ``torch.load`` through /dev/shm 448 ms.  The crash-safe swap
+copies the bytes twice: measured back to back on the busy 2-core machine it
+took 1.9-2.7x memcpy against 0.9-1.05x for the single, tearable copy it
+replaced; a manager's first in-place store also allocates the journal (about a
+first store's cost).
 
 :meth:`~SharedMemoryManager.load` returns, for an object in shared memory, the
 stored structure with **views of the shared tensors** (zero-copy: a write through
