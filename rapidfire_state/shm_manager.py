@@ -112,8 +112,8 @@ processes must not wait with it): payload first, then row; the writer then
 re-reads the registry entry and rewrites the row until the two agree, so two
 stores of one key racing to the database leave the newest entry's row.  If the
 row write fails the payload is removed and the error re-raised (for a key that
-existed, the key is then gone entirely — neither old nor new payload, nor row).  ``db=None`` means no rows at
-all (registry-only mode; :meth:`~SharedMemoryManager.list_objects` then reads the
+existed, the key is then gone entirely — neither old nor new payload, nor row).
+``db=None`` means no rows at all (registry-only mode; :meth:`~SharedMemoryManager.list_objects` then reads the
 registry).  Each object also has a small metadata entry in the registry under
 ``"__rf_shm_meta__/<key>"`` (generation, location, size, ids); code that lists
 the registry raw will see these keys.  Writers set a payload before its metadata
@@ -154,9 +154,9 @@ lock stays held when its holder is killed: other processes then raise
 
 A key is never left torn: a new payload is published in one registry update, and
 a writer killed during an in-place copy leaves a redo marker that the next
-store, load, delete or :meth:`reconcile` of that key completes from the journal
-under the lock, so the key loads as it was before the store or as written
-(while the marker is up, a load waits for the lock).  A raw ``registry[key]``
+store, load or :meth:`reconcile` of that key completes from the journal under
+the lock (a delete just removes the key), so the key loads as it was before the
+store or as written (while the marker is up, a load waits for the lock).  A raw ``registry[key]``
 read sees the half-copied tensors until one of those runs.  A writer killed
 during a disk write leaves only a temp file ``.ckpt-*.<pid>.rftmp`` next to the
 target, never a partial checkpoint.  :meth:`reconcile` repairs rows and payloads
@@ -236,7 +236,7 @@ class SHMLockTimeoutError(RapidFireError):
 _LOCK_POLL_MAX = 0.005
 #: Size of the holder record at the start of a lock file (a pid, space padded).
 _HOLDER_BYTES = 24
-_LOCK_NAME_RE = re.compile(r"^.+\.(?P<host>[A-Za-z0-9_.-]+)\.(?P<pid>\d+)\.[0-9a-f]{12}\.lock$")
+_LOCK_NAME_RE = re.compile(r"^.+\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[0-9a-f]{12}\.lock$")
 _ALL_LOCKS: "weakref.WeakSet[SHMLock]" = weakref.WeakSet()
 
 
@@ -286,7 +286,7 @@ class SHMLock:
         folder = Path(directory) if directory is not None else _default_lock_dir()
         folder.mkdir(parents=True, exist_ok=True)
         _sweep_stale_locks(folder)
-        host = _safe_component(socket.gethostname(), 64)
+        host = _lock_host()
         while True:
             path = folder / f"{_safe_component(name, 64)}.{host}.{os.getpid()}.{os.urandom(6).hex()}.lock"
             try:
@@ -454,6 +454,11 @@ def _forget_locks_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_locks_after_fork)
 
 
+def _lock_host() -> str:
+    # no dots: the host must stay one field of the lock file name
+    return _safe_component(socket.gethostname(), 64).replace(".", "_")
+
+
 def _default_lock_dir() -> Path:
     from rapidfire_state.datapaths import DataPath
 
@@ -463,7 +468,7 @@ def _default_lock_dir() -> Path:
 
 def _sweep_stale_locks(directory: Path) -> None:
     """Remove this host's lock files whose creating process is dead and that nobody holds."""
-    host = _safe_component(socket.gethostname(), 64)
+    host = _lock_host()
     try:
         names = os.listdir(directory)
     except OSError:
@@ -1428,8 +1433,8 @@ class SharedMemoryManager:
         tensors, and the marker is cleared in the same registry update that
         publishes the new metadata.  A writer killed during that copy leaves the
         marker behind, the OS releases its lock, and the next process that takes
-        the lock for this key (store, load, delete, reconcile) finishes the copy
-        from the journal: the key is never left torn.  Returns ``(new meta, old
+        the lock for this key (store, load, reconcile) finishes the copy from the
+        journal: the key is never left torn.  Returns ``(new meta, old
         meta)``, or None when the key is no longer a same-layout shared object (or
         /dev/shm has no room for the journal) and must be replaced instead.
         """

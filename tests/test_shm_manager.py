@@ -865,9 +865,7 @@ def test_shm_lock_behaves_like_a_multiprocessing_lock(tmp_path):
 
 
 def test_stale_lock_files_of_dead_processes_are_swept(tmp_path):
-    import socket
-
-    host = shm_module._safe_component(socket.gethostname(), 64)
+    host = shm_module._lock_host()
     dead = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # no process can have it
     stale = tmp_path / f"old.{host}.{dead}.{'a' * 12}.lock"
     held = tmp_path / f"held.{host}.{dead}.{'b' * 12}.lock"
@@ -955,6 +953,17 @@ def test_a_forked_child_does_not_keep_a_dead_parents_lock(tmp_path):
         lock.remove()
 
 
+def _spec_worker(registry, lock, outbox) -> None:
+    try:
+        with lock:
+            registry["7_model"] = {"w": torch.full((2,), 7.0)}
+        with lock:
+            state_dict = registry.get("0_model")
+        outbox.put(("ok", state_dict["w"].tolist()))
+    except BaseException:
+        outbox.put(("error", traceback.format_exc()))
+
+
 @pytest.mark.slow
 def test_owned_lock_file_lives_beside_the_experiment(db, datapath, rf_home):
     first = SharedMemoryManager("ctl", db=db)
@@ -969,8 +978,17 @@ def test_owned_lock_file_lives_beside_the_experiment(db, datapath, rf_home):
             assert b.acquire(blocking=False)
             b.release()
             assert not copy.acquire(blocking=False)
-        first.store("k", torch.ones(3))
-        assert torch.equal(pickle.loads(pickle.dumps(first)).load("k"), torch.ones(3))
+        first.store("0_model", {"w": torch.ones(3)})
+        # the spec's pattern in a spawned worker, with get_shm_objects()'s registry and lock
+        outbox = SPAWN.Queue()
+        worker = SPAWN.Process(target=_spec_worker, args=(*first.get_shm_objects(), outbox))
+        worker.start()
+        status, value = outbox.get(timeout=CHILD_TIMEOUT)
+        worker.join(30)
+        assert status == "ok", value
+        assert value == [1.0, 1.0, 1.0] and worker.exitcode == 0
+        assert first.reconcile().adopted == ("7_model",)
+        assert torch.equal(first.load("7_model")["w"], torch.full((2,), 7.0))
     finally:
         first.close()
         second.close()
@@ -1179,7 +1197,6 @@ def test_sigkilled_writers_never_wedge_the_lock_or_tear_a_key(registry_manager, 
             assert torch.equal(shm.load("after-kill"), torch.arange(6.0)) and shm.delete("after-kill")
             floor, floor2 = version, version2
             next_version = written + 1
-        print(f"KILLSTATS marker_at_kill={marker_at_kill}")
         assert held_at_kill == 0, "a dead writer still holds the lock"
         assert marker_at_kill >= 3, f"only {marker_at_kill} kills landed during an in-place copy"
         report = shm.reconcile()
