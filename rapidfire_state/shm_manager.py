@@ -1173,6 +1173,13 @@ class SharedMemoryManager:
                 "process has probably exited — run reconcile() to bring the database in line"
             ) from exc
 
+    def _registry_answers(self) -> bool:
+        try:
+            len(self._registry)
+            return True
+        except (EOFError, OSError):
+            return False
+
     def _meta(self, key: str) -> Optional[dict]:
         return self._call("get", self._registry.get, META_PREFIX + key)
 
@@ -1806,6 +1813,8 @@ class SharedMemoryManager:
                 if meta and meta.get("path"):
                     _unlink_quiet(meta["path"])
         except SHMRegistryUnavailableError:
+            if self._registry_answers():
+                raise  # the lock file is gone, not the registry: the payload cannot be removed safely
             alive = False
         self._drop_cache(key)
         removed_rows = self.db.delete_shm_objects([key]) if self.db is not None else []  # not under the lock
@@ -1920,6 +1929,8 @@ class SharedMemoryManager:
             with self._locked():
                 scan = self._reconcile_registry(mine, rows_by_key)
         except SHMRegistryUnavailableError:
+            if self._registry_answers():
+                raise  # the lock file is gone, not the registry: dropping its rows would lose live payloads
             scan = None
             self._drop_cache(*list(self._cache))
         return self._reconcile_rows(mine, rows_by_key, scan)

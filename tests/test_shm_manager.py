@@ -1003,6 +1003,17 @@ def test_owned_lock_file_lives_beside_the_experiment(db, datapath, rf_home):
         third.close()
 
 
+def test_a_removed_lock_file_is_refused_not_taken_for_a_dead_registry(shm, shared, db, tmp_path):
+    registry, lock = shared
+    shm.store("k", torch.ones(3))
+    os.unlink(lock.path)  # removed behind the manager's back; the registry still runs
+    for call in (shm.reconcile, lambda: shm.delete("k"), lambda: shm.store("k2", torch.ones(2))):
+        with pytest.raises(SHMRegistryUnavailableError, match="gone"):
+            call()
+    assert db.get_shm_object("k") is not None and "k" in registry.keys()
+    assert torch.equal(shm.load("k"), torch.ones(3)), "loads take no lock"
+
+
 # --- nothing slow under the lock ------------------------------------------------------------
 
 
