@@ -2,9 +2,11 @@
 
 :class:`SharedMemoryManager` keeps tensors (a tensor, a state dict, or an
 ``nn.Module``'s state dict) in CPU shared memory, reachable by every process
-through a :class:`multiprocessing.Manager` dict (the *registry*); one
-``shm_objects`` row per object in the database says where it is, how big it is
-and to which experiment/run/chunk it belongs.  Payloads never enter the DB.
+through a :class:`multiprocessing.Manager` dict (the *registry*) guarded by an
+:class:`SHMLock` (a file lock the operating system releases when its holder
+dies); one ``shm_objects`` row per object in the database says where it is, how
+big it is and to which experiment/run/chunk it belongs.  Payloads never enter
+the DB.
 
 Usage::
 
@@ -67,11 +69,16 @@ plus 2000 cheap views.  Storing:
   fails cleanly with ENOSPC instead of SIGBUS later) and copies each tensor once
   into it — outside the lock; the lock is held only to publish;
 * a key that is already in shared memory with the same shapes and dtypes (in the
-  same order) is written **in place**: one copy per tensor into the existing
-  shared tensors, under the lock; every process's loaded views see the new
-  weights.  A process-local cache keeps the shared tensors this process has seen;
-  a random generation number in the registry entry tells whether another process
-  has replaced the key since (then the cache is refreshed, never trusted);
+  same order) is written **in place**, so every process's loaded views see the
+  new weights.  To survive a writer's death mid-copy it is copied twice: first,
+  without the lock, into a *journal* (a shared scratch storage the manager keeps
+  for its next in-place store: one object's size of ``/dev/shm`` per writing
+  process), then, under the lock, from the journal into the shared tensors while
+  the registry entry carries a redo marker naming the journal (see Crashes).
+  When ``/dev/shm`` has no room for the journal the key is replaced instead of
+  written in place.  A process-local cache keeps the shared tensors this process
+  has seen; a random generation number in the registry entry tells whether
+  another process has replaced the key since (then the cache is refreshed);
 * CUDA tensors are copied straight into the shared CPU tensors (``copy_``,
   synchronous).
 
@@ -82,10 +89,14 @@ than a ``copy_`` per tensor: on the busy 2-core project machine a loop of 200
 took 190-730 ms against 48-80 ms for one ``copy_`` of the same 512 MB, while
 the memmove pieces took 40-85 ms; on a quiet machine both take 25 ms.
 ``scripts/bench/shm.py`` measures the whole path (512 MB, 200 tensors, medians
-of 3, SQLite rows): memcpy 31 ms, first store 279 ms (page faults of fresh
-shared memory), swap 37 ms (1.19x memcpy), load in a second process 1.7 ms
-(0.05x; 0.16 ms cached), clone + ``share_memory_`` + registry 677 ms (first
-store 0.41x of it), ``torch.save`` + ``torch.load`` through /dev/shm 448 ms.
+of 3, SQLite rows).  On a quiet machine: memcpy 31 ms, first store 279 ms (page
+faults of fresh shared memory), load in a second process 1.7 ms (0.05x; 0.16 ms
+cached), clone + ``share_memory_`` + registry 677 ms (first store 0.41x of it),
+``torch.save`` + ``torch.load`` through /dev/shm 448 ms.  The crash-safe swap
+copies the bytes twice: measured back to back on the busy 2-core machine it
+took 1.9-2.7x memcpy against 0.9-1.05x for the single, tearable copy it
+replaced; a manager's first in-place store also allocates the journal (about a
+first store's cost).
 
 :meth:`~SharedMemoryManager.load` returns, for an object in shared memory, the
 stored structure with **views of the shared tensors** (zero-copy: a write through
@@ -95,11 +106,14 @@ One retained view keeps the whole object's storage alive.
 
 Metadata and consistency
 ------------------------
-Every registry mutation happens under the Manager lock, with the row written
-under the same lock: payload first, then row; if the row write fails the payload
-is removed and the error re-raised (for a key that existed, the key is then gone
-entirely — neither old nor new payload, nor row).  ``db=None`` means no rows at
-all (registry-only mode; :meth:`~SharedMemoryManager.list_objects` then reads the
+Every registry mutation happens under the lock; the row is written after the
+lock is released (a database write can wait up to its retry limit, and other
+processes must not wait with it): payload first, then row; the writer then
+re-reads the registry entry and rewrites the row until the two agree, so two
+stores of one key racing to the database leave the newest entry's row.  If the
+row write fails the payload is removed and the error re-raised (for a key that
+existed, the key is then gone entirely — neither old nor new payload, nor row).
+``db=None`` means no rows at all (registry-only mode; :meth:`~SharedMemoryManager.list_objects` then reads the
 registry).  Each object also has a small metadata entry in the registry under
 ``"__rf_shm_meta__/<key>"`` (generation, location, size, ids); code that lists
 the registry raw will see these keys.  Writers set a payload before its metadata
@@ -127,26 +141,41 @@ the spec names no figure), once per crossing.
 
 Crashes
 -------
-A process SIGKILLed while holding the Manager lock (during an in-place copy or a
-publish — short windows; allocations and disk writes normally happen before the
-lock is taken) leaves the lock held: other processes raise
-:class:`SHMLockTimeoutError` after ``lock_timeout`` seconds (restart the registry
-Manager to clear it).  A writer killed during a disk write leaves only a temp
-file ``.ckpt-*.<pid>.rftmp`` next to the target, never a partial checkpoint.
-:meth:`reconcile` repairs rows and payloads that disagree after a crash and
-deletes such temp files of dead writers (see there).
+The lock held under registry mutations — only publishes and in-place copies;
+allocation, disk writes and database writes happen outside it — is an
+:class:`SHMLock`: a process killed while holding it (SIGKILL included) releases
+it with its death, and the next process takes it without a restart.  The lock
+file is ``<experiment dir>/shm_locks/<name>.<host>.<pid>.<random>.lock`` when
+DataPath is initialized, else under ``$RF_HOME/shm_locks/``; one per manager
+that starts a registry, removed by its :meth:`~SharedMemoryManager.close`.  A
+lock passed to the constructor is used as given (a ``multiprocessing`` Manager
+lock stays held when its holder is killed: other processes then raise
+:class:`SHMLockTimeoutError` after ``lock_timeout`` seconds).
+
+A key is never left torn: a new payload is published in one registry update, and
+a writer killed during an in-place copy leaves a redo marker that the next
+store, load or :meth:`reconcile` of that key completes from the journal under
+the lock (a delete just removes the key), so the key loads as it was before the
+store or as written (while the marker is up, a load waits for the lock).  A raw ``registry[key]``
+read sees the half-copied tensors until one of those runs.  A writer killed
+during a disk write leaves only a temp file ``.ckpt-*.<pid>.rftmp`` next to the
+target, never a partial checkpoint.  :meth:`reconcile` repairs rows and payloads
+that disagree after a crash and deletes such temp files of dead writers.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import re
 import signal
+import socket
 import tempfile
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +228,267 @@ class SHMRegistryUnavailableError(RapidFireError):
 
 class SHMLockTimeoutError(RapidFireError):
     """The registry lock was not acquired within ``lock_timeout`` seconds."""
+
+
+# --- the registry lock ------------------------------------------------------------------
+
+#: Longest sleep between two tries of a lock acquired with a timeout (flock has no timeout).
+_LOCK_POLL_MAX = 0.005
+#: Size of the holder record at the start of a lock file (a pid, space padded).
+_HOLDER_BYTES = 24
+_LOCK_NAME_RE = re.compile(r"^.+\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[0-9a-f]{12}\.lock$")
+_ALL_LOCKS: "weakref.WeakSet[SHMLock]" = weakref.WeakSet()
+
+
+class SHMLock:
+    """A lock shared by processes that the operating system releases when its holder dies.
+
+    An exclusive ``flock`` on a lock file, plus a thread lock so that the threads
+    of one process exclude each other too (a ``flock`` belongs to an open file,
+    which all threads of a process share).  Used like a ``multiprocessing.Lock``:
+    ``with lock: ...``, ``acquire(blocking=True, timeout=None) -> bool``,
+    ``release()``; not reentrant.  A process killed while holding it (SIGKILL
+    included) holds it no more: the kernel drops the ``flock`` with the process's
+    last descriptor of the file.
+
+    It pickles as its path (hand it to spawned processes like the registry
+    proxy); a copy opens the file on first use and never creates it, so a lock
+    whose file was removed — its owner shut down — raises
+    :class:`SHMRegistryUnavailableError` instead of silently locking a new file
+    nobody else uses.  After ``os.fork()`` the child closes the descriptor it
+    inherited (which would otherwise keep a parent's lock held after the parent
+    died) and starts unlocked.
+
+    Args:
+        path: the lock file (created when missing, unless ``create=False``).
+    """
+
+    def __init__(self, path: "os.PathLike[str] | str", *, create: bool = True):
+        self.path = os.path.abspath(os.fspath(path))
+        self._fd: Optional[int] = None
+        self._thread_lock = threading.Lock()
+        self._held = False
+        self._pid = os.getpid()
+        if create:
+            self._fd = self._open(create=True)
+        _ALL_LOCKS.add(self)
+
+    @classmethod
+    def create(cls, name: str = "registry", directory: "os.PathLike[str] | str | None" = None) -> "SHMLock":
+        """A new lock on a file of its own: ``<directory>/<name>.<host>.<pid>.<random>.lock``.
+
+        ``directory`` defaults to ``<experiment dir>/shm_locks`` when
+        :class:`~rapidfire_state.datapaths.DataPath` is initialized, else
+        ``$RF_HOME/shm_locks``.  The file is created exclusively, so two locks made
+        this way never share a file; lock files left by dead processes of this host
+        are removed.  The caller owns the file: :meth:`remove` deletes it.
+        """
+        folder = Path(directory) if directory is not None else _default_lock_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        _sweep_stale_locks(folder)
+        host = _lock_host()
+        while True:
+            path = folder / f"{_safe_component(name, 64)}.{host}.{os.getpid()}.{os.urandom(6).hex()}.lock"
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:  # pragma: no cover - 48 random bits
+                continue
+            os.close(fd)
+            return cls(path)
+
+    # --- file ---------------------------------------------------------------------
+
+    def _open(self, *, create: bool) -> int:
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        try:
+            return os.open(self.path, flags, 0o600)
+        except FileNotFoundError as exc:
+            raise SHMRegistryUnavailableError(
+                f"the shared-memory lock file {self.path} is gone: the manager that owned it has shut down"
+            ) from exc
+
+    def _forget(self) -> None:
+        """In a forked child: drop the parent's descriptor (never unlock through it) and state."""
+        fd, self._fd = self._fd, None
+        self._thread_lock = threading.Lock()
+        self._held = False
+        self._pid = os.getpid()
+        if fd is not None:
+            try:
+                os.close(fd)  # closing our copy leaves the parent's flock in place
+            except OSError:  # pragma: no cover
+                pass
+
+    def _flock(self, fd: int, blocking: bool, deadline: Optional[float]) -> bool:
+        if blocking and deadline is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return True
+        delay = 0.0002
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                pass
+            if not blocking:
+                return False
+            remaining = deadline - time.monotonic()  # type: ignore[operator]
+            if remaining <= 0:
+                return False
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, _LOCK_POLL_MAX)
+
+    def _note_holder(self, fd: int) -> None:
+        # The holder's pid sits at the start of the file while it holds the lock and
+        # is blanked by release(): a pid found there on acquiring is a holder that
+        # died holding the lock.  Diagnostic only; errors are ignored.
+        try:
+            previous = os.pread(fd, _HOLDER_BYTES, 0).strip()
+            if previous and previous != str(os.getpid()).encode():
+                logger.warning(
+                    f"shared-memory lock {self.path}: pid {previous.decode(errors='replace')} died holding it; "
+                    "the operating system released it"
+                )
+            os.pwrite(fd, str(os.getpid()).encode().ljust(_HOLDER_BYTES), 0)
+        except OSError:
+            pass
+
+    # --- lock protocol --------------------------------------------------------------
+
+    def acquire(self, blocking: bool = True, timeout: Optional[float] = None) -> bool:
+        """Take the lock; False when ``blocking`` is false or ``timeout`` seconds pass first."""
+        if self._pid != os.getpid():  # forked without the at-fork hook (e.g. by a C extension)
+            self._forget()
+        if timeout is not None and timeout < 0:
+            timeout = 0.0
+        deadline = None if timeout is None or not blocking else time.monotonic() + timeout
+        if not blocking:
+            got = self._thread_lock.acquire(False)
+        elif deadline is None:
+            got = self._thread_lock.acquire()
+        else:
+            got = self._thread_lock.acquire(True, timeout)
+        if not got:
+            return False
+        try:
+            if self._fd is None:
+                self._fd = self._open(create=False)
+            if self._flock(self._fd, blocking, deadline):
+                if os.fstat(self._fd).st_nlink == 0:  # removed by its owner since we opened it
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+                    os.close(self._fd)
+                    self._fd = None
+                    raise SHMRegistryUnavailableError(
+                        f"the shared-memory lock file {self.path} is gone: the manager that owned it has shut down"
+                    )
+                self._held = True
+                self._note_holder(self._fd)
+                return True
+        except BaseException:
+            self._thread_lock.release()
+            raise
+        self._thread_lock.release()
+        return False
+
+    def release(self) -> None:
+        """Give the lock back; RuntimeError when this process does not hold it."""
+        if not self._held or self._pid != os.getpid() or self._fd is None:
+            raise RuntimeError(f"release of the unlocked shared-memory lock {self.path}")
+        self._held = False
+        try:
+            os.pwrite(self._fd, b" " * _HOLDER_BYTES, 0)
+        except OSError:
+            pass
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    # --- life cycle -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close this process's descriptor (releasing the lock if this process holds it)."""
+        fd, self._fd = self._fd, None
+        if fd is not None and self._pid == os.getpid():
+            if self._held:
+                self._held = False
+                self._thread_lock.release()
+            try:
+                os.close(fd)
+            except OSError:  # pragma: no cover
+                pass
+
+    def remove(self) -> None:
+        """Close and delete the lock file (its owner's shutdown); other processes' copies then raise."""
+        self.close()
+        _unlink_quiet(self.path)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    def __reduce__(self) -> tuple:
+        return (_attach_lock, (self.path,))
+
+    def __repr__(self) -> str:
+        return f"SHMLock({self.path!r})"
+
+
+def _attach_lock(path: str) -> SHMLock:
+    return SHMLock(path, create=False)
+
+
+def _forget_locks_after_fork() -> None:
+    for lock in list(_ALL_LOCKS):
+        lock._forget()
+
+
+os.register_at_fork(after_in_child=_forget_locks_after_fork)
+
+
+def _lock_host() -> str:
+    # no dots: the host must stay one field of the lock file name
+    return _safe_component(socket.gethostname(), 64).replace(".", "_")
+
+
+def _default_lock_dir() -> Path:
+    from rapidfire_state.datapaths import DataPath
+
+    base = DataPath.experiment_path() if DataPath.is_initialized() else rf_home()
+    return base / "shm_locks"
+
+
+def _sweep_stale_locks(directory: Path) -> None:
+    """Remove this host's lock files whose creating process is dead and that nobody holds."""
+    host = _lock_host()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        match = _LOCK_NAME_RE.match(name)
+        if not match or match.group("host") != host or _pid_alive(int(match.group("pid"))):
+            continue
+        path = directory / name
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        _unlink_quiet(path)
+        os.close(fd)
 
 
 # --- the registry Manager ---------------------------------------------------------------
@@ -695,10 +985,10 @@ class SharedMemoryManager:
     Args:
         name: the manager's name (``shm_objects.manager_name``); processes that
             share a registry use the same name.
-        registry, lock: a Manager dict proxy and a Manager lock from
+        registry, lock: the Manager dict proxy and the :class:`SHMLock` from
             :meth:`get_shm_objects` of another instance; both None starts a new
-            registry Manager (spawn context, :func:`manager_initializer`) owned
-            by this instance and stopped by :meth:`close`.
+            registry Manager (spawn context, :func:`manager_initializer`) and a
+            new lock file, owned by this instance and removed by :meth:`close`.
         db: a :class:`~rapidfire_state.db.store.StateDB` (or a database URL, then
             opened and closed by this instance); None keeps no rows.
         max_object_bytes: objects larger than this go to disk (None: no limit).
@@ -757,10 +1047,17 @@ class SharedMemoryManager:
         self._closed = False
         self._manager: Any = None
 
+        self._owned_lock: Optional[SHMLock] = None
+        self._scratch: Any = None  # the journal storage of in-place stores, kept for the next one
         _use_file_system_strategy()
         if registry is None:
-            self._manager = start_registry_manager()
-            registry, lock = self._manager.dict(), self._manager.Lock()
+            self._owned_lock = SHMLock.create(name)
+            try:
+                self._manager = start_registry_manager()
+            except BaseException:
+                self._owned_lock.remove()
+                raise
+            registry, lock = self._manager.dict(), self._owned_lock
         else:
             self._probe(registry)
         self._registry = registry
@@ -834,7 +1131,7 @@ class SharedMemoryManager:
         return None if process is None else process.pid
 
     def get_shm_objects(self) -> tuple[Any, Any]:
-        """``(registry, lock)``: the Manager dict proxy and lock to share with other processes."""
+        """``(registry, lock)``: the Manager dict proxy and its :class:`SHMLock`, to share with other processes."""
         return self._registry, self._lock
 
     def close(self) -> None:
@@ -844,6 +1141,7 @@ class SharedMemoryManager:
         self._closed = True
         with self._local:
             self._cache.clear()
+            self._scratch = None
         if self.db is not None:
             self.db.remove_cleanup_hook(self._drop_payloads)
             if self._owns_db:
@@ -854,6 +1152,9 @@ class SharedMemoryManager:
             except Exception as exc:  # pragma: no cover - already dead
                 logger.debug(f"registry manager shutdown: {exc!r}")
             self._manager = None
+        if self._owned_lock is not None:
+            self._owned_lock.remove()  # after the registry: copies elsewhere now fail loudly
+            self._owned_lock = None
 
     shutdown = close
 
@@ -872,6 +1173,13 @@ class SharedMemoryManager:
                 "process has probably exited — run reconcile() to bring the database in line"
             ) from exc
 
+    def _registry_answers(self) -> bool:
+        try:
+            len(self._registry)
+            return True
+        except (EOFError, OSError):
+            return False
+
     def _meta(self, key: str) -> Optional[dict]:
         return self._call("get", self._registry.get, META_PREFIX + key)
 
@@ -887,8 +1195,9 @@ class SharedMemoryManager:
             acquired = self._call("lock", self._lock.acquire, True, self.lock_timeout)
         if not acquired:
             raise SHMLockTimeoutError(
-                f"the shared-memory registry lock of {self.name!r} was not acquired within {self.lock_timeout} s; "
-                "a process may have died holding it (restart the registry Manager to clear it)"
+                f"the shared-memory registry lock of {self.name!r} was not acquired within {self.lock_timeout} s: "
+                "a live process holds it (an SHMLock is released when its holder dies; a multiprocessing "
+                "Manager lock passed in is not)"
             )
         try:
             yield
@@ -988,44 +1297,45 @@ class SharedMemoryManager:
         num_bytes = sum(_nbytes(t) for t in tensors)
         too_big = self.max_object_bytes is not None and num_bytes > self.max_object_bytes
 
-        # Decide, without the lock, whether this can be an in-place copy; otherwise
-        # prepare the new payload (allocate + copy, or write the temp file) outside it.
-        candidate = False
-        if not too_big:
-            with self._local:
-                cached = self._cache.get(key)
-            if cached is not None and cached.signature == signature:
-                candidate = True
-            else:
-                peek = self._meta(key)
-                candidate = bool(
-                    peek
-                    and peek.get("location") == SHMLocation.SHM.value
-                    and peek.get("num_bytes") == num_bytes
-                    and peek.get("tensor_count") == len(tensors)
-                )
-        prepared: Optional[tuple] = None
+        if not too_big and tensors and self._in_place_candidate(key, signature, num_bytes, len(tensors)):
+            done = self._store_in_place(key, tensors, treedef, signature, num_bytes, ids, object_type)
+            if done is not None:
+                new_meta, old_meta = done
+                return self._finish(key, new_meta, old_meta=old_meta, new_path=None)
+        # A new payload: allocated and filled (or written to a temp file) before the lock.
+        prepared: Optional[tuple] = self._prepare(key, tensors, treedef, num_bytes, too_big, ids, object_type)
         try:
-            if not candidate:
-                prepared = self._prepare(key, tensors, treedef, num_bytes, too_big, ids, object_type)
+            if prepared[0] == SHMLocation.DISK:
+                prepared = prepared + self._claim_path(key, prepared[2])  # a database read: not under the lock
             with self._locked():
                 meta = self._meta(key)
-                if candidate:
-                    current = self._current(key, meta)
-                    if current is not None and current.signature == signature:
-                        return self._store_in_place(key, current, tensors, treedef, meta, num_bytes, ids, object_type)
-                    prepared = self._prepare(key, tensors, treedef, num_bytes, too_big, ids, object_type)
-                record = self._publish(key, prepared, meta, num_bytes, len(tensors), ids, object_type)
-                prepared = None
-                return record
+                new_meta, path = self._publish(key, prepared, meta, num_bytes, len(tensors), ids, object_type)
+            prepared = None
         finally:
             if prepared is not None and prepared[0] == SHMLocation.DISK:
                 _unlink_quiet(prepared[1])
+        if path is not None:
+            _fsync_dir(path.parent)  # durability of the rename; visibility needed no fsync
+        return self._finish(key, new_meta, old_meta=meta, new_path=path)
+
+    def _in_place_candidate(self, key: str, signature: tuple, num_bytes: int, count: int) -> bool:
+        """Whether ``key`` looks like a same-layout object in shared memory (checked again under the lock)."""
+        with self._local:
+            cached = self._cache.get(key)
+        if cached is not None and cached.signature == signature:
+            return True
+        peek = self._meta(key)
+        return bool(
+            peek
+            and peek.get("location") == SHMLocation.SHM.value
+            and peek.get("num_bytes") == num_bytes
+            and peek.get("tensor_count") == count
+        )
 
     def _prepare(
         self, key: str, tensors: list, treedef: Any, num_bytes: int, too_big: bool, ids: dict, object_type: str
     ) -> tuple:
-        """New payload, not yet published: ``(SHM, _Packed, tensors)`` or ``(DISK, temp path, final dir)``."""
+        """New payload, not yet published: ``(SHM, _Packed, tensors)`` or ``(DISK, temp path, final path)``."""
         layout, storage_bytes = _layout_for(tensors)
         shm_reason = None
         if not tensors and not too_big:
@@ -1033,14 +1343,10 @@ class SharedMemoryManager:
         if too_big:
             shm_reason = f"it is larger than max_object_bytes={self.max_object_bytes}"
         else:
-            free = _fs_free(SHM_DIR)
-            if free is not None and free[0] - storage_bytes < self.min_free_bytes:
-                shm_reason = (
-                    f"/dev/shm has {free[0]} bytes free and min_free_bytes={self.min_free_bytes}"
-                )
+            shm_reason = self._shm_short(storage_bytes)
         if shm_reason is None:
             try:
-                packed = self._allocate(layout, storage_bytes, treedef)
+                packed = _Packed(self._allocate(storage_bytes), layout, treedef)
             except _NoSharedMemory as exc:
                 shm_reason = str(exc)
             else:
@@ -1069,7 +1375,15 @@ class SharedMemoryManager:
             raise
         return (SHMLocation.DISK, temp, final)
 
-    def _allocate(self, layout: tuple, storage_bytes: int, treedef: Any) -> _Packed:
+    def _shm_short(self, storage_bytes: int) -> Optional[str]:
+        """Why ``storage_bytes`` more of /dev/shm would break ``min_free_bytes`` (None: they fit)."""
+        free = _fs_free(SHM_DIR)
+        if free is not None and free[0] - storage_bytes < self.min_free_bytes:
+            return f"/dev/shm has {free[0]} bytes free and min_free_bytes={self.min_free_bytes}"
+        return None
+
+    @staticmethod
+    def _allocate(storage_bytes: int) -> Any:
         import torch
 
         try:
@@ -1092,95 +1406,237 @@ class SharedMemoryManager:
                     raise _NoSharedMemory(f"/dev/shm cannot hold {storage_bytes} more bytes ({exc})") from exc
             finally:
                 os.close(fd)
-        return _Packed(storage, layout, treedef)
+        return storage
+
+    # --- in-place stores: journal first, then the copy under the lock -------------------
+
+    def _take_scratch(self, storage_bytes: int) -> Any:
+        """A shared storage of at least ``storage_bytes`` for the journal, or None when /dev/shm is short."""
+        with self._local:
+            scratch = self._scratch
+            if scratch is not None and scratch.nbytes() >= storage_bytes:
+                self._scratch = None
+                return scratch
+        if self._shm_short(storage_bytes) is not None:
+            return None
+        try:
+            return self._allocate(storage_bytes)
+        except _NoSharedMemory:
+            return None
+
+    def _give_scratch(self, scratch: Any) -> None:
+        with self._local:
+            if not self._closed and (self._scratch is None or self._scratch.nbytes() < scratch.nbytes()):
+                self._scratch = scratch
 
     def _store_in_place(
-        self, key: str, current: _Cached, tensors: list, treedef: Any, meta: dict, num_bytes: int, ids: dict, object_type: str
-    ) -> "SHMObjectRecord":
-        _copy_tensors(current.tensors, tensors)
-        gen = current.gen
-        if not _same_treedef(treedef, current.treedef):
+        self, key: str, tensors: list, treedef: Any, signature: tuple, num_bytes: int, ids: dict, object_type: str
+    ) -> Optional[tuple[dict, Optional[dict]]]:
+        """Copy ``tensors`` into the key's existing shared tensors, crash-safely.
+
+        The new values are first copied, without the lock, into a journal (a shared
+        scratch storage of this instance).  Under the lock the metadata entry gets a
+        *redo marker* naming the journal, the journal is copied into the shared
+        tensors, and the marker is cleared in the same registry update that
+        publishes the new metadata.  A writer killed during that copy leaves the
+        marker behind, the OS releases its lock, and the next process that takes
+        the lock for this key (store, load, reconcile) finishes the copy from the
+        journal: the key is never left torn.  Returns ``(new meta, old
+        meta)``, or None when the key is no longer a same-layout shared object (or
+        /dev/shm has no room for the journal) and must be replaced instead.
+        """
+        layout, storage_bytes = _layout_for(tensors)
+        scratch = self._take_scratch(storage_bytes)
+        if scratch is None:
+            return None
+        journal = _views(scratch, layout)
+        _copy_tensors(journal, tensors)
+        try:
+            with self._locked():
+                meta = self._meta(key)
+                if meta is not None and meta.get("redo") is not None:
+                    meta = self._redo(key, meta)
+                current = self._current(key, meta)
+                if current is None or current.signature != signature:
+                    return None
+                changed = not _same_treedef(treedef, current.treedef)
+                gen = _new_gen() if changed else current.gen
+                new_meta = self._new_meta(gen, SHMLocation.SHM, None, num_bytes, len(tensors), ids, object_type)
+                marker = dict(new_meta, redo=(scratch, layout, treedef if changed else None))
+                self._call("set", self._registry.__setitem__, META_PREFIX + key, marker)
+                try:
+                    self._apply_journal(key, current, journal, treedef if changed else None, new_meta)
+                except BaseException:
+                    # The marker still names the journal: leave it to whoever takes the lock next.
+                    scratch = None
+                    self._drop_cache(key)
+                    raise
+        finally:
+            if scratch is not None:
+                self._give_scratch(scratch)
+        return new_meta, meta
+
+    def _apply_journal(self, key: str, current: _Cached, journal: list, treedef: Any, new_meta: dict) -> None:
+        """Copy ``journal`` into the shared tensors and publish ``new_meta`` (lock held)."""
+        _copy_tensors(current.tensors, journal)
+        update: dict = {}
+        if treedef is not None:
             # same tensors, new structure or plain values: re-send the (cheap) description
-            gen = _new_gen()
             if current.storage is not None:
-                layout = tuple(
-                    (t.storage_offset(), tuple(t.shape), t.dtype) for t in current.tensors
-                )
-                payload: Any = _Packed(current.storage, layout, treedef)
+                layout = tuple((t.storage_offset(), tuple(t.shape), t.dtype) for t in current.tensors)
+                update[key] = _Packed(current.storage, layout, treedef)
             else:
-                payload = _unflatten(treedef, current.tensors)
-            self._call("set", self._registry.__setitem__, key, payload)
-            with self._local:
-                self._cache[key] = _Cached(gen, treedef, current.signature, current.tensors, current.storage)
-        new_meta = self._new_meta(gen, SHMLocation.SHM, None, num_bytes, len(tensors), ids, object_type)
-        self._call("set", self._registry.__setitem__, META_PREFIX + key, new_meta)
-        return self._write_row(key, new_meta, old_meta=meta, new_path=None)
+                update[key] = _unflatten(treedef, current.tensors)
+        update[META_PREFIX + key] = new_meta
+        self._call("update", self._registry.update, update)
+        with self._local:
+            self._cache[key] = _Cached(
+                new_meta["gen"], current.treedef if treedef is None else treedef, current.signature,
+                current.tensors, current.storage,
+            )
+
+    def _redo(self, key: str, meta: dict) -> Optional[dict]:
+        """Finish an in-place store whose writer died during the copy (lock held); the metadata after."""
+        scratch, layout, treedef = meta["redo"]
+        clean = {k: v for k, v in meta.items() if k != "redo"}
+        payload = self._fetch(key)
+        journal = _views(scratch, layout)
+        current = None if payload is None else self._cache_from_payload(key, payload, clean["gen"])
+        if current is None or current.signature != _signature(journal):
+            # replaced behind the marker (a raw registry write): that payload stands, reconcile() adopts it
+            self._call("pop", self._registry.pop, META_PREFIX + key, None)
+            self._drop_cache(key)
+            logger.warning(f"shm object {key!r}: an interrupted in-place store was overtaken by a raw registry write")
+            return None
+        self._apply_journal(key, current, journal, treedef, clean)
+        logger.warning(f"shm object {key!r}: finished an in-place store that a dead process left half copied")
+        return clean
+
+    def _settle(self, key: str) -> Optional[dict]:
+        """The metadata of ``key`` once no in-place store is half done: waits for a live writer's
+        lock, finishes a dead one's copy (then writes its row)."""
+        with self._locked():
+            meta = self._meta(key)
+            redone = meta is not None and meta.get("redo") is not None
+            if redone:
+                meta = self._redo(key, meta)
+        if redone and meta is not None and self.db is not None:
+            try:  # the dead writer never wrote its row
+                self._write_row(key, meta)
+                self._follow(key, meta)
+            except Exception as exc:  # the payload is whole; only the row may lag
+                logger.warning(f"shm object {key!r}: row not updated after finishing a store ({exc!r}); reconcile() will")
+        return meta
+
+    # --- publish and rows -------------------------------------------------------------
 
     def _publish(
         self, key: str, prepared: tuple, meta: Optional[dict], num_bytes: int, count: int, ids: dict, object_type: str
-    ) -> "SHMObjectRecord":
+    ) -> tuple[dict, Optional[Path]]:
+        """Make a prepared payload the key's (lock held): registry entries, rename, old file gone."""
         location = prepared[0]
         path: Optional[Path] = None
         if location == SHMLocation.SHM:
             packed, views = prepared[1], prepared[2]
-            gen = _new_gen()
-            self._call("set", self._registry.__setitem__, key, packed)
+            new_meta = self._new_meta(_new_gen(), location, None, num_bytes, count, ids, object_type)
+            # one registry update: payload and metadata change together
+            self._call("update", self._registry.update, {key: packed, META_PREFIX + key: new_meta})
             with self._local:
-                self._cache[key] = _Cached(gen, packed.treedef, _signature(views), views, packed.storage)
+                self._cache[key] = _Cached(new_meta["gen"], packed.treedef, _signature(views), views, packed.storage)
         else:
-            temp, final = prepared[1], prepared[2]
-            path = self._claim_path(key, final, meta)
-            _commit_temp(temp, path)
-            self._call("pop", self._registry.pop, key, None)
+            temp, final, path, ours = prepared[1], prepared[2], prepared[3], prepared[4]
+            if path == final and not ours and (meta or {}).get("path") != str(final) and final.exists():
+                path = _sibling_path(key, final)  # claimed since our check by a store not yet in the database
+            os.replace(temp, path)
+            new_meta = self._new_meta(_new_gen(), location, path, num_bytes, count, ids, object_type)
+            try:
+                # metadata first: a reader between the two calls loads the new file
+                self._call("set", self._registry.__setitem__, META_PREFIX + key, new_meta)
+                self._call("pop", self._registry.pop, key, None)
+            except BaseException:
+                _unlink_quiet(path)
+                raise
             self._drop_cache(key)
-            gen = _new_gen()
-        new_meta = self._new_meta(gen, location, path, num_bytes, count, ids, object_type)
-        try:
-            self._call("set", self._registry.__setitem__, META_PREFIX + key, new_meta)
-        except BaseException:
-            self._rollback(key, meta, path)
-            raise
-        return self._write_row(key, new_meta, old_meta=meta, new_path=path)
+        old_path = (meta or {}).get("path")
+        if old_path and old_path != new_meta["path"]:
+            _unlink_quiet(old_path)  # under the lock: a later store may reuse the name
+        return new_meta, path
 
-    def _write_row(self, key: str, meta: dict, *, old_meta: Optional[dict], new_path: Optional[Path]) -> "SHMObjectRecord":
+    def _finish(self, key: str, meta: dict, *, old_meta: Optional[dict], new_path: Optional[Path]) -> "SHMObjectRecord":
+        """After a publish, lock released: the row; if it cannot be written, the publish is undone."""
         try:
-            if self.db is not None:
-                record = self.db.upsert_shm_object(
-                    key,
-                    object_type=meta["object_type"],
-                    location=meta["location"],
-                    disk_path=meta["path"],
-                    num_bytes=meta["num_bytes"],
-                    tensor_count=meta["tensor_count"],
-                    experiment_id=meta["experiment_id"],
-                    run_id=meta["run_id"],
-                    chunk_id=meta["chunk_id"],
-                    manager_name=meta["manager_name"],
-                )
-            else:
-                record = _record_from_meta(key, meta)
+            record = self._write_row(key, meta)
         except BaseException:
-            self._rollback(key, old_meta, new_path)
+            self._rollback(key, meta, old_meta, new_path)
             raise
-        old_path = (old_meta or {}).get("path")
-        if old_path and old_path != meta.get("path"):
-            _unlink_quiet(old_path)
+        self._follow(key, meta)
         return record
 
-    def _rollback(self, key: str, old_meta: Optional[dict], new_path: Optional[Path]) -> None:
-        """After a failed publish: remove the payload (and any old one) and the row, best effort."""
-        self._drop_cache(key)
-        for registry_key in (key, META_PREFIX + key):
+    def _write_row(self, key: str, meta: dict) -> "SHMObjectRecord":
+        if self.db is None:
+            return _record_from_meta(key, meta)
+        return self.db.upsert_shm_object(
+            key,
+            object_type=meta.get("object_type") or SHMObjectType.CHECKPOINT.value,
+            location=meta["location"],
+            disk_path=meta.get("path"),
+            num_bytes=int(meta.get("num_bytes") or 0),
+            tensor_count=int(meta.get("tensor_count") or 0),
+            experiment_id=meta.get("experiment_id"),
+            run_id=meta.get("run_id"),
+            chunk_id=meta.get("chunk_id"),
+            manager_name=meta.get("manager_name") or self.name,
+        )
+
+    def _follow(self, key: str, written: Optional[dict]) -> None:
+        """Make the row agree with the registry after a row write made without the lock.
+
+        Rows are written after the lock is released, so two stores of one key may
+        write their rows in the other order.  Whoever wrote a row checks the
+        registry afterwards and rewrites the row from what it finds until the two
+        agree; the last row written is then always the registry's current entry.
+        """
+        if self.db is None:
+            return
+        for _ in range(16):
             try:
-                self._registry.pop(registry_key, None)
-            except (EOFError, OSError):
-                pass
-        _unlink_quiet(new_path)
-        if old_meta and old_meta.get("path"):
-            _unlink_quiet(old_meta["path"])
-        if self.db is not None:
+                current = self._meta(key)
+            except SHMRegistryUnavailableError:
+                return
+            if _same_publication(current, written):
+                return
+            if current is not None and current.get("redo") is not None:
+                return  # mid-store: that writer (or whoever finishes its copy) writes the row
+            written = current
+            try:
+                if current is None:
+                    self.db.delete_shm_objects([key])
+                else:
+                    self._write_row(key, current)
+            except Exception as exc:
+                logger.warning(f"shm object {key!r}: row not brought in line with the registry ({exc!r}); reconcile() will")
+                return
+
+    def _rollback(self, key: str, written: dict, old_meta: Optional[dict], new_path: Optional[Path]) -> None:
+        """After a failed row write: remove the payload we published (and any old file) and the row."""
+        self._drop_cache(key)
+        ours = False
+        try:
+            with self._locked():
+                ours = _same_publication(self._meta(key), written)
+                if ours:  # not replaced by a newer store meanwhile: remove it
+                    self._call("pop", self._registry.pop, META_PREFIX + key, None)
+                    self._call("pop", self._registry.pop, key, None)
+                    _unlink_quiet(new_path)
+                    if old_meta and old_meta.get("path"):
+                        _unlink_quiet(old_meta["path"])
+        except (SHMLockTimeoutError, SHMRegistryUnavailableError) as exc:
+            logger.warning(f"shm object {key!r}: payload not removed after a failed store ({exc!r}); reconcile() will")
+            _unlink_quiet(new_path)
+        if ours and self.db is not None:
             try:
                 self.db.delete_shm_objects([key])
+                self._follow(key, None)
             except Exception as exc:
                 logger.warning(f"shm object {key!r}: row not removed after a failed store ({exc!r}); reconcile() will")
 
@@ -1199,6 +1655,7 @@ class SharedMemoryManager:
             "object_type": object_type,
             "manager_name": self.name,
             "stored_at": time.time(),
+            "token": _new_gen(),  # tells one publication from the next (in-place stores keep gen)
         }
 
     def _check_usage(self) -> None:
@@ -1234,27 +1691,23 @@ class SharedMemoryManager:
             return path
         return self._spill_dir() / _key_file_name(key)
 
-    def _claim_path(self, key: str, final: Path, meta: Optional[dict]) -> Path:
-        """``final``, or a key-specific sibling when another key owns ``final`` (called under the lock)."""
-        if meta and meta.get("path") == str(final):
-            return final
-        taken = False
-        if self.db is not None:
-            from rapidfire_state.db.models import SHMObject
-            from sqlalchemy import select
+    def _claim_path(self, key: str, final: Path) -> tuple[Path, bool]:
+        """``(path, ours)``: ``final``, or a key-specific sibling when another key's row owns
+        ``final``; ``ours`` when this key's own row already names the path.  A database read,
+        made before the lock; :meth:`_publish` checks the file again under it."""
+        if self.db is None:
+            return final, False
+        from rapidfire_state.db.models import SHMObject
+        from sqlalchemy import select
 
-            table = SHMObject.__table__
-            with self.db.session() as session:
-                owner = session.execute(
-                    select(table.c.key).where(table.c.disk_path == str(final), table.c.key != key).limit(1)
-                ).first()
-            taken = owner is not None
-        elif final.exists():
-            taken = True
-        if taken:
-            digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:12]
-            return final.with_name(f"{final.stem}-{digest}{final.suffix}")
-        return final
+        table = SHMObject.__table__
+        with self.db.session() as session:
+            owners = session.execute(
+                select(table.c.key).where(table.c.disk_path == str(final)).limit(2)
+            ).scalars().all()
+        if any(owner != key for owner in owners):
+            return _sibling_path(key, final), False
+        return final, key in owners
 
     # --- load / exists / delete -------------------------------------------------------
 
@@ -1284,6 +1737,8 @@ class SharedMemoryManager:
             if row is not None and row.location == SHMLocation.DISK:
                 return self._load_file(key, row.disk_path)
             raise
+        if meta is not None and meta.get("redo") is not None:
+            meta = self._settle(key)  # an in-place store is under way, or its writer died mid-copy
         if meta is not None:
             if meta.get("location") == SHMLocation.DISK.value:
                 return self._load_file(key, meta["path"])
@@ -1349,26 +1804,31 @@ class SharedMemoryManager:
         self._check_open()
         self._check_key(key)
         self._drop_cache(key)
+        meta = payload = None
+        alive = True
         try:
             with self._locked():
-                return self._delete_locked(key)
+                meta = self._call("pop", self._registry.pop, META_PREFIX + key, None)
+                payload = self._call("pop", self._registry.pop, key, None)
+                if meta and meta.get("path"):
+                    _unlink_quiet(meta["path"])
         except SHMRegistryUnavailableError:
-            removed = self.db.delete_shm_objects([key]) if self.db is not None else []
-            for row in removed:
-                if row.location == SHMLocation.DISK:
-                    _unlink_quiet(row.disk_path)
-            return bool(removed)
-
-    def _delete_locked(self, key: str) -> bool:
-        removed_rows = self.db.delete_shm_objects([key]) if self.db is not None else []
-        meta = self._call("pop", self._registry.pop, META_PREFIX + key, None)
-        payload = self._call("pop", self._registry.pop, key, None)
-        paths = {r.disk_path for r in removed_rows if r.disk_path}
-        if meta and meta.get("path"):
-            paths.add(meta["path"])
-        for path in paths:
-            _unlink_quiet(path)
+            if self._registry_answers():
+                raise  # the lock file is gone, not the registry: the payload cannot be removed safely
+            alive = False
         self._drop_cache(key)
+        removed_rows = self.db.delete_shm_objects([key]) if self.db is not None else []  # not under the lock
+        current = None
+        if alive:
+            try:
+                current = self._meta(key)  # stored again since we let go of the lock?
+            except SHMRegistryUnavailableError:
+                pass
+        for row in removed_rows:
+            if row.disk_path and row.disk_path != (current or {}).get("path"):
+                _unlink_quiet(row.disk_path)
+        if current is not None:
+            self._follow(key, None)
         return bool(removed_rows or meta is not None or payload is not None)
 
     # --- listing ----------------------------------------------------------------------
@@ -1446,6 +1906,8 @@ class SharedMemoryManager:
     def reconcile(self) -> ReconcileReport:
         """Bring rows and payloads back in line after a crash; returns what it did.
 
+        * in-place stores a dead writer left half copied are finished from their
+          journal;
         * SHM rows of this manager whose registry payload is gone are removed
           (all of them when the Manager process is gone);
         * DISK rows whose file is missing are removed and listed in
@@ -1453,66 +1915,107 @@ class SharedMemoryManager:
         * registry keys without any row — written straight into the registry, or
           stored by a process that died before its row — are adopted: a row is
           created (ids from the registry metadata when there is one), never dropped;
-        * rows whose location or size disagree with the registry are rewritten;
+        * rows whose location, size or ids disagree with the registry are rewritten;
         * temp files of interrupted disk writes whose writer is dead are deleted.
 
+        The registry is repaired under the lock, the rows after it is released.
         Without a database only the registry side is repaired.
         """
         self._check_open()
-        alive = True
+        all_rows = self.db.list_shm_objects() if self.db is not None else []
+        mine = [r for r in all_rows if r.manager_name == self.name]
+        rows_by_key = {r.key: r for r in all_rows}
         try:
             with self._locked():
-                return self._reconcile(alive=True)
+                scan = self._reconcile_registry(mine, rows_by_key)
         except SHMRegistryUnavailableError:
-            alive = False
-        self._drop_cache(*list(self._cache))
-        return self._reconcile(alive=alive)
+            if self._registry_answers():
+                raise  # the lock file is gone, not the registry: dropping its rows would lose live payloads
+            scan = None
+            self._drop_cache(*list(self._cache))
+        return self._reconcile_rows(mine, rows_by_key, scan)
 
-    def _reconcile(self, *, alive: bool) -> ReconcileReport:
+    def _reconcile_registry(self, mine: list, rows_by_key: dict) -> dict:
+        """The registry half of :meth:`reconcile` (lock held): repairs entries, returns what it saw."""
+        payload_keys: set[str] = set()
+        metas: dict[str, dict] = {}
+        skipped: list[str] = []
         removed: list[str] = []
         missing: list[str] = []
+        for registry_key in self._call("keys", self._registry.keys):
+            if not isinstance(registry_key, str) or not registry_key or len(registry_key) > _MAX_KEY_LENGTH:
+                skipped.append(repr(registry_key))  # cannot have a row; left alone
+            elif registry_key.startswith(META_PREFIX):
+                meta = self._call("get", self._registry.get, registry_key)
+                if isinstance(meta, dict):
+                    metas[registry_key[len(META_PREFIX):]] = meta
+            else:
+                payload_keys.add(registry_key)
+        for key, meta in list(metas.items()):
+            if meta.get("redo") is not None:
+                fixed = self._redo(key, meta)
+                if fixed is None:
+                    del metas[key]
+                else:
+                    metas[key] = fixed
+        # registry-internal: metadata whose payload is gone; payloads a disk move left behind
+        for key, meta in list(metas.items()):
+            on_disk = meta.get("location") == SHMLocation.DISK.value
+            gone = (not (meta.get("path") and os.path.exists(meta["path"]))) if on_disk else key not in payload_keys
+            if gone:
+                self._call("pop", self._registry.pop, META_PREFIX + key, None)
+                del metas[key]
+                self._drop_cache(key)
+                if self.db is None:
+                    removed.append(key)
+                    if on_disk:
+                        missing.append(key)
+            elif on_disk and key in payload_keys:
+                self._call("pop", self._registry.pop, key, None)
+                payload_keys.discard(key)
+        # metadata for rows and raw payloads that have none (the rows were read before the lock)
+        drop_rows: set[str] = set()
+        for row in mine:
+            if row.location == SHMLocation.SHM:
+                present = row.key in payload_keys
+            else:
+                present = bool(row.disk_path) and os.path.exists(row.disk_path)
+            if row.key in metas or not present:
+                continue
+            meta = self._adopt_meta(row.key, row)
+            if meta is None:
+                drop_rows.add(row.key)
+            else:
+                metas[row.key] = meta
+        unrowed: list[tuple[str, dict, bool]] = []
+        for key in sorted(payload_keys | set(metas)):
+            if key in rows_by_key:
+                continue
+            had_meta = key in metas
+            meta = metas.get(key) or self._adopt_meta(key, None)
+            if meta is not None:
+                metas[key] = meta
+                unrowed.append((key, meta, had_meta))
+        return {
+            "payload_keys": payload_keys, "metas": metas, "skipped": skipped, "removed": removed,
+            "missing": missing, "drop_rows": drop_rows, "unrowed": unrowed,
+        }
+
+    def _reconcile_rows(self, mine: list, rows_by_key: dict, scan: Optional[dict]) -> ReconcileReport:
+        """The database half of :meth:`reconcile`, without the lock (``scan`` None: registry gone)."""
+        alive = scan is not None
+        metas: dict = scan["metas"] if alive else {}
+        removed: list[str] = list(scan["removed"]) if alive else []
+        missing: list[str] = list(scan["missing"]) if alive else []
         adopted: list[str] = []
         repaired: list[str] = []
         ok = 0
-        skipped: list[str] = []
-        payload_keys: set[str] = set()
-        metas: dict[str, dict] = {}
-        if alive:
-            for registry_key in self._call("keys", self._registry.keys):
-                if not isinstance(registry_key, str) or not registry_key or len(registry_key) > _MAX_KEY_LENGTH:
-                    skipped.append(repr(registry_key))  # cannot have a row; left alone
-                elif registry_key.startswith(META_PREFIX):
-                    meta = self._call("get", self._registry.get, registry_key)
-                    if isinstance(meta, dict):
-                        metas[registry_key[len(META_PREFIX):]] = meta
-                else:
-                    payload_keys.add(registry_key)
-            # registry-internal: metadata whose payload is gone
-            for key, meta in list(metas.items()):
-                gone = (
-                    key not in payload_keys
-                    if meta.get("location") == SHMLocation.SHM.value
-                    else not (meta.get("path") and os.path.exists(meta["path"]))
-                )
-                if gone:
-                    self._call("pop", self._registry.pop, META_PREFIX + key, None)
-                    del metas[key]
-                    self._drop_cache(key)
-                    if self.db is None:
-                        removed.append(key)
-                        if meta.get("location") == SHMLocation.DISK.value:
-                            missing.append(key)
-        rows_by_key: dict[str, Any] = {}
         if self.db is not None:
-            all_rows = self.db.list_shm_objects()
-            rows_by_key = {r.key: r for r in all_rows}
             to_remove: list[str] = []
-            for row in all_rows:
-                if row.manager_name != self.name:
-                    continue
+            for row in mine:
                 meta = metas.get(row.key)
                 if row.location == SHMLocation.SHM:
-                    present = alive and row.key in payload_keys
+                    present = alive and row.key in scan["payload_keys"] and row.key not in scan["drop_rows"]
                 else:
                     present = bool(row.disk_path) and os.path.exists(row.disk_path)
                 if meta is not None and meta.get("location") != row.location.value:
@@ -1522,21 +2025,12 @@ class SharedMemoryManager:
                     if row.location == SHMLocation.DISK:
                         missing.append(row.key)
                     continue
-                if not alive:
+                if not alive or meta is None:
                     ok += 1
                     continue
-                if meta is None:
-                    meta = self._adopt_meta(row.key, row)
-                    if meta is None:
-                        to_remove.append(row.key)
-                        continue
-                if (
-                    meta.get("location") != row.location.value
-                    or meta.get("path") != row.disk_path
-                    or meta.get("num_bytes") != row.num_bytes
-                    or meta.get("tensor_count") != row.tensor_count
-                ):
-                    self._upsert_from_meta(row.key, meta, row)
+                if _row_disagrees(row, meta):
+                    self._write_row(row.key, meta)
+                    self._follow(row.key, meta)
                     repaired.append(row.key)
                 else:
                     ok += 1
@@ -1544,17 +2038,16 @@ class SharedMemoryManager:
                 self.db.delete_shm_objects(to_remove)
                 self._drop_cache(*to_remove)
                 removed.extend(to_remove)
+                if alive:
+                    for key in to_remove:
+                        self._follow(key, None)  # stored again since the scan?
         if alive:
-            for key in sorted(payload_keys | set(metas)):
-                if key in rows_by_key:
-                    continue
-                meta = metas.get(key) or self._adopt_meta(key, None)
-                if meta is None:
-                    continue
+            for key, meta, had_meta in scan["unrowed"]:
                 if self.db is not None:
-                    self._upsert_from_meta(key, meta, None)
+                    self._write_row(key, meta)
+                    self._follow(key, meta)
                     adopted.append(key)
-                elif key not in metas:
+                elif not had_meta:
                     adopted.append(key)
                 else:
                     ok += 1
@@ -1567,7 +2060,7 @@ class SharedMemoryManager:
             ok=ok,
             registry_alive=alive,
             removed_temp_files=tuple(temps),
-            skipped=tuple(skipped),
+            skipped=tuple(scan["skipped"]) if alive else (),
         )
 
     def _adopt_meta(self, key: str, row: Any) -> Optional[dict]:
@@ -1590,21 +2083,6 @@ class SharedMemoryManager:
             meta["manager_name"] = row.manager_name
         self._call("set", self._registry.__setitem__, META_PREFIX + key, meta)
         return meta
-
-    def _upsert_from_meta(self, key: str, meta: dict, row: Any) -> None:
-        assert self.db is not None
-        self.db.upsert_shm_object(
-            key,
-            object_type=meta.get("object_type") or SHMObjectType.CHECKPOINT.value,
-            location=meta["location"],
-            disk_path=meta.get("path"),
-            num_bytes=int(meta.get("num_bytes") or 0),
-            tensor_count=int(meta.get("tensor_count") or 0),
-            experiment_id=meta.get("experiment_id"),
-            run_id=meta.get("run_id"),
-            chunk_id=meta.get("chunk_id"),
-            manager_name=meta.get("manager_name") or self.name,
-        )
 
     def _sweep_temp_files(self, metas: dict, rows_by_key: dict) -> list[str]:
         directories = {self._spill_dir()}
@@ -1633,6 +2111,30 @@ class SharedMemoryManager:
 
 def _new_gen() -> int:
     return int.from_bytes(os.urandom(8), "big") >> 1
+
+
+def _same_publication(a: Optional[dict], b: Optional[dict]) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.get("token") == b.get("token")
+
+
+def _row_disagrees(row: Any, meta: dict) -> bool:
+    return (
+        meta.get("location") != row.location.value
+        or meta.get("path") != row.disk_path
+        or meta.get("num_bytes") != row.num_bytes
+        or meta.get("tensor_count") != row.tensor_count
+        or meta.get("experiment_id") != row.experiment_id
+        or meta.get("run_id") != row.run_id
+        or meta.get("chunk_id") != row.chunk_id
+        or (meta.get("object_type") or SHMObjectType.CHECKPOINT.value) != row.object_type.value
+    )
+
+
+def _sibling_path(key: str, final: Path) -> Path:
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:12]
+    return final.with_name(f"{final.stem}-{digest}{final.suffix}")
 
 
 def _coerce_type(object_type: Any) -> str:
@@ -1683,6 +2185,7 @@ __all__ = [
     "SHMKeyError",
     "SHMRegistryUnavailableError",
     "SHMLockTimeoutError",
+    "SHMLock",
     "manager_initializer",
     "start_registry_manager",
     "atomic_torch_save",

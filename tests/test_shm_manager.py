@@ -33,6 +33,7 @@ from rapidfire_state.shm_manager import (
     META_PREFIX,
     SharedMemoryManager,
     SHMKeyError,
+    SHMLock,
     SHMLockTimeoutError,
     SHMRegistryUnavailableError,
     start_registry_manager,
@@ -55,11 +56,13 @@ def registry_manager():
 
 
 @pytest.fixture
-def shared(registry_manager):
-    """(registry, lock) of the module's registry Manager, empty for each test."""
-    registry, lock = registry_manager.dict(), registry_manager.Lock()
+def shared(registry_manager, tmp_path):
+    """(registry, lock) like get_shm_objects() hands out: a dict of the module's
+    registry Manager, empty for each test, and a file lock of its own."""
+    registry, lock = registry_manager.dict(), SHMLock.create("test", tmp_path / "locks")
     yield registry, lock
     registry.clear()
+    lock.remove()
 
 
 @pytest.fixture
@@ -344,8 +347,11 @@ def test_pickled_manager_shares_the_same_objects(shm):
         copy.close()
 
 
-def test_lock_timeout(shared, db):
+@pytest.mark.parametrize("kind", ["shm-lock", "manager-lock"])
+def test_lock_timeout(shared, db, registry_manager, kind):
     registry, lock = shared
+    if kind == "manager-lock":  # a lock passed in is used as given
+        lock = registry_manager.Lock()
     manager = SharedMemoryManager("locked", registry, lock, db, lock_timeout=0.2)
     try:
         lock.acquire()
@@ -788,3 +794,430 @@ def test_killed_manager_process_is_reconciled(db, tmp_path):
         assert db.list_shm_objects() == []
     finally:
         manager.close()
+
+
+# --- the lock: released by the OS when its holder dies ------------------------------------
+
+
+def _flock_holders(path) -> set:
+    """Pids holding a flock on ``path``, as the kernel lists them in /proc/locks."""
+    st = os.stat(path)
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = set()
+    with open("/proc/locks") as handle:
+        for line in handle:
+            parts = line.split()  # "1: FLOCK  ADVISORY  WRITE 15067 fe:00:2147645 0 EOF"; waiters have "->"
+            if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == device:
+                holders.add(int(parts[4]))
+    return holders
+
+
+def _wait_for(condition, what, timeout=CHILD_TIMEOUT, interval=0.0005):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def test_shm_lock_behaves_like_a_multiprocessing_lock(tmp_path):
+    lock = SHMLock.create("t", tmp_path)
+    other = pickle.loads(pickle.dumps(lock))  # another handle on the file, as a spawned child gets it
+    try:
+        assert other.path == lock.path and Path(lock.path).parent == tmp_path
+        assert SHMLock.create("t", tmp_path).path != lock.path, "two created locks never share a file"
+        with lock as entered:
+            assert entered is True
+            assert _flock_holders(lock.path) == {os.getpid()}
+            assert other.acquire(blocking=False) is False
+            start = time.monotonic()
+            assert other.acquire(True, 0.2) is False
+            assert time.monotonic() - start >= 0.2
+            assert lock.acquire(timeout=0.05) is False, "not reentrant, like multiprocessing.Lock"
+        assert _flock_holders(lock.path) == set()
+        assert other.acquire(timeout=1) is True
+        other.release()
+        with pytest.raises(RuntimeError, match="unlocked"):
+            lock.release()
+
+        counter = {"n": 0}
+
+        def bump(handle):
+            for _ in range(150):
+                with handle:
+                    n = counter["n"]
+                    time.sleep(0)  # invite a thread switch inside the critical section
+                    counter["n"] = n + 1
+
+        # threads sharing one handle, and threads with handles of their own
+        threads = [threading.Thread(target=bump, args=(lock if i % 2 else other,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert counter["n"] == 900
+    finally:
+        other.close()
+        lock.remove()
+    assert not Path(lock.path).exists()
+    with pytest.raises(SHMRegistryUnavailableError, match="gone"):
+        pickle.loads(pickle.dumps(other)).acquire(timeout=1)  # never re-creates a removed lock file
+
+
+def test_stale_lock_files_of_dead_processes_are_swept(tmp_path):
+    host = shm_module._lock_host()
+    dead = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # no process can have it
+    stale = tmp_path / f"old.{host}.{dead}.{'a' * 12}.lock"
+    held = tmp_path / f"held.{host}.{dead}.{'b' * 12}.lock"
+    live = tmp_path / f"live.{host}.{os.getpid()}.{'c' * 12}.lock"
+    foreign = tmp_path / f"other.elsewhere.{dead}.{'d' * 12}.lock"
+    for path in (stale, held, live, foreign):
+        path.write_text("")
+    holder = SHMLock(held, create=False)
+    assert holder.acquire(timeout=1)
+    try:
+        fresh = SHMLock.create("new", tmp_path)
+    finally:
+        holder.release()
+    assert not stale.exists()
+    assert held.exists() and live.exists() and foreign.exists()
+    fresh.remove()
+
+
+def _hold_lock(lock, ready: str) -> None:
+    lock.acquire()
+    Path(ready).write_text(str(os.getpid()))
+    time.sleep(600)
+
+
+def test_shm_lock_is_released_when_its_holder_is_killed(tmp_path):
+    from loguru import logger
+
+    lock = SHMLock.create("t", tmp_path)
+    messages = []
+    sink = logger.add(lambda m: messages.append(str(m)), level="WARNING")
+    try:
+        for attempt in range(3):
+            ready = tmp_path / f"ready{attempt}"
+            child = SPAWN.Process(target=_hold_lock, args=(lock, str(ready)))
+            child.start()
+            try:
+                _wait_for(lambda: ready.exists() and _flock_holders(lock.path) == {child.pid}, "the child's lock",
+                          interval=0.01)
+                assert lock.acquire(blocking=False) is False
+            finally:
+                os.kill(child.pid, signal.SIGKILL)
+                child.join(30)
+            assert lock.acquire(timeout=5) is True, "the dead holder's lock was not released"
+            lock.release()
+    finally:
+        logger.remove(sink)
+        lock.remove()
+    assert len([m for m in messages if "died holding it" in m]) == 3
+
+
+def _hold_and_fork(lock, grandchild_file: str) -> None:
+    with lock:
+        pid = os.fork()
+        if pid == 0:  # the grandchild inherits the descriptor but must not inherit the lock
+            code = 0 if lock.acquire(blocking=False) is False else 3
+            time.sleep(600)
+            os._exit(code)
+        Path(grandchild_file).write_text(str(pid))
+        time.sleep(600)
+
+
+def test_a_forked_child_does_not_keep_a_dead_parents_lock(tmp_path):
+    lock = SHMLock.create("t", tmp_path)
+    marker = tmp_path / "grandchild"
+    child = SPAWN.Process(target=_hold_and_fork, args=(lock, str(marker)))
+    child.start()
+    grandchild = None
+    try:
+        _wait_for(lambda: marker.exists() and marker.read_text(), "the grandchild", interval=0.01)
+        grandchild = int(marker.read_text())
+        time.sleep(0.2)  # let the grandchild try the lock
+        assert _flock_holders(lock.path) == {child.pid}
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(30)
+        assert lock.acquire(timeout=5) is True, "the forked grandchild kept its dead parent's lock"
+        lock.release()
+    finally:
+        if child.is_alive():
+            child.kill()
+        if grandchild is not None:
+            try:
+                os.kill(grandchild, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        lock.remove()
+
+
+def _spec_worker(registry, lock, outbox) -> None:
+    try:
+        with lock:
+            registry["7_model"] = {"w": torch.full((2,), 7.0)}
+        with lock:
+            state_dict = registry.get("0_model")
+        outbox.put(("ok", state_dict["w"].tolist()))
+    except BaseException:
+        outbox.put(("error", traceback.format_exc()))
+
+
+@pytest.mark.slow
+def test_owned_lock_file_lives_beside_the_experiment(db, datapath, rf_home):
+    first = SharedMemoryManager("ctl", db=db)
+    second = SharedMemoryManager("ctl", db=db)
+    try:
+        a, b = first.get_shm_objects()[1], second.get_shm_objects()[1]
+        assert isinstance(a, SHMLock) and isinstance(b, SHMLock)
+        assert Path(a.path).parent == datapath / "shm_locks" == Path(b.path).parent
+        assert a.path != b.path, "two managers of one name share a lock file"
+        copy = pickle.loads(pickle.dumps(a))
+        with a:
+            assert b.acquire(blocking=False)
+            b.release()
+            assert not copy.acquire(blocking=False)
+        first.store("0_model", {"w": torch.ones(3)})
+        # the spec's pattern in a spawned worker, with get_shm_objects()'s registry and lock
+        outbox = SPAWN.Queue()
+        worker = SPAWN.Process(target=_spec_worker, args=(*first.get_shm_objects(), outbox))
+        worker.start()
+        status, value = outbox.get(timeout=CHILD_TIMEOUT)
+        worker.join(30)
+        assert status == "ok", value
+        assert value == [1.0, 1.0, 1.0] and worker.exitcode == 0
+        assert first.reconcile().adopted == ("7_model",)
+        assert torch.equal(first.load("7_model")["w"], torch.full((2,), 7.0))
+    finally:
+        first.close()
+        second.close()
+    assert not Path(a.path).exists() and not Path(b.path).exists(), "close() leaves the lock file"
+    with pytest.raises(SHMRegistryUnavailableError, match="gone"):
+        copy.acquire(timeout=1)
+    DataPath.reset()
+    third = SharedMemoryManager("ctl")
+    try:
+        assert Path(third.get_shm_objects()[1].path).parent == Path(rf_home) / "shm_locks"
+    finally:
+        third.close()
+
+
+def test_a_removed_lock_file_is_refused_not_taken_for_a_dead_registry(shm, shared, db, tmp_path):
+    registry, lock = shared
+    shm.store("k", torch.ones(3))
+    os.unlink(lock.path)  # removed behind the manager's back; the registry still runs
+    for call in (shm.reconcile, lambda: shm.delete("k"), lambda: shm.store("k2", torch.ones(2))):
+        with pytest.raises(SHMRegistryUnavailableError, match="gone"):
+            call()
+    assert db.get_shm_object("k") is not None and "k" in registry.keys()
+    assert torch.equal(shm.load("k"), torch.ones(3)), "loads take no lock"
+
+
+# --- nothing slow under the lock ------------------------------------------------------------
+
+
+def _block_shm_rows(db_url: str):
+    """Hold the database's write lock (SQLite) or a table lock on shm_objects (PostgreSQL)."""
+    if db_url.startswith("sqlite"):
+        import sqlite3
+
+        conn = sqlite3.connect(db_url.split("///", 1)[1], isolation_level=None, timeout=30)
+        conn.execute("BEGIN IMMEDIATE")
+    else:
+        import psycopg
+        from sqlalchemy.engine import make_url
+
+        url = make_url(db_url)
+        conn = psycopg.connect(host=url.host, port=url.port, user=url.username, password=url.password,
+                               dbname=url.database)
+        conn.execute("LOCK TABLE shm_objects IN EXCLUSIVE MODE")
+
+    def release():
+        conn.rollback()
+        conn.close()
+
+    return release
+
+
+def test_row_write_does_not_hold_the_lock(shm, shared, db, db_url):
+    registry, lock = shared
+    shm.store("other", torch.arange(4.0))
+    result = {}
+
+    def store():
+        try:
+            result["record"] = shm.store("k", {"w": torch.ones(8)})
+        except BaseException as exc:  # reported below
+            result["error"] = exc
+
+    release_db = _block_shm_rows(db_url)
+    thread = threading.Thread(target=store)
+    thread.start()
+    try:
+        _wait_for(lambda: META_PREFIX + "k" in registry.keys(), "the publish", interval=0.01)
+        time.sleep(0.3)
+        assert thread.is_alive(), "the row write was not held up by the database lock"
+        probe = pickle.loads(pickle.dumps(lock))  # how another process sees the lock
+        assert probe.acquire(timeout=2), "the store holds the shared-memory lock while it waits for the database"
+        probe.release()
+        probe.close()
+        assert torch.equal(shm.load("k")["w"], torch.ones(8))
+    finally:
+        release_db()
+        thread.join(120)
+    assert "error" not in result, result.get("error")
+    assert db.get_shm_object("k").num_bytes == 32
+
+
+def test_allocation_and_disk_writes_happen_outside_the_lock(shm, shared, db, monkeypatch):
+    registry, lock = shared
+    probe = pickle.loads(pickle.dumps(lock))
+    seen = []
+
+    def watched(name, fn):
+        def wrapper(*args, **kwargs):
+            free = probe.acquire(blocking=False)
+            if free:
+                probe.release()
+            seen.append((name, free))
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    new_shared = torch.UntypedStorage._new_shared
+    monkeypatch.setattr(torch.UntypedStorage, "_new_shared",
+                        classmethod(lambda cls, *a, **k: watched("allocate", new_shared)(*a, **k)))
+    monkeypatch.setattr(shm_module, "_write_temp", watched("disk write", shm_module._write_temp))
+    monkeypatch.setattr(shm_module, "_fsync_dir", watched("fsync", shm_module._fsync_dir))
+    other = SharedMemoryManager(shm.name, *shared, db)
+    disk = SharedMemoryManager(shm.name, *shared, db, max_object_bytes=0)
+    try:
+        shm.store("a", {"w": torch.ones(4)})  # new key
+        shm.store("a", {"w": torch.full((4,), 2.0)})  # in place
+        other.store("a", {"w": torch.ones(6)})  # replaced by another manager with a new layout ...
+        shm.store("a", {"w": torch.full((4,), 3.0)})  # ... so this one's cached plan is stale under the lock
+        assert torch.equal(other.load("a")["w"], torch.full((4,), 3.0))
+        disk.store("d", torch.ones(5))
+        disk.store("d", torch.ones(7))
+    finally:
+        other.close()
+        disk.close()
+        probe.close()
+    names = {name for name, _ in seen}
+    assert {"allocate", "disk write", "fsync"} <= names
+    assert all(free for _, free in seen), [name for name, free in seen if not free]
+
+
+# --- SIGKILLed writers: no wedged lock, no torn key -----------------------------------------
+
+_FORKSERVER = multiprocessing.get_context("forkserver")
+_KILL_W, _KILL_B = 2_000_000, 500_000  # 8 MB of float32 + 4 MB of float64, copied in place
+
+
+def _victim(version: int) -> dict:
+    return {"w": torch.full((_KILL_W,), float(version)),
+            "b": torch.full((_KILL_B,), float(version), dtype=torch.float64)}
+
+
+def _victim2(version: int) -> dict:  # a new layout each time: replaced, not copied in place
+    return {"w": torch.full((1000 + version % 7,), float(version)), "v": version}
+
+
+def _kill_loop_writer(manager: SharedMemoryManager, first_version: int, progress: str) -> None:
+    """Stores two keys again and again until killed; ``progress`` names the version being stored."""
+    version = first_version
+    temp = progress + ".tmp"
+    while True:
+        Path(temp).write_text(str(version))
+        os.replace(temp, progress)
+        manager.store("victim", _victim(version))
+        manager.store("victim2", _victim2(version))
+        version += 1
+
+
+def _uniform_version(value: dict, names: tuple) -> float:
+    """The one version all of ``value``'s tensors hold; fails on a torn payload."""
+    version = value[names[0]].view(-1)[0].item()
+    for name in names:
+        tensor = value[name]
+        assert torch.equal(tensor, torch.full_like(tensor, version)), f"{name} is torn"
+    return version
+
+
+@pytest.mark.slow
+def test_sigkilled_writers_never_wedge_the_lock_or_tear_a_key(registry_manager, db, tmp_path):
+    # Writers are forked from a forkserver that has torch loaded (a fresh spawn imports
+    # torch for seconds); like spawned processes they get the manager, its lock
+    # included, by pickle and inherit nothing else.
+    _FORKSERVER.set_forkserver_preload(["torch", "rapidfire_state.shm_manager", "rapidfire_state.db.store"])
+    registry, lock = registry_manager.dict(), SHMLock.create("kill", tmp_path)
+    shm = SharedMemoryManager("killed", registry, lock, db, lock_timeout=10)
+    progress = tmp_path / "progress"
+    rng = random.Random(8)
+    keep = {f"keep{i}": {"w": torch.randn(1000 + i), "i": torch.arange(i + 3)} for i in range(3)}
+    try:
+        for key, value in keep.items():
+            shm.store(key, value)
+        shm.store("victim", _victim(0))
+        shm.store("victim2", _victim2(0))
+        floor = floor2 = 0.0
+        next_version = 1
+        held_at_kill = marker_at_kill = 0
+        for attempt in range(30):
+            mode = ("lock", "marker", "counter")[attempt % 3]
+            progress.unlink(missing_ok=True)
+            writer = _FORKSERVER.Process(target=_kill_loop_writer, args=(shm, next_version, str(progress)))
+            writer.start()
+            try:
+                if mode == "lock":  # the kernel says the writer holds the lock
+                    _wait_for(lambda: writer.pid in _flock_holders(lock.path), "the writer holding the lock",
+                              interval=0.0002)
+                elif mode == "marker":  # an in-place copy is under way
+                    def copying():
+                        meta = registry.get(META_PREFIX + "victim")
+                        return bool(progress.exists() and meta and meta.get("redo") is not None)
+
+                    _wait_for(copying, "an in-place copy", interval=0.0002)
+                    time.sleep(rng.uniform(0, 0.002))
+                else:  # a few stores in, at a random moment
+                    target = next_version + rng.randint(1, 3)
+                    _wait_for(lambda: progress.exists() and int(progress.read_text() or 0) >= target,
+                              "the writer's progress", interval=0.002)
+                    time.sleep(rng.uniform(0, 0.03))
+            finally:
+                os.kill(writer.pid, signal.SIGKILL)
+                writer.join(30)
+            held_at_kill += writer.pid in _flock_holders(lock.path)  # (the kernel drops it at once)
+            meta = registry.get(META_PREFIX + "victim")
+            marker_at_kill += meta.get("redo") is not None
+            written = int(progress.read_text())
+
+            # the lock is free, and the next store/load/delete go through without a restart
+            assert lock.acquire(timeout=5), f"kill {attempt} ({mode}) left the lock held"
+            lock.release()
+            version = _uniform_version(shm.load("victim"), ("w", "b"))
+            assert floor <= version <= written, (attempt, mode, floor, version, written)
+            victim2 = shm.load("victim2")
+            version2 = _uniform_version(victim2, ("w",))
+            assert floor2 <= version2 <= written and victim2["v"] == version2
+            assert victim2["w"].shape == (1000 + int(version2) % 7,)
+            for key, value in keep.items():
+                _assert_same(value, shm.load(key))
+            shm.store("after-kill", torch.arange(6.0))
+            assert torch.equal(shm.load("after-kill"), torch.arange(6.0)) and shm.delete("after-kill")
+            floor, floor2 = version, version2
+            next_version = written + 1
+        assert held_at_kill == 0, "a dead writer still holds the lock"
+        assert marker_at_kill >= 3, f"only {marker_at_kill} kills landed during an in-place copy"
+        report = shm.reconcile()
+        assert report.removed == () and report.registry_alive
+        assert not [k for k in registry.keys() if k.startswith(META_PREFIX)
+                    and (registry.get(k) or {}).get("redo") is not None]
+        row = db.get_shm_object("victim")
+        assert (row.num_bytes, row.tensor_count) == (_KILL_W * 4 + _KILL_B * 8, 2)
+        row2 = db.get_shm_object("victim2")
+        assert row2.num_bytes == (1000 + int(floor2) % 7) * 4
+    finally:
+        shm.close()
+        lock.remove()
