@@ -978,6 +978,36 @@ def test_claims_of_other_hosts_and_unrecorded_claims_are_judged_by_the_worker_ro
     assert [(r.worker.worker_id, r.failed_task_ids) for r in reports] == [(3, (remote.task_id,))]
 
 
+def test_a_dead_worker_rows_local_pid_does_not_fail_a_claim_of_another_host(db, db_url, experiment):
+    """The row names a dead pid of this host; a task claimed on another host falls only with the heartbeat."""
+    e = experiment.experiment_id
+    gone = _dead_pid()
+    remote_run = make_run(db, e, "ONGOING")
+    remote = db.create_worker_task(e, remote_run.run_id, 3, 0)
+    own = db.create_worker_task(e, None, 3, 1)
+    db.register_worker(e, 3, gone)
+    db.claim_worker_task(3)
+    db.claim_worker_task(3)
+    _set_claim(db_url, remote.task_id, claim_host="elsewhere", claim_pid=gone)
+    _set_claim(db_url, own.task_id, claim_pid=gone, claim_process_started_at=None)
+    db.heartbeat(e, 3)  # the remote claimer beats under worker id 3
+    [report] = db.fail_stale_workers(60)
+    assert report.failed_task_ids == (own.task_id,) and f"pid {gone}" in report.reason
+    assert {t.task_id: t.status for t in db.list_tasks("worker")} == {
+        remote.task_id: TaskStatus.IN_PROGRESS, own.task_id: TaskStatus.FAILED,
+    }
+    assert db.get_run(remote_run.run_id).status is RunStatus.ONGOING
+    # the row stays open while the remote claim holds a task: its heartbeat still judges it
+    assert db.heartbeat(e, 3).alive
+    before = snapshot(db)
+    assert db.fail_stale_workers(60) == []
+    assert snapshot(db) == before
+    time.sleep(0.3)
+    [report] = db.fail_stale_workers(0.2)
+    assert report.failed_task_ids == (remote.task_id,) and not report.worker.alive
+    assert db.get_run(remote_run.run_id).status is RunStatus.FAILED
+
+
 # --- the ORM cannot bypass the state machine ---------------------------------------------------------
 
 

@@ -1533,7 +1533,12 @@ class StateDB:
                 reason = _staleness(worker, now, grace_seconds)
                 if reason is None:
                     continue
-                reports.append(self._fail_worker(conn, worker, reason))
+                # Gone by its pid while the heartbeat is fresh: the claims of other
+                # hosts under this worker id are left to the heartbeat.
+                by_pid = (now - worker.heartbeat_at).total_seconds() <= grace_seconds
+                report = self._fail_worker(conn, worker, reason, only_local_claims=by_pid)
+                if report is not None:
+                    reports.append(report)
             # Per claim: what a dead process of this host left, whoever the worker row names now.
             claimed = select(tasks.c.experiment_id, tasks.c.worker_id).distinct().where(
                 tasks.c.status == TaskStatus.IN_PROGRESS.value, tasks.c.claim_host == _HOST,
@@ -1555,12 +1560,36 @@ class StateDB:
 
         return self._write(unit)
 
-    def _fail_worker(self, conn: Connection, worker: WorkerRecord, reason: str) -> StaleWorkerReport:
+    def _fail_worker(
+        self, conn: Connection, worker: WorkerRecord, reason: str, *, only_local_claims: bool = False
+    ) -> Optional[StaleWorkerReport]:
+        """Fail the worker's IN_PROGRESS tasks and mark its row exited; never commits.
+
+        With ``only_local_claims`` (the row's process is gone from this host but
+        its heartbeat is fresh) the tasks claimed on another host are left alone:
+        a local pid says nothing of them.  While such tasks remain the row stays
+        open, so that its heartbeat still judges them.  Returns None when nothing
+        changed.
+        """
         tasks = tables.worker_tasks
         message = f"worker {worker.worker_id} (pid {worker.pid} on {worker.host}) {reason}"
-        failed, run_ids = self._fail_in_progress(
-            conn, [tasks.c.experiment_id == worker.experiment_id, tasks.c.worker_id == worker.worker_id], message
-        )
+        mine = [tasks.c.experiment_id == worker.experiment_id, tasks.c.worker_id == worker.worker_id]
+        conditions = list(mine)
+        if only_local_claims:
+            # a claim of another host cannot be judged by this host's pid
+            conditions.append(or_(tasks.c.claim_host.is_(None), tasks.c.claim_host == _HOST))
+        failed, run_ids = self._fail_in_progress(conn, conditions, message)
+        if only_local_claims:
+            held = conn.execute(
+                select(func.count()).select_from(tasks).where(tasks.c.status == TaskStatus.IN_PROGRESS.value, *mine)
+            ).scalar_one()
+            if held:
+                if not failed:
+                    return None
+                return StaleWorkerReport(
+                    worker=self._worker(conn, worker.experiment_id, worker.worker_id),
+                    reason=message, failed_task_ids=failed, failed_run_ids=run_ids,
+                )
         conn.execute(
             update(tables.workers)
             .where(tables.workers.c.id == worker.id, tables.workers.c.exited_at.is_(None))
