@@ -1249,3 +1249,59 @@ def test_db_clock_is_utc(db):
     now = db.now()
     assert now.tzinfo is not None
     assert abs((now - datetime.now(timezone.utc)).total_seconds()) < 5
+
+
+# --- a SQLite file deleted or replaced under an open StateDB ------------------------------------------
+
+
+def _open_with_a_claim(path):
+    database = StateDB(f"sqlite:///{path}")
+    experiment = database.create_experiment("exp", str(path.parent / "experiments"))
+    database.transition_experiment(experiment.experiment_id, "RUNNING")
+    database.create_worker_task(experiment.experiment_id, None, 0, 0)
+    database.create_worker_task(experiment.experiment_id, None, 0, 1)
+    return database, experiment.experiment_id, database.claim_worker_task(0)
+
+
+def test_writes_to_a_deleted_sqlite_file_are_refused_not_lost(tmp_path):
+    path = tmp_path / "state.db"
+    database, e, claim = _open_with_a_claim(path)
+    try:
+        for name in (path, path.with_name("state.db-wal"), path.with_name("state.db-shm")):
+            name.unlink(missing_ok=True)
+        writes = {
+            "claim (prepared path)": lambda: database.claim_worker_task(0),
+            "finish (prepared path)": lambda: database.finish_worker_task(claim.task_id, claim_token=claim.claim_token),
+            "create (general path)": lambda: database.create_worker_task(e, None, 0, 2),
+            "register (general path)": lambda: database.register_worker(e, 0, os.getpid()),
+        }
+        for what, write in writes.items():
+            with pytest.raises(DBException, match="deleted") as info:
+                write()
+            assert str(path) in str(info.value), what
+        assert not path.exists()  # and no empty database was made in its place
+    finally:
+        database.close()
+
+
+def test_writes_to_a_replaced_sqlite_file_are_refused_and_the_new_file_is_untouched(tmp_path):
+    path = tmp_path / "state.db"
+    database, e, claim = _open_with_a_claim(path)
+    try:
+        other_path = tmp_path / "other.db"
+        other, _, _ = _open_with_a_claim(other_path)
+        other.close()
+        os.replace(other_path, path)  # e.g. a restore from a backup
+        replaced = StateDB(f"sqlite:///{path}")
+        before = snapshot(replaced)
+        for write in (
+            lambda: database.claim_worker_task(0),
+            lambda: database.finish_worker_task(claim.task_id, claim_token=claim.claim_token),
+            lambda: database.create_worker_task(e, None, 0, 2),
+        ):
+            with pytest.raises(DBException, match="replaced"):
+                write()
+        assert snapshot(replaced) == before
+        replaced.close()
+    finally:
+        database.close()

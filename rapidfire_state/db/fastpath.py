@@ -22,6 +22,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -53,8 +54,18 @@ class PreparedStatement:
 class SQLitePreparedWriter:
     """Runs prepared compare-and-set units on one driver connection per thread."""
 
-    def __init__(self, path: str, dialect: Any, busy_timeout_ms: int, retry_seconds: Callable[[], float]):
+    def __init__(
+        self,
+        path: str,
+        dialect: Any,
+        busy_timeout_ms: int,
+        retry_seconds: Callable[[], float],
+        *,
+        check_file: Optional[Callable[[], None]] = None,
+    ):
         self._path = path
+        #: called with the write lock held; raises when the file is no longer the one opened
+        self._check_file = check_file
         self._dialect = dialect
         self._busy_timeout_ms = busy_timeout_ms
         self._retry_seconds = retry_seconds
@@ -92,8 +103,11 @@ class SQLitePreparedWriter:
         connection = getattr(self._local, "connection", None)
         if connection is not None and self._local.pid == os.getpid():
             return connection
+        # mode=rw: never create the file (the engine made it when the StateDB
+        # opened); a deleted one is refused, not replaced by an empty database
         connection = sqlite3.connect(
-            self._path, timeout=self._busy_timeout_ms / 1000.0, isolation_level=None, check_same_thread=False
+            f"file:{urllib.parse.quote(self._path)}?mode=rw", uri=True,
+            timeout=self._busy_timeout_ms / 1000.0, isolation_level=None, check_same_thread=False,
         )
         configure_sqlite(connection, self._busy_timeout_ms)
         self._local.connection = connection
@@ -119,7 +133,12 @@ class SQLitePreparedWriter:
         Returns the updated row (processed like SQLAlchemy's), or None when the
         compare-and-set matched nothing (rolled back; nothing written).
         """
-        connection = self._connection()
+        try:
+            connection = self._connection()
+        except sqlite3.Error as exc:
+            if self._check_file is not None:
+                self._check_file()  # the usual cause: the file is gone; say so
+            raise DBException(f"cannot open {self._path}: {exc}") from exc
         deadline: Optional[float] = None
         attempt = 0
         while True:
@@ -134,6 +153,8 @@ class SQLitePreparedWriter:
                 attempt += 1
                 backoff(attempt)
         try:
+            if self._check_file is not None:
+                self._check_file()
             values = connection.execute(update.sql, update.arguments(params)).fetchone()
             if values is None:
                 connection.execute("ROLLBACK")

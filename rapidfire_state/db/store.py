@@ -231,6 +231,8 @@ class StateDB:
         self._auto_upgrade = auto_upgrade
         self._read_only = bool(read_only)
         self._prepared_writer: Optional[SQLitePreparedWriter] = None
+        self._file_path: Optional[str] = None
+        self._file_identity: Optional[tuple[int, int]] = None
         self._cleanup_hooks: list[Callable[[Sequence[SHMObjectRecord]], None]] = []
         self._hooks_lock = threading.Lock()
         #: ``(from_revision, to_revision)`` when this instance migrated the database
@@ -259,10 +261,14 @@ class StateDB:
         if self.is_sqlite and self.sqlite_path is not None:
             self._prepared_writer = SQLitePreparedWriter(
                 self.sqlite_path, self._engine.dialect, int(DBConfig.BUSY_TIMEOUT_MS),
-                lambda: float(DBConfig.WRITE_RETRY_SECONDS),
+                lambda: float(DBConfig.WRITE_RETRY_SECONDS), check_file=self._check_file,
             )
         try:
             migrate.ensure_schema(self, auto_upgrade=auto_upgrade)
+            if self.is_sqlite and self.sqlite_path is not None:
+                # the file every write of this instance must still go to (see _check_file)
+                self._file_path = self.sqlite_path
+                self._file_identity = _file_identity(self._file_path)
         except SQLAlchemyError as exc:
             # e.g. a refused connection: one line naming the database, not a traceback
             self._engine.dispose()
@@ -271,6 +277,29 @@ class StateDB:
             self._engine.dispose()
             raise
         _LIVE_DATABASES.add(self)
+
+    def _check_file(self) -> None:
+        """Refuse a write when the SQLite file was deleted or replaced since it was opened.
+
+        Called with the write lock held.  A connection opened before keeps writing
+        to the old (unlinked) file, where every change would be lost without a
+        word; a connection opened since would write to a file this instance never
+        checked.  Either way: refuse, naming the file.
+        """
+        expected = self._file_identity
+        if expected is None:
+            return
+        try:
+            found = _file_identity(self._file_path)
+        except FileNotFoundError:
+            found = None
+        if found == expected:
+            return
+        what = "deleted" if found is None else "replaced by another file"
+        raise DBException(
+            f"the database file {self._file_path!r} was {what} after {self!r} opened it; nothing was "
+            "written (the write would be lost): open StateDB again"
+        )
 
     @property
     def read_only(self) -> bool:
@@ -386,13 +415,21 @@ class StateDB:
             conn = write_engine.connect()
             try:
                 conn.begin()  # emits BEGIN IMMEDIATE: take the write lock now
-                break
             except SQLAlchemyError as exc:
                 conn.close()
                 if not is_retryable(exc) or time.monotonic() >= deadline:
                     raise DBException(f"cannot begin a write transaction on {self.url_text}: {exc}") from exc
                 attempt += 1
                 _backoff(attempt)
+                continue
+            if self._file_identity is not None:
+                try:
+                    self._check_file()
+                except BaseException:
+                    conn.rollback()
+                    conn.close()
+                    raise
+            break
         try:
             yield conn
             conn.commit()
@@ -2047,6 +2084,12 @@ def _wrap(exc: SQLAlchemyError, database: StateDB) -> DBException:
     orig = getattr(exc, "orig", None)
     detail = str(orig) if orig is not None else str(exc)
     return DBException(f"database error on {database.url_text}: {detail}")
+
+
+def _file_identity(path: str) -> tuple[int, int]:
+    """``(st_dev, st_ino)`` of ``path``: the same file, not just the same name."""
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
 
 
 def _process_start_time(pid: int) -> Optional[float]:
