@@ -1084,7 +1084,10 @@ def resolve_worker_handler(name: object, *, where: str = "the handler name") -> 
     module_name, _, attribute = name.strip().partition(":")
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # ImportError, or whatever the module raised while importing
+    except (Exception, SystemExit) as exc:
+        # ImportError, or whatever the module raised while importing; SystemExit
+        # too (a script that parses its command line when imported): that would
+        # end the worker without a word in the database
         raise ConfigError(
             f"{where}={name!r}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
         ) from exc
@@ -1094,6 +1097,10 @@ def resolve_worker_handler(name: object, *, where: str = "the handler name") -> 
             handler = getattr(handler, part)
         except AttributeError:
             raise ConfigError(f"{where}={name!r}: module {module_name!r} has no attribute {attribute!r}") from None
+        except Exception as exc:  # a module __getattr__ or a property that raises
+            raise ConfigError(
+                f"{where}={name!r}: cannot read {attribute!r} of module {module_name!r}: {type(exc).__name__}: {exc}"
+            ) from exc
     if not callable(handler):
         raise ConfigError(f"{where}={name!r} is a {type(handler).__name__}, not a callable")
     if _handler_arity(handler) is None:

@@ -612,10 +612,17 @@ def test_manager_without_target_uses_the_default_database(tmp_path, monkeypatch)
         ("worker_targets:NOT_CALLABLE", "is a int, not a callable"),
         ("worker_targets:three_arguments", "accepts neither (task, context) nor (task)"),
         ("rf_broken_handler_module:f", "cannot import module 'rf_broken_handler_module': RuntimeError: broken at import"),
+        # a script-like module that parses its command line (or exits) when imported
+        ("rf_exiting_handler_module:f", "cannot import module 'rf_exiting_handler_module': SystemExit: 2"),
+        ("rf_getattr_handler_module:f", "cannot read 'f' of module 'rf_getattr_handler_module': RuntimeError: no attributes"),
     ],
 )
 def test_resolve_worker_handler_refuses_clearly(tmp_path, monkeypatch, name, hint):
     (tmp_path / "rf_broken_handler_module.py").write_text("raise RuntimeError('broken at import')\n")
+    (tmp_path / "rf_exiting_handler_module.py").write_text("import sys\nsys.exit(2)\n")
+    (tmp_path / "rf_getattr_handler_module.py").write_text(
+        "def __getattr__(name):\n    raise RuntimeError('no attributes')\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ConfigError) as info:
         wm.resolve_worker_handler(name, where="config_options['worker_handler']")
