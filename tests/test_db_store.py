@@ -858,6 +858,29 @@ def test_a_worker_failed_as_dead_cannot_overwrite_the_outcome(db, db_url, experi
     assert db.get_task("worker", task.task_id).error == report.reason
 
 
+def test_a_worker_failed_as_dead_is_told_its_own_failure_was_not_recorded(db, db_url, experiment):
+    e = experiment.experiment_id
+    task = db.create_worker_task(e, None, 1, 0)
+    db.register_worker(e, 1, os.getpid())
+    claim = db.claim_worker_task(1)
+    time.sleep(0.3)
+    [report] = db.fail_stale_workers(0.1)
+    failed = snapshot(db)
+    # the late worker's own failure is not what was recorded: refused, not confirmed as a repeat
+    with pytest.raises(InvalidTransitionError, match="already FAILED") as info:
+        db.finish_worker_task(task.task_id, ok=False, error="CUDA out of memory", claim_token=claim.claim_token)
+    assert report.reason in str(info.value)
+    assert snapshot(db) == failed
+    # a true repeat of a recorded failure (same claim, same error) is still the idempotent no-op
+    other = db.create_worker_task(e, None, 2, 0)
+    db.register_worker(e, 2, os.getpid())
+    mine = db.claim_worker_task(2)
+    db.finish_worker_task(other.task_id, ok=False, error="boom", claim_token=mine.claim_token)
+    done = snapshot(db)
+    assert db.finish_worker_task(other.task_id, ok=False, error="boom", claim_token=mine.claim_token).error == "boom"
+    assert snapshot(db) == done
+
+
 def test_register_worker_fails_a_dead_predecessors_tasks_at_once(db, db_url, experiment):
     e = experiment.experiment_id
     run = make_run(db, e, "ONGOING")

@@ -1330,6 +1330,18 @@ class StateDB:
                 machine.entity, task_id, to_status, to_status,
                 sorted(states.allowed_from("task", to_status), key=str), _claim_mismatch(row, claim_token),
             )
+        if (
+            from_status is None and claim_token is not None and to_status == TaskStatus.FAILED
+            and row["error"] != (None if error is None else str(error))
+        ):
+            # FAILED under this claim, but with another error: someone else failed it
+            # (fail_stale_workers, a restart, a cleanup), not a repeat of this finish
+            raise InvalidTransitionError(
+                machine.entity, task_id, to_status, to_status,
+                sorted(states.allowed_from("task", to_status), key=str),
+                f"the task was already FAILED by someone else ({row['error']!r}); this failure "
+                f"({error!r}) was not recorded and nothing was changed",
+            )
         return from_status
 
     # --- workers -----------------------------------------------------------------------
