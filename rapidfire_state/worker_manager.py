@@ -1060,6 +1060,11 @@ def _default_target_kwargs(worker_kwargs: Optional[dict[str, Any]], heartbeat_se
         raise ConfigError(
             f"worker_kwargs['handler']={kwargs['handler']!r} is not a handler name; use 'package.module:function'"
         )
+    for key in ("heartbeat_seconds", "poll_seconds"):
+        # checked here: in the spawned worker, run_worker would refuse it and the
+        # worker would exit before it could fail a single task with the reason
+        if key in kwargs:
+            _positive_number(f"worker_kwargs[{key!r}]", kwargs[key])
     # The manager judges staleness by its own interval: the workers beat at it.
     kwargs.setdefault("heartbeat_seconds", heartbeat_seconds)
     return kwargs

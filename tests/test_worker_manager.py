@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import signal
 import threading
 import time
@@ -589,6 +590,11 @@ def test_manager_without_target_takes_the_spec_signature(sqlite_db):
         WorkerManager(1, db=sqlite_db, worker_kwargs={"record_dir": "/x"})
     with pytest.raises(ConfigError, match="is not a handler name"):
         WorkerManager(1, db=sqlite_db, worker_kwargs={"handler": worker_targets.context_handler})
+    # refused here, not in each spawned worker (which would exit 1 with its tasks left SCHEDULED)
+    for bad in ({"poll_seconds": -1}, {"poll_seconds": 0}, {"heartbeat_seconds": "x"}, {"poll_seconds": True}):
+        [(key, value)] = bad.items()
+        with pytest.raises(ConfigError, match=re.escape(f"worker_kwargs['{key}']={value!r}")):
+            WorkerManager(1, db=sqlite_db, worker_kwargs=bad)
 
 
 def test_manager_without_target_uses_the_default_database(tmp_path, monkeypatch):
