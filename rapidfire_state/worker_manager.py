@@ -1159,6 +1159,11 @@ def default_worker_target(
     it queued (and none stays SCHEDULED for a worker that cannot run it) until it
     stops the workers.
     """
+    # Beat while the handler's module imports: that may take longer than the
+    # controller's stale window (torch, a model zoo), and a worker judged stale
+    # before its loop starts would leave without running or failing a task.
+    heart = _Heartbeat(db, experiment_id, worker_id, _positive_number("heartbeat_seconds", heartbeat_seconds))
+    heart.start()
     try:
         if handler is not None:
             where = "worker_kwargs['handler']"
@@ -1181,6 +1186,8 @@ def default_worker_target(
         message = f"worker {worker_id} cannot run tasks: {exc}"
         _log.error("%s", message)
         task_handler = functools.partial(_refuse_task, message)
+    finally:
+        heart.stop()
     run_worker(
         worker_id, db, task_handler, shutdown_event, experiment_id=experiment_id,
         heartbeat_seconds=heartbeat_seconds, poll_seconds=poll_seconds,

@@ -724,6 +724,25 @@ def test_default_target_with_a_bad_handler_fails_each_task_with_the_reason(db, t
     assert any("cannot run tasks" in m and hint in m for m in logged), logged
 
 
+def test_a_slow_handler_import_keeps_the_worker_heartbeating(db, tmp_path, record_dir, monkeypatch):
+    """Importing the handler's module (torch, a model zoo) may take longer than the stale window."""
+    (tmp_path / "rf_slow_import_handler.py").write_text(
+        "import time\ntime.sleep(1.5)\n\ndef handle(task):\n    return None\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    experiment = handler_experiment(db, tmp_path, record_dir, handler="rf_slow_import_handler:handle")
+    task = db.create_worker_task(experiment.experiment_id, None, 0, 0)
+    event, thread, result, _ = start_default_target(db, experiment)
+    try:
+        time.sleep(1.0)  # the module is still importing
+        assert db.fail_stale_workers(0.5) == []  # the worker beats meanwhile: not stale
+        wait_for(lambda: task_status(db, task.task_id) == TaskStatus.COMPLETED, 20, "the task")
+    finally:
+        event.set()
+        thread.join(10)
+    assert not thread.is_alive() and "error" not in result
+
+
 @pytest.mark.slow
 def test_spawned_workers_without_target_run_the_handler_the_experiment_names(db, tmp_path, record_dir, managers, monkeypatch):
     monkeypatch.setenv("RF_DB_URL", db.url.render_as_string(hide_password=False))
