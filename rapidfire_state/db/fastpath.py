@@ -71,7 +71,8 @@ class SQLitePreparedWriter:
         self._retry_seconds = retry_seconds
         self._local = threading.local()
         self._prepared: dict[int, tuple[Any, PreparedStatement]] = {}
-        self._connections: list[sqlite3.Connection] = []
+        #: (thread, pid, connection) of every connection opened here
+        self._connections: list[tuple[threading.Thread, int, sqlite3.Connection]] = []
         self._lock = threading.Lock()
 
     def prepare(self, statement: Any) -> PreparedStatement:
@@ -113,8 +114,31 @@ class SQLitePreparedWriter:
         self._local.connection = connection
         self._local.pid = os.getpid()
         with self._lock:
-            self._connections.append(connection)
+            self._close_orphans()
+            self._connections.append((threading.current_thread(), os.getpid(), connection))
         return connection
+
+    def _close_orphans(self) -> None:
+        """Close the connections of this process's threads that have ended; lock held.
+
+        Each thread gets a connection of its own, and a thread that ends leaves
+        it (two file descriptors) behind: closed here, so a process that runs a
+        thread per request keeps as many connections as it has live threads.
+        Connections inherited through fork (another pid) are left alone, as
+        before: closing them in the child is not ours to do.
+        """
+        pid = os.getpid()
+        kept = []
+        for entry in self._connections:
+            thread, owner, connection = entry
+            if owner == pid and not thread.is_alive():
+                try:
+                    connection.close()
+                except sqlite3.Error:
+                    pass
+            else:
+                kept.append(entry)
+        self._connections = kept
 
     def compare_and_set(
         self,
@@ -175,7 +199,7 @@ class SQLitePreparedWriter:
     def close(self) -> None:
         with self._lock:
             connections, self._connections = self._connections, []
-        for connection in connections:
+        for _, _, connection in connections:
             try:
                 connection.close()
             except sqlite3.Error:
