@@ -120,10 +120,13 @@ def _env_port(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
-    try:
-        port = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a port number; use an integer 1-65535") from None
+    value = raw.strip()
+    if value.startswith("-") and value[1:].isascii() and value[1:].isdigit():
+        raise ConfigError(f"{name}={raw!r} is out of range; use an integer 1-65535")
+    # ASCII digits only: int() would also take '+80', '1_000' and other scripts' digits
+    if not (value.isascii() and value.isdigit()):
+        raise ConfigError(f"{name}={raw!r} is not a port number; use an integer 1-65535")
+    port = int(value)
     if not 1 <= port <= 65535:
         raise ConfigError(f"{name}={raw!r} is out of range; use an integer 1-65535")
     return port

@@ -1060,6 +1060,11 @@ def _default_target_kwargs(worker_kwargs: Optional[dict[str, Any]], heartbeat_se
         raise ConfigError(
             f"worker_kwargs['handler']={kwargs['handler']!r} is not a handler name; use 'package.module:function'"
         )
+    for key in ("heartbeat_seconds", "poll_seconds"):
+        # checked here: in the spawned worker, run_worker would refuse it and the
+        # worker would exit before it could fail a single task with the reason
+        if key in kwargs:
+            _positive_number(f"worker_kwargs[{key!r}]", kwargs[key])
     # The manager judges staleness by its own interval: the workers beat at it.
     kwargs.setdefault("heartbeat_seconds", heartbeat_seconds)
     return kwargs
@@ -1084,7 +1089,10 @@ def resolve_worker_handler(name: object, *, where: str = "the handler name") -> 
     module_name, _, attribute = name.strip().partition(":")
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # ImportError, or whatever the module raised while importing
+    except (Exception, SystemExit) as exc:
+        # ImportError, or whatever the module raised while importing; SystemExit
+        # too (a script that parses its command line when imported): that would
+        # end the worker without a word in the database
         raise ConfigError(
             f"{where}={name!r}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
         ) from exc
@@ -1094,6 +1102,10 @@ def resolve_worker_handler(name: object, *, where: str = "the handler name") -> 
             handler = getattr(handler, part)
         except AttributeError:
             raise ConfigError(f"{where}={name!r}: module {module_name!r} has no attribute {attribute!r}") from None
+        except Exception as exc:  # a module __getattr__ or a property that raises
+            raise ConfigError(
+                f"{where}={name!r}: cannot read {attribute!r} of module {module_name!r}: {type(exc).__name__}: {exc}"
+            ) from exc
     if not callable(handler):
         raise ConfigError(f"{where}={name!r} is a {type(handler).__name__}, not a callable")
     if _handler_arity(handler) is None:
@@ -1147,6 +1159,11 @@ def default_worker_target(
     it queued (and none stays SCHEDULED for a worker that cannot run it) until it
     stops the workers.
     """
+    # Beat while the handler's module imports: that may take longer than the
+    # controller's stale window (torch, a model zoo), and a worker judged stale
+    # before its loop starts would leave without running or failing a task.
+    heart = _Heartbeat(db, experiment_id, worker_id, _positive_number("heartbeat_seconds", heartbeat_seconds))
+    heart.start()
     try:
         if handler is not None:
             where = "worker_kwargs['handler']"
@@ -1169,6 +1186,8 @@ def default_worker_target(
         message = f"worker {worker_id} cannot run tasks: {exc}"
         _log.error("%s", message)
         task_handler = functools.partial(_refuse_task, message)
+    finally:
+        heart.stop()
     run_worker(
         worker_id, db, task_handler, shutdown_event, experiment_id=experiment_id,
         heartbeat_seconds=heartbeat_seconds, poll_seconds=poll_seconds,

@@ -81,3 +81,31 @@ def test_task_transitions_use_the_prepared_path(sqlite_db):
     assert [h.to_status for h in sqlite_db.history("worker_task", task.task_id)] == [
         TaskStatus.SCHEDULED, TaskStatus.IN_PROGRESS, TaskStatus.FAILED
     ]
+
+
+def test_short_lived_threads_do_not_leak_prepared_connections(sqlite_db):
+    """One connection per thread, closed once its thread has ended: a thread per request stays bounded."""
+    import threading
+
+    import psutil
+
+    experiment = sqlite_db.create_experiment("threads", "/tmp/threads")
+    for chunk in range(100):
+        sqlite_db.create_worker_task(experiment.experiment_id, None, 0, chunk)
+    process = psutil.Process()
+    claimed = []
+
+    def claim() -> None:
+        claimed.append(sqlite_db.claim_worker_task(0).task_id)
+        sqlite_db.claim_worker_task(99)  # an idle poll too
+
+    claim()
+    baseline = process.num_fds()
+    for _ in range(99):
+        thread = threading.Thread(target=claim)
+        thread.start()
+        thread.join()
+    assert len(set(claimed)) == 100
+    assert process.num_fds() <= baseline + 4  # was 2 more per thread (the database and its -wal)
+    sqlite_db.close()
+    assert process.num_fds() < baseline

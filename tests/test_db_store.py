@@ -858,6 +858,29 @@ def test_a_worker_failed_as_dead_cannot_overwrite_the_outcome(db, db_url, experi
     assert db.get_task("worker", task.task_id).error == report.reason
 
 
+def test_a_worker_failed_as_dead_is_told_its_own_failure_was_not_recorded(db, db_url, experiment):
+    e = experiment.experiment_id
+    task = db.create_worker_task(e, None, 1, 0)
+    db.register_worker(e, 1, os.getpid())
+    claim = db.claim_worker_task(1)
+    time.sleep(0.3)
+    [report] = db.fail_stale_workers(0.1)
+    failed = snapshot(db)
+    # the late worker's own failure is not what was recorded: refused, not confirmed as a repeat
+    with pytest.raises(InvalidTransitionError, match="already FAILED") as info:
+        db.finish_worker_task(task.task_id, ok=False, error="CUDA out of memory", claim_token=claim.claim_token)
+    assert report.reason in str(info.value)
+    assert snapshot(db) == failed
+    # a true repeat of a recorded failure (same claim, same error) is still the idempotent no-op
+    other = db.create_worker_task(e, None, 2, 0)
+    db.register_worker(e, 2, os.getpid())
+    mine = db.claim_worker_task(2)
+    db.finish_worker_task(other.task_id, ok=False, error="boom", claim_token=mine.claim_token)
+    done = snapshot(db)
+    assert db.finish_worker_task(other.task_id, ok=False, error="boom", claim_token=mine.claim_token).error == "boom"
+    assert snapshot(db) == done
+
+
 def test_register_worker_fails_a_dead_predecessors_tasks_at_once(db, db_url, experiment):
     e = experiment.experiment_id
     run = make_run(db, e, "ONGOING")
@@ -976,6 +999,36 @@ def test_claims_of_other_hosts_and_unrecorded_claims_are_judged_by_the_worker_ro
     db.heartbeat(e, 4)
     reports = db.fail_stale_workers(0.2)
     assert [(r.worker.worker_id, r.failed_task_ids) for r in reports] == [(3, (remote.task_id,))]
+
+
+def test_a_dead_worker_rows_local_pid_does_not_fail_a_claim_of_another_host(db, db_url, experiment):
+    """The row names a dead pid of this host; a task claimed on another host falls only with the heartbeat."""
+    e = experiment.experiment_id
+    gone = _dead_pid()
+    remote_run = make_run(db, e, "ONGOING")
+    remote = db.create_worker_task(e, remote_run.run_id, 3, 0)
+    own = db.create_worker_task(e, None, 3, 1)
+    db.register_worker(e, 3, gone)
+    db.claim_worker_task(3)
+    db.claim_worker_task(3)
+    _set_claim(db_url, remote.task_id, claim_host="elsewhere", claim_pid=gone)
+    _set_claim(db_url, own.task_id, claim_pid=gone, claim_process_started_at=None)
+    db.heartbeat(e, 3)  # the remote claimer beats under worker id 3
+    [report] = db.fail_stale_workers(60)
+    assert report.failed_task_ids == (own.task_id,) and f"pid {gone}" in report.reason
+    assert {t.task_id: t.status for t in db.list_tasks("worker")} == {
+        remote.task_id: TaskStatus.IN_PROGRESS, own.task_id: TaskStatus.FAILED,
+    }
+    assert db.get_run(remote_run.run_id).status is RunStatus.ONGOING
+    # the row stays open while the remote claim holds a task: its heartbeat still judges it
+    assert db.heartbeat(e, 3).alive
+    before = snapshot(db)
+    assert db.fail_stale_workers(60) == []
+    assert snapshot(db) == before
+    time.sleep(0.3)
+    [report] = db.fail_stale_workers(0.2)
+    assert report.failed_task_ids == (remote.task_id,) and not report.worker.alive
+    assert db.get_run(remote_run.run_id).status is RunStatus.FAILED
 
 
 # --- the ORM cannot bypass the state machine ---------------------------------------------------------
@@ -1219,3 +1272,59 @@ def test_db_clock_is_utc(db):
     now = db.now()
     assert now.tzinfo is not None
     assert abs((now - datetime.now(timezone.utc)).total_seconds()) < 5
+
+
+# --- a SQLite file deleted or replaced under an open StateDB ------------------------------------------
+
+
+def _open_with_a_claim(path):
+    database = StateDB(f"sqlite:///{path}")
+    experiment = database.create_experiment("exp", str(path.parent / "experiments"))
+    database.transition_experiment(experiment.experiment_id, "RUNNING")
+    database.create_worker_task(experiment.experiment_id, None, 0, 0)
+    database.create_worker_task(experiment.experiment_id, None, 0, 1)
+    return database, experiment.experiment_id, database.claim_worker_task(0)
+
+
+def test_writes_to_a_deleted_sqlite_file_are_refused_not_lost(tmp_path):
+    path = tmp_path / "state.db"
+    database, e, claim = _open_with_a_claim(path)
+    try:
+        for name in (path, path.with_name("state.db-wal"), path.with_name("state.db-shm")):
+            name.unlink(missing_ok=True)
+        writes = {
+            "claim (prepared path)": lambda: database.claim_worker_task(0),
+            "finish (prepared path)": lambda: database.finish_worker_task(claim.task_id, claim_token=claim.claim_token),
+            "create (general path)": lambda: database.create_worker_task(e, None, 0, 2),
+            "register (general path)": lambda: database.register_worker(e, 0, os.getpid()),
+        }
+        for what, write in writes.items():
+            with pytest.raises(DBException, match="deleted") as info:
+                write()
+            assert str(path) in str(info.value), what
+        assert not path.exists()  # and no empty database was made in its place
+    finally:
+        database.close()
+
+
+def test_writes_to_a_replaced_sqlite_file_are_refused_and_the_new_file_is_untouched(tmp_path):
+    path = tmp_path / "state.db"
+    database, e, claim = _open_with_a_claim(path)
+    try:
+        other_path = tmp_path / "other.db"
+        other, _, _ = _open_with_a_claim(other_path)
+        other.close()
+        os.replace(other_path, path)  # e.g. a restore from a backup
+        replaced = StateDB(f"sqlite:///{path}")
+        before = snapshot(replaced)
+        for write in (
+            lambda: database.claim_worker_task(0),
+            lambda: database.finish_worker_task(claim.task_id, claim_token=claim.claim_token),
+            lambda: database.create_worker_task(e, None, 0, 2),
+        ):
+            with pytest.raises(DBException, match="replaced"):
+                write()
+        assert snapshot(replaced) == before
+        replaced.close()
+    finally:
+        database.close()

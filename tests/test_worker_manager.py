@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import signal
 import threading
 import time
@@ -589,6 +590,11 @@ def test_manager_without_target_takes_the_spec_signature(sqlite_db):
         WorkerManager(1, db=sqlite_db, worker_kwargs={"record_dir": "/x"})
     with pytest.raises(ConfigError, match="is not a handler name"):
         WorkerManager(1, db=sqlite_db, worker_kwargs={"handler": worker_targets.context_handler})
+    # refused here, not in each spawned worker (which would exit 1 with its tasks left SCHEDULED)
+    for bad in ({"poll_seconds": -1}, {"poll_seconds": 0}, {"heartbeat_seconds": "x"}, {"poll_seconds": True}):
+        [(key, value)] = bad.items()
+        with pytest.raises(ConfigError, match=re.escape(f"worker_kwargs['{key}']={value!r}")):
+            WorkerManager(1, db=sqlite_db, worker_kwargs=bad)
 
 
 def test_manager_without_target_uses_the_default_database(tmp_path, monkeypatch):
@@ -612,10 +618,17 @@ def test_manager_without_target_uses_the_default_database(tmp_path, monkeypatch)
         ("worker_targets:NOT_CALLABLE", "is a int, not a callable"),
         ("worker_targets:three_arguments", "accepts neither (task, context) nor (task)"),
         ("rf_broken_handler_module:f", "cannot import module 'rf_broken_handler_module': RuntimeError: broken at import"),
+        # a script-like module that parses its command line (or exits) when imported
+        ("rf_exiting_handler_module:f", "cannot import module 'rf_exiting_handler_module': SystemExit: 2"),
+        ("rf_getattr_handler_module:f", "cannot read 'f' of module 'rf_getattr_handler_module': RuntimeError: no attributes"),
     ],
 )
 def test_resolve_worker_handler_refuses_clearly(tmp_path, monkeypatch, name, hint):
     (tmp_path / "rf_broken_handler_module.py").write_text("raise RuntimeError('broken at import')\n")
+    (tmp_path / "rf_exiting_handler_module.py").write_text("import sys\nsys.exit(2)\n")
+    (tmp_path / "rf_getattr_handler_module.py").write_text(
+        "def __getattr__(name):\n    raise RuntimeError('no attributes')\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ConfigError) as info:
         wm.resolve_worker_handler(name, where="config_options['worker_handler']")
@@ -709,6 +722,25 @@ def test_default_target_with_a_bad_handler_fails_each_task_with_the_reason(db, t
     assert handled_records(record_dir) == []
     logged = [r.getMessage() for r in caplog.records if r.name == "rapidfire_state.worker_manager"]
     assert any("cannot run tasks" in m and hint in m for m in logged), logged
+
+
+def test_a_slow_handler_import_keeps_the_worker_heartbeating(db, tmp_path, record_dir, monkeypatch):
+    """Importing the handler's module (torch, a model zoo) may take longer than the stale window."""
+    (tmp_path / "rf_slow_import_handler.py").write_text(
+        "import time\ntime.sleep(1.5)\n\ndef handle(task):\n    return None\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    experiment = handler_experiment(db, tmp_path, record_dir, handler="rf_slow_import_handler:handle")
+    task = db.create_worker_task(experiment.experiment_id, None, 0, 0)
+    event, thread, result, _ = start_default_target(db, experiment)
+    try:
+        time.sleep(1.0)  # the module is still importing
+        assert db.fail_stale_workers(0.5) == []  # the worker beats meanwhile: not stale
+        wait_for(lambda: task_status(db, task.task_id) == TaskStatus.COMPLETED, 20, "the task")
+    finally:
+        event.set()
+        thread.join(10)
+    assert not thread.is_alive() and "error" not in result
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -53,14 +54,25 @@ class PreparedStatement:
 class SQLitePreparedWriter:
     """Runs prepared compare-and-set units on one driver connection per thread."""
 
-    def __init__(self, path: str, dialect: Any, busy_timeout_ms: int, retry_seconds: Callable[[], float]):
+    def __init__(
+        self,
+        path: str,
+        dialect: Any,
+        busy_timeout_ms: int,
+        retry_seconds: Callable[[], float],
+        *,
+        check_file: Optional[Callable[[], None]] = None,
+    ):
         self._path = path
+        #: called with the write lock held; raises when the file is no longer the one opened
+        self._check_file = check_file
         self._dialect = dialect
         self._busy_timeout_ms = busy_timeout_ms
         self._retry_seconds = retry_seconds
         self._local = threading.local()
         self._prepared: dict[int, tuple[Any, PreparedStatement]] = {}
-        self._connections: list[sqlite3.Connection] = []
+        #: (thread, pid, connection) of every connection opened here
+        self._connections: list[tuple[threading.Thread, int, sqlite3.Connection]] = []
         self._lock = threading.Lock()
 
     def prepare(self, statement: Any) -> PreparedStatement:
@@ -92,15 +104,41 @@ class SQLitePreparedWriter:
         connection = getattr(self._local, "connection", None)
         if connection is not None and self._local.pid == os.getpid():
             return connection
+        # mode=rw: never create the file (the engine made it when the StateDB
+        # opened); a deleted one is refused, not replaced by an empty database
         connection = sqlite3.connect(
-            self._path, timeout=self._busy_timeout_ms / 1000.0, isolation_level=None, check_same_thread=False
+            f"file:{urllib.parse.quote(self._path)}?mode=rw", uri=True,
+            timeout=self._busy_timeout_ms / 1000.0, isolation_level=None, check_same_thread=False,
         )
         configure_sqlite(connection, self._busy_timeout_ms)
         self._local.connection = connection
         self._local.pid = os.getpid()
         with self._lock:
-            self._connections.append(connection)
+            self._close_orphans()
+            self._connections.append((threading.current_thread(), os.getpid(), connection))
         return connection
+
+    def _close_orphans(self) -> None:
+        """Close the connections of this process's threads that have ended; lock held.
+
+        Each thread gets a connection of its own, and a thread that ends leaves
+        it (two file descriptors) behind: closed here, so a process that runs a
+        thread per request keeps as many connections as it has live threads.
+        Connections inherited through fork (another pid) are left alone, as
+        before: closing them in the child is not ours to do.
+        """
+        pid = os.getpid()
+        kept = []
+        for entry in self._connections:
+            thread, owner, connection = entry
+            if owner == pid and not thread.is_alive():
+                try:
+                    connection.close()
+                except sqlite3.Error:
+                    pass
+            else:
+                kept.append(entry)
+        self._connections = kept
 
     def compare_and_set(
         self,
@@ -119,7 +157,12 @@ class SQLitePreparedWriter:
         Returns the updated row (processed like SQLAlchemy's), or None when the
         compare-and-set matched nothing (rolled back; nothing written).
         """
-        connection = self._connection()
+        try:
+            connection = self._connection()
+        except sqlite3.Error as exc:
+            if self._check_file is not None:
+                self._check_file()  # the usual cause: the file is gone; say so
+            raise DBException(f"cannot open {self._path}: {exc}") from exc
         deadline: Optional[float] = None
         attempt = 0
         while True:
@@ -134,6 +177,8 @@ class SQLitePreparedWriter:
                 attempt += 1
                 backoff(attempt)
         try:
+            if self._check_file is not None:
+                self._check_file()
             values = connection.execute(update.sql, update.arguments(params)).fetchone()
             if values is None:
                 connection.execute("ROLLBACK")
@@ -154,7 +199,7 @@ class SQLitePreparedWriter:
     def close(self) -> None:
         with self._lock:
             connections, self._connections = self._connections, []
-        for connection in connections:
+        for _, _, connection in connections:
             try:
                 connection.close()
             except sqlite3.Error:

@@ -231,6 +231,8 @@ class StateDB:
         self._auto_upgrade = auto_upgrade
         self._read_only = bool(read_only)
         self._prepared_writer: Optional[SQLitePreparedWriter] = None
+        self._file_path: Optional[str] = None
+        self._file_identity: Optional[tuple[int, int]] = None
         self._cleanup_hooks: list[Callable[[Sequence[SHMObjectRecord]], None]] = []
         self._hooks_lock = threading.Lock()
         #: ``(from_revision, to_revision)`` when this instance migrated the database
@@ -259,10 +261,14 @@ class StateDB:
         if self.is_sqlite and self.sqlite_path is not None:
             self._prepared_writer = SQLitePreparedWriter(
                 self.sqlite_path, self._engine.dialect, int(DBConfig.BUSY_TIMEOUT_MS),
-                lambda: float(DBConfig.WRITE_RETRY_SECONDS),
+                lambda: float(DBConfig.WRITE_RETRY_SECONDS), check_file=self._check_file,
             )
         try:
             migrate.ensure_schema(self, auto_upgrade=auto_upgrade)
+            if self.is_sqlite and self.sqlite_path is not None:
+                # the file every write of this instance must still go to (see _check_file)
+                self._file_path = self.sqlite_path
+                self._file_identity = _file_identity(self._file_path)
         except SQLAlchemyError as exc:
             # e.g. a refused connection: one line naming the database, not a traceback
             self._engine.dispose()
@@ -271,6 +277,29 @@ class StateDB:
             self._engine.dispose()
             raise
         _LIVE_DATABASES.add(self)
+
+    def _check_file(self) -> None:
+        """Refuse a write when the SQLite file was deleted or replaced since it was opened.
+
+        Called with the write lock held.  A connection opened before keeps writing
+        to the old (unlinked) file, where every change would be lost without a
+        word; a connection opened since would write to a file this instance never
+        checked.  Either way: refuse, naming the file.
+        """
+        expected = self._file_identity
+        if expected is None:
+            return
+        try:
+            found = _file_identity(self._file_path)
+        except FileNotFoundError:
+            found = None
+        if found == expected:
+            return
+        what = "deleted" if found is None else "replaced by another file"
+        raise DBException(
+            f"the database file {self._file_path!r} was {what} after {self!r} opened it; nothing was "
+            "written (the write would be lost): open StateDB again"
+        )
 
     @property
     def read_only(self) -> bool:
@@ -386,13 +415,21 @@ class StateDB:
             conn = write_engine.connect()
             try:
                 conn.begin()  # emits BEGIN IMMEDIATE: take the write lock now
-                break
             except SQLAlchemyError as exc:
                 conn.close()
                 if not is_retryable(exc) or time.monotonic() >= deadline:
                     raise DBException(f"cannot begin a write transaction on {self.url_text}: {exc}") from exc
                 attempt += 1
                 _backoff(attempt)
+                continue
+            if self._file_identity is not None:
+                try:
+                    self._check_file()
+                except BaseException:
+                    conn.rollback()
+                    conn.close()
+                    raise
+            break
         try:
             yield conn
             conn.commit()
@@ -1293,6 +1330,18 @@ class StateDB:
                 machine.entity, task_id, to_status, to_status,
                 sorted(states.allowed_from("task", to_status), key=str), _claim_mismatch(row, claim_token),
             )
+        if (
+            from_status is None and claim_token is not None and to_status == TaskStatus.FAILED
+            and row["error"] != (None if error is None else str(error))
+        ):
+            # FAILED under this claim, but with another error: someone else failed it
+            # (fail_stale_workers, a restart, a cleanup), not a repeat of this finish
+            raise InvalidTransitionError(
+                machine.entity, task_id, to_status, to_status,
+                sorted(states.allowed_from("task", to_status), key=str),
+                f"the task was already FAILED by someone else ({row['error']!r}); this failure "
+                f"({error!r}) was not recorded and nothing was changed",
+            )
         return from_status
 
     # --- workers -----------------------------------------------------------------------
@@ -1533,7 +1582,12 @@ class StateDB:
                 reason = _staleness(worker, now, grace_seconds)
                 if reason is None:
                     continue
-                reports.append(self._fail_worker(conn, worker, reason))
+                # Gone by its pid while the heartbeat is fresh: the claims of other
+                # hosts under this worker id are left to the heartbeat.
+                by_pid = (now - worker.heartbeat_at).total_seconds() <= grace_seconds
+                report = self._fail_worker(conn, worker, reason, only_local_claims=by_pid)
+                if report is not None:
+                    reports.append(report)
             # Per claim: what a dead process of this host left, whoever the worker row names now.
             claimed = select(tasks.c.experiment_id, tasks.c.worker_id).distinct().where(
                 tasks.c.status == TaskStatus.IN_PROGRESS.value, tasks.c.claim_host == _HOST,
@@ -1555,12 +1609,36 @@ class StateDB:
 
         return self._write(unit)
 
-    def _fail_worker(self, conn: Connection, worker: WorkerRecord, reason: str) -> StaleWorkerReport:
+    def _fail_worker(
+        self, conn: Connection, worker: WorkerRecord, reason: str, *, only_local_claims: bool = False
+    ) -> Optional[StaleWorkerReport]:
+        """Fail the worker's IN_PROGRESS tasks and mark its row exited; never commits.
+
+        With ``only_local_claims`` (the row's process is gone from this host but
+        its heartbeat is fresh) the tasks claimed on another host are left alone:
+        a local pid says nothing of them.  While such tasks remain the row stays
+        open, so that its heartbeat still judges them.  Returns None when nothing
+        changed.
+        """
         tasks = tables.worker_tasks
         message = f"worker {worker.worker_id} (pid {worker.pid} on {worker.host}) {reason}"
-        failed, run_ids = self._fail_in_progress(
-            conn, [tasks.c.experiment_id == worker.experiment_id, tasks.c.worker_id == worker.worker_id], message
-        )
+        mine = [tasks.c.experiment_id == worker.experiment_id, tasks.c.worker_id == worker.worker_id]
+        conditions = list(mine)
+        if only_local_claims:
+            # a claim of another host cannot be judged by this host's pid
+            conditions.append(or_(tasks.c.claim_host.is_(None), tasks.c.claim_host == _HOST))
+        failed, run_ids = self._fail_in_progress(conn, conditions, message)
+        if only_local_claims:
+            held = conn.execute(
+                select(func.count()).select_from(tasks).where(tasks.c.status == TaskStatus.IN_PROGRESS.value, *mine)
+            ).scalar_one()
+            if held:
+                if not failed:
+                    return None
+                return StaleWorkerReport(
+                    worker=self._worker(conn, worker.experiment_id, worker.worker_id),
+                    reason=message, failed_task_ids=failed, failed_run_ids=run_ids,
+                )
         conn.execute(
             update(tables.workers)
             .where(tables.workers.c.id == worker.id, tables.workers.c.exited_at.is_(None))
@@ -2018,6 +2096,12 @@ def _wrap(exc: SQLAlchemyError, database: StateDB) -> DBException:
     orig = getattr(exc, "orig", None)
     detail = str(orig) if orig is not None else str(exc)
     return DBException(f"database error on {database.url_text}: {detail}")
+
+
+def _file_identity(path: str) -> tuple[int, int]:
+    """``(st_dev, st_ino)`` of ``path``: the same file, not just the same name."""
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
 
 
 def _process_start_time(pid: int) -> Optional[float]:
