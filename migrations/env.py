@@ -73,7 +73,9 @@ def _configured_url() -> Any:
     """The URL to migrate, in the order of the module docstring."""
     given = config.attributes.get("url")
     if given is None:
-        given = context.get_x_argument(as_dictionary=True).get("url") or None
+        # an empty "-x url=" (an unset shell variable) is refused by resolve_url,
+        # never taken as "not given": that would migrate another database
+        given = context.get_x_argument(as_dictionary=True).get("url")
     if given is None:
         given = os.environ.get("RF_DB_URL") or None
     if given is None:
@@ -88,7 +90,7 @@ def _cli_errors() -> Iterator[None]:
     if _from_library:
         yield
         return
-    from sqlalchemy.exc import IntegrityError, OperationalError
+    from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
     try:
         yield
@@ -104,6 +106,10 @@ def _cli_errors() -> Iterator[None]:
         from rapidfire_state.db.migrate import migration_error_from
 
         raise CommandError(str(migration_error_from(exc, _configured_url().render_as_string()))) from exc
+    except DBAPIError as exc:
+        # any other refusal of the driver (a file that is not a database, ...): its first line
+        lines = str(exc.orig or exc).strip().splitlines() or [type(exc).__name__]
+        raise CommandError(f"database {_configured_url().render_as_string()}: {lines[0]}") from exc
 
 
 def _check_sqlite_file(url: Any, *, may_create: bool) -> None:
@@ -201,7 +207,9 @@ def run_migrations_online() -> None:
     writes = command is None or command in _WRITING_COMMANDS
     url = _configured_url()
     _check_sqlite_file(url, may_create=command in (None, "upgrade"))
-    engine = create_state_engine(url)
+    # current, check ...: the readers' engine (on SQLite query_only, no journal-mode
+    # switch, no -wal/-shm left behind; on PostgreSQL read-only transactions)
+    engine = create_state_engine(url, read_only=not writes)
     try:
         with engine.connect() as connection:
             _run_on(connection, writes=writes)

@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from datetime import date, datetime
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, NoReturn, Optional, Sequence
 
 from rapidfire_state.exceptions import DBException, RapidFireError, SQLRefusedError
 
@@ -234,7 +234,9 @@ _SQLITE_PRAGMAS_READ = frozenset({
     "freelist_count", "journal_mode", "encoding", "foreign_keys", "auto_vacuum", "query_only",
     "compile_options", "collation_list", "function_list", "module_list", "pragma_list", "database_list",
 })
-_SQLITE_DENIED_FUNCTIONS = frozenset({"load_extension"})
+# load_extension loads code; fts3_tokenizer(name, pointer) swaps a tokenizer's C pointer
+# (one argument: leaks one), and this build of SQLite has its two-argument form enabled
+_SQLITE_DENIED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer"})
 
 
 def _first_keyword(statement: str, nested_comments: bool) -> str:
@@ -471,21 +473,31 @@ def _pg_refusal(sqlstate: Optional[str], message: str, timeout: float) -> RapidF
     return DBException(f"query failed: {message}")
 
 
-def _pg_check_reader(cursor: Any, database: Any) -> None:
-    """Refuse unless the reader role and its function are what revision 0004 made."""
+def _pg_check_reader(cursor: Any, database: Any, schemas: Sequence[str]) -> str:
+    """Refuse unless the reader role and its function are what revision 0004 made.
+
+    Returns the schema of the function: the first of ``schemas`` (the session's
+    search path as it was) that has a ``rapidfire_sql_read(text)``.  Runs with the
+    search path pinned to ``pg_catalog``, so no name here resolves to an object
+    someone else planted.
+    """
     from rapidfire_state.db import migrate
 
     role, function = migrate.SQL_READER_ROLE, migrate.SQL_READER_FUNCTION
     cursor.execute(
         "SELECT r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolbypassrls OR r.rolreplication,"
-        " (SELECT string_agg(b.rolname, ', ') FROM pg_catalog.pg_roles b"
+        " (SELECT string_agg(b.rolname, ', ') FROM pg_roles b"
         "   WHERE b.rolname IN ('pg_read_server_files', 'pg_write_server_files', 'pg_execute_server_program',"
-        "                       'pg_signal_backend') AND pg_catalog.pg_has_role(r.oid, b.oid, 'MEMBER')),"
-        " p.prosecdef, pg_catalog.pg_get_userbyid(p.proowner)"
-        " FROM pg_catalog.pg_roles r"
-        " LEFT JOIN pg_catalog.pg_proc p ON p.oid = pg_catalog.to_regprocedure(%s)"
+        "                       'pg_signal_backend') AND pg_has_role(r.oid, b.oid, 'MEMBER')),"
+        " f.prosecdef, pg_get_userbyid(f.proowner), f.nspname"
+        " FROM pg_roles r"
+        " LEFT JOIN LATERAL (SELECT p.prosecdef, p.proowner, n.nspname FROM pg_proc p"
+        "   JOIN pg_namespace n ON n.oid = p.pronamespace"
+        "   WHERE p.proname = %s AND p.pronargs = 1 AND p.proargtypes[0] = 'text'::regtype"
+        "   AND n.nspname = ANY(%s::text[])"
+        "   ORDER BY array_position(%s::text[], n.nspname::text) LIMIT 1) f ON true"
         " WHERE r.rolname = %s",
-        (f"{function}(text)", role),
+        (function, list(schemas), list(schemas), role),
     )
     row = cursor.fetchone()
     fix = f"run `{migrate.UPGRADE_COMMAND}`"
@@ -494,7 +506,7 @@ def _pg_check_reader(cursor: Any, database: Any) -> None:
             f"refused: the reader role {role} does not exist on this server ({migrate.SQL_READER_REVISION} "
             f"creates it); {fix}"
         )
-    privileged, memberships, security_definer, owner = row
+    privileged, memberships, security_definer, owner, schema = row
     if privileged or memberships:
         raise SQLRefusedError(
             f"refused: the reader role {role} has privileges a reader must not have "
@@ -503,15 +515,17 @@ def _pg_check_reader(cursor: Any, database: Any) -> None:
         )
     if owner != role or not security_definer:
         raise SQLRefusedError(
-            f"refused: the function {function}(text) is missing or not the one {migrate.SQL_READER_REVISION} "
-            f"made (owner {owner or '-'}); {fix}"
+            f"refused: the function {schema + '.' if schema else ''}{function}(text) is missing or not the one "
+            f"{migrate.SQL_READER_REVISION} made (owner {owner or '-'}); {fix}"
         )
+    return schema
 
 
 def _sql_postgresql(database: Any, statement: str, timeout: float) -> tuple[Optional[list[str]], list[list]]:
     import codecs
 
     import psycopg
+    import psycopg.sql
     from psycopg import pq
 
     from rapidfire_state.db import migrate
@@ -541,7 +555,17 @@ def _sql_postgresql(database: Any, statement: str, timeout: float) -> tuple[Opti
                     "SELECT pg_catalog.set_config('statement_timeout', %s, true)",
                     (str(max(1, int(timeout * 1000))),),
                 )
-                _pg_check_reader(cursor, database)
+                # The URL's user may be a superuser: nothing it runs may resolve to an object
+                # another user planted earlier in its search path ("$user" is the reader's own
+                # name after SET ROLE, a schema anyone with CREATE on the database can make).
+                # Names resolve in pg_catalog, then in the function's schema, the library's.
+                cursor.execute("SELECT pg_catalog.current_schemas(false)")
+                schemas = list(cursor.fetchone()[0])
+                cursor.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog', true)")
+                schema = _pg_check_reader(cursor, database, schemas)
+                cursor.execute(
+                    "SELECT set_config('search_path', 'pg_catalog, ' || quote_ident(%s), true)", (schema,)
+                )
                 try:
                     cursor.execute(f"SET LOCAL ROLE {migrate.SQL_READER_ROLE}")
                 except psycopg.errors.InsufficientPrivilege as exc:
@@ -564,7 +588,10 @@ def _sql_postgresql(database: Any, statement: str, timeout: float) -> tuple[Opti
                 columns = [described.fname(i).decode(encoding, "replace") for i in range(described.nfields)]
                 types = [described.ftype(i) for i in range(described.nfields)]
                 cursor.execute(
-                    f"SELECT rf_row::text FROM {migrate.SQL_READER_FUNCTION}(%s) AS rf_row", (statement,)
+                    psycopg.sql.SQL("SELECT rf_row::text FROM {}.{}(%s::text) AS rf_row").format(
+                        psycopg.sql.Identifier(schema), psycopg.sql.Identifier(migrate.SQL_READER_FUNCTION)
+                    ),
+                    (statement,),
                 )
                 rows = []
                 for (text,) in cursor.fetchall():
@@ -585,6 +612,10 @@ def _sql_postgresql(database: Any, statement: str, timeout: float) -> tuple[Opti
             connection.rollback()
         except Exception:  # noqa: BLE001 - the connection is closed next anyway
             pass
+        # Never back into the pool: what the statement left on the session outlives
+        # the rollback (a pg_advisory_lock() taken by it would be held until the
+        # connection closes), so the connection is closed with the statement.
+        raw.invalidate()
         raw.close()
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
@@ -621,7 +652,7 @@ def cmd_fail_stale(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="rapidfire-state",
         description="Inspect and maintain the rapidfire_state database.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -680,8 +711,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad arguments are one line too (argparse would print the usage first)."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _parser_with(common: argparse.ArgumentParser) -> type:
-    class _SubParser(argparse.ArgumentParser):
+    class _SubParser(_OneLineParser):
         def __init__(self, *args: Any, **kwargs: Any):
             kwargs.setdefault("parents", [common])
             super().__init__(*args, **kwargs)

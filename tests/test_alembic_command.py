@@ -430,3 +430,43 @@ def test_offline_sqlite_script_switches_foreign_keys_off_and_is_one_transaction(
     assert statements[0] == "PRAGMA foreign_keys = OFF"
     assert statements[1] == "BEGIN" and statements[-1] == "COMMIT"
     assert not (tmp_path / "x.db").exists()
+
+
+# --- found under attack (atksql) ---------------------------------------------------------
+
+
+def test_an_empty_x_url_is_refused_not_taken_as_the_default(home):
+    """``-x url=$UNSET`` must not migrate $RF_HOME's database (or RF_DB_URL's)."""
+    for command in (["upgrade", "head"], ["current"], ["downgrade", "base"]):
+        result = alembic("-x", "url=", *command, home=home)
+        assert result.returncode != 0
+        assert "FAILED: the database URL is empty" in out(result)
+        assert "Traceback" not in out(result)
+        assert not home.exists()
+
+
+def test_a_file_that_is_not_a_database_fails_in_one_line_and_is_untouched(tmp_path, home):
+    target = tmp_path / "notes.txt"
+    target.write_text("these are not the pages you are looking for\n" * 100)
+    before = files_of(tmp_path)
+    for command in (["current"], ["upgrade", "head"], ["check"]):
+        result = alembic("-x", f"url={target}", *command, home=home)
+        assert result.returncode != 0
+        assert "Traceback" not in out(result), out(result)
+        assert "FAILED:" in out(result) and "file is not a database" in out(result)
+        assert files_of(tmp_path) == before
+
+
+def test_current_and_check_leave_a_rollback_journal_database_byte_for_byte(tmp_path, home):
+    """Read commands opened the writers' engine, whose first PRAGMA journal_mode = WAL
+    rewrote the header of a database kept in rollback-journal mode."""
+    target = tmp_path / "b.db"
+    assert alembic("-x", f"url={target}", "upgrade", "head", home=home).returncode == 0
+    connection = sqlite3.connect(target)
+    assert connection.execute("PRAGMA journal_mode = DELETE").fetchone() == ("delete",)
+    connection.close()
+    before = files_of(tmp_path)
+    for command in (["current"], ["check"]):
+        result = alembic("-x", f"url={target}", *command, home=home)
+        assert result.returncode == 0, out(result)
+        assert files_of(tmp_path) == before, command

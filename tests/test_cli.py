@@ -467,3 +467,102 @@ def test_head_of_a_long_listing_is_quiet(tmp_path):
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
     assert result.stdout.splitlines() == ["x", "status=141"]
     assert (tmp_path / "err").read_text() == ""
+
+
+# --- found under attack (atksql) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["history", "worker", "1"], ["invalid choice: 'worker'", "history --help"]),
+    (["history", "run", "abc"], ["invalid int value: 'abc'"]),
+    (["runs", "-e", "x"], ["invalid int value: 'x'"]),
+    ([], ["required: COMMAND"]),
+    (["sql", "SELECT 1", "--timeout", "-1"], ["--timeout '-1'"]),
+])
+def test_bad_arguments_are_one_line(argv, needles, tmp_path):
+    result = run_exe("--url", str(tmp_path / "x.db"), *argv, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    line = one_error_line(result.stderr)
+    assert line.startswith("rapidfire-state")
+    for needle in needles:
+        assert needle in line, line
+
+
+def test_ids_out_of_range_name_the_value_on_both_backends(db_url, tmp_path):
+    """Huge or negative ids: one line naming the value and the range (on SQLite an
+    OverflowError escaped, on PostgreSQL "integer out of range" named nothing)."""
+    writer_database(db_url, tmp_path)["database"].close()
+    huge = "99999999999999999999999"
+    for argv, value in [
+        (["history", "run", huge], f"run_id={huge}"),
+        (["history", "run", "2147483648"], "run_id=2147483648"),
+        (["runs", "-e", huge], f"experiment_id={huge}"),
+        (["tasks", "-e", "2147483648"], "experiment_id=2147483648"),
+        (["workers", "-e", huge], f"experiment_id={huge}"),
+        (["shm", "-e", "2147483648"], "experiment_id=2147483648"),
+        (["shm", "-e", "-3"], "experiment_id=-3"),
+        (["cleanup", "-e", huge], f"experiment_id={huge}"),
+        (["fail-stale", "--grace", "nan"], "grace_seconds=nan"),
+    ]:
+        result = run_exe("--url", db_url, *argv, cwd=tmp_path)
+        assert result.returncode == 2 and result.stdout == "", (argv, result.stdout, result.stderr)
+        line = one_error_line(result.stderr)
+        assert value in line and "is not valid" in line, (argv, line)
+
+
+def test_a_sqlite_url_with_query_parameters_cannot_make_a_reader_create(tmp_path):
+    """?mode=rwc (with or without uri=true) is ignored by readers: no file, one line."""
+    before = tree(tmp_path)
+    for url in (f"sqlite:///{tmp_path}/a.db?mode=rwc", f"sqlite:///file:{tmp_path}/b.db?mode=rwc&uri=true"):
+        for argv in (["runs"], ["sql", "SELECT 1"], ["db", "current"]):
+            result = run_exe("--url", url, *argv, cwd=tmp_path)
+            assert result.returncode == 2, (url, argv, result.stderr)
+            assert "no database at" in one_error_line(result.stderr), result.stderr
+    assert tree(tmp_path) == before
+
+
+def _as_nobody() -> list[str]:
+    import shutil
+
+    if os.geteuid() != 0:
+        return []  # already not root: permissions apply to us
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("needs setpriv to drop root (root ignores file permissions)")
+    return [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+
+def test_a_wal_database_in_a_read_only_directory_is_read_and_left_alone(tmp_path):
+    """A WAL database its reader may not write beside (a read-only share, another
+    user's directory): readers read it instead of failing with "attempt to write a
+    readonly database", and create nothing."""
+    import tempfile
+
+    prefix = _as_nobody()
+    shared = Path(tempfile.mkdtemp(prefix="rf_ro_", dir="/tmp"))
+    try:
+        os.chmod(shared, 0o755)
+        path = shared / "s.db"
+        writer_database(str(path), tmp_path)["database"].close()
+        assert not Path(f"{path}-wal").exists()
+        os.chmod(path, 0o444)
+        os.chmod(shared, 0o555)
+        before = tree(shared)
+        for argv, needle in [
+            (["runs", "--json"], '"status": "ONGOING"'),
+            (["sql", "SELECT count(*) AS n FROM runs", "--json"], '[{"n": 1}]'),
+            (["db", "current"], migrate.HEAD_REVISION),
+            (["history", "run", "1", "--json"], '"to_status": "ONGOING"'),
+        ]:
+            result = subprocess.run(
+                [*prefix, EXECUTABLE, "--url", str(path), *argv], capture_output=True, text=True, timeout=120,
+                cwd="/",
+            )
+            assert result.returncode == 0, (argv, result.stderr)
+            assert needle in result.stdout, (argv, result.stdout)
+        assert tree(shared) == before
+    finally:
+        os.chmod(shared, 0o755)
+        for child in shared.iterdir():
+            child.unlink()
+        shared.rmdir()

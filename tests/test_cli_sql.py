@@ -495,3 +495,100 @@ def test_postgresql_sql_as_a_member_and_as_a_non_member(populated, capsys):
         populated.engine.dispose()  # the login's sessions are gone; nothing else holds the role
         with populated.transaction() as session:
             session.execute(text(f"DROP ROLE {login}"))
+
+
+# --- found under attack (atksql) ---------------------------------------------------------
+
+
+def test_sqlite_fts3_tokenizer_is_denied(populated, capsys):
+    """fts3_tokenizer() leaks a C pointer (one argument) or swaps one in (two: enabled in
+    this SQLite build); neither is reading, both are refused by the authorizer."""
+    sqlite_only(populated)
+    assert_refused(capsys, populated, "SELECT fts3_tokenizer('simple')", "fts3_tokenizer")
+    assert_refused(capsys, populated, "SELECT fts3_tokenizer('simple', x'4141414141414141')", "fts3_tokenizer")
+    with pytest.raises(SQLRefusedError, match="fts3_tokenizer"):
+        cli._sql_sqlite(Path(populated.sqlite_path), "SELECT upper(fts3_tokenizer('porter'))", 5.0)
+
+
+def test_postgresql_session_state_of_a_statement_does_not_outlive_it(populated):
+    """A session-level advisory lock survives ROLLBACK: the statement's connection must
+    not go back to the pool holding it (the migration lock, or any other key)."""
+    pg_only(populated)
+    reader = StateDB(url_of(populated), read_only=True)
+    try:
+        for key in (4242, migrate._PG_LOCK_KEY):
+            columns, rows = cli._sql_postgresql(reader, f"SELECT pg_advisory_lock({key}) AS locked", 5.0)
+            assert columns == ["locked"]
+            with populated.engine.connect() as other:
+                assert other.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar() is True
+                other.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                other.commit()
+    finally:
+        reader.close()
+
+
+def test_one_statement_with_semicolons_in_literals_or_a_trailing_comment_runs(populated, capsys):
+    for statement, expected in [
+        ("SELECT ';' AS a", '[{"a": ";"}]'),
+        ("SELECT 'x; DELETE FROM runs' AS a;", '[{"a": "x; DELETE FROM runs"}]'),
+        ("SELECT 1 AS a; -- a trailing comment", '[{"a": 1}]'),
+        ("SELECT 1 AS a ; /* and ; another */", '[{"a": 1}]'),
+        ('SELECT 1 AS "a;b"', '[{"a;b": 1}]'),
+        ("\u3000\u00a0 SELECT 2 AS a" if not populated.is_sqlite else "\t\n SELECT 2 AS a", '[{"a": 2}]'),
+    ]:
+        code, out, err = sql(capsys, populated, statement, "--json")
+        if "\u3000" in statement:  # PostgreSQL's lexer does not take unicode spaces: a query error, never a run
+            assert code == 2 and "query failed" in err and out == "", (statement, err)
+            continue
+        assert code == 0 and out.strip() == expected, (statement, out, err)
+    if not populated.is_sqlite:
+        code, out, err = sql(capsys, populated, "SELECT $x$;DELETE FROM runs$x$ AS a", "--json")
+        assert code == 0 and out.strip() == '[{"a": ";DELETE FROM runs"}]', err
+
+
+def test_statements_with_a_nul_character_are_refused_and_change_nothing(populated, capsys):
+    before = snapshot(populated)
+    code, out, err = sql(capsys, populated, "SELECT 1\x00; DELETE FROM runs")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert snapshot(populated) == before
+
+
+def test_postgresql_a_function_planted_in_the_search_path_never_runs_as_the_login(populated, capsys):
+    """A user with CREATE on the database makes a schema named like the reader role.
+    After ``SET ROLE rapidfire_reader`` its "$user" entry of the search path resolved
+    the unqualified call of rapidfire_sql_read to the planted function, which ran as
+    the superuser login (it could ``RESET`` the role: COPY TO a file, TO PROGRAM)."""
+    pg_only(populated)
+    import psycopg
+
+    planter = f"rf_test_planter_{uuid.uuid4().hex[:10]}"
+    proof = Path(f"/tmp/rf_planted_{uuid.uuid4().hex}")
+    database_name = populated.url.database
+    with populated.transaction() as session:
+        session.execute(text(f"CREATE ROLE {planter} LOGIN"))
+        session.execute(text(f'GRANT CREATE ON DATABASE "{database_name}" TO {planter}'))
+    conninfo = populated.url.set(drivername="postgresql", username=planter).render_as_string(hide_password=False)
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as planted:
+            planted.execute(f"CREATE SCHEMA {migrate.SQL_READER_ROLE}")
+            planted.execute(f"GRANT USAGE ON SCHEMA {migrate.SQL_READER_ROLE} TO PUBLIC")
+            planted.execute(f"""
+                CREATE FUNCTION {migrate.SQL_READER_ROLE}.{migrate.SQL_READER_FUNCTION}(statement text)
+                RETURNS SETOF json LANGUAGE plpgsql AS $f$
+                BEGIN
+                    PERFORM pg_catalog.set_config('role', 'none', true);
+                    EXECUTE 'COPY (SELECT current_user) TO ''{proof}''';
+                    RETURN NEXT pg_catalog.json_build_object('n', -1);
+                END $f$""")
+            planted.execute(f"GRANT EXECUTE ON FUNCTION {migrate.SQL_READER_ROLE}.{migrate.SQL_READER_FUNCTION}(text) TO PUBLIC")
+        code, out, err = sql(capsys, populated, "SELECT count(*) AS n FROM runs", "--json")
+        assert not proof.exists(), "the planted function ran as the superuser"
+        assert code == 0 and out.strip() == '[{"n": 1}]', (out, err)
+    finally:
+        proof.unlink(missing_ok=True)
+        with populated.transaction() as session:
+            session.execute(text(f"DROP SCHEMA IF EXISTS {migrate.SQL_READER_ROLE} CASCADE"))
+            session.execute(text(f'REVOKE CREATE ON DATABASE "{database_name}" FROM {planter}'))
+        populated.engine.dispose()
+        with populated.transaction() as session:
+            session.execute(text(f"DROP ROLE {planter}"))

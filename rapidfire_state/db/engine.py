@@ -188,9 +188,11 @@ def _sqlite_reader_engine(url: URL) -> Engine:
         raise ConfigError(f"database URL {url.render_as_string(hide_password=True)!r} names no SQLite file")
     busy_timeout_ms = int(DBConfig.BUSY_TIMEOUT_MS)
     # The URL names the file (so the pool is a file database's pool); the
-    # creator opens it our way, never creating it.
+    # creator opens it our way, never creating it.  Its query (``?mode=rwc``,
+    # ``?uri=true`` ...) is dropped: the creator ignores it anyway, and
+    # SQLAlchemy would warn about it in lines of its own.
     engine = create_engine(
-        url, creator=lambda: connect_sqlite_reader(path, busy_timeout_ms), pool_pre_ping=False
+        url.set(query={}), creator=lambda: connect_sqlite_reader(path, busy_timeout_ms), pool_pre_ping=False
     )
 
     @event.listens_for(engine, "begin")
@@ -213,6 +215,10 @@ def connect_sqlite_reader(path: Path, busy_timeout_ms: int | None = None) -> sql
     the two files again on close, and with an empty WAL nothing is checkpointed,
     so the database file keeps its bytes.  When a ``-wal`` exists, or the file
     or its directory is not writable, ``mode=ro`` is used and creates nothing new.
+    A WAL database that cannot be read that way — no ``-wal``/``-shm`` beside it
+    and a directory this process may not create them in (a read-only share,
+    another user's directory) — is opened ``immutable``: with no ``-wal`` there
+    is no writer, and no lock or file is needed to read it.
     """
     if busy_timeout_ms is None:
         busy_timeout_ms = int(DBConfig.BUSY_TIMEOUT_MS)
@@ -222,10 +228,16 @@ def connect_sqlite_reader(path: Path, busy_timeout_ms: int | None = None) -> sql
         raise ConfigError(f"database path {str(path)!r} is not a regular file; expected a SQLite database file")
     wal = path.with_name(path.name + "-wal")
     writable = os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+    shm = path.with_name(path.name + "-shm")
     mode = "rw" if writable and not wal.exists() else "ro"
+    options = f"mode={mode}"
+    if mode == "ro" and not wal.exists() and not shm.exists() and not os.access(path.parent, os.W_OK):
+        # mode=ro would need to create -shm (and -wal) to read a WAL database,
+        # and fails with "attempt to write a readonly database"
+        options += "&immutable=1"
     try:
         connection = sqlite3.connect(
-            f"{path.as_uri()}?mode={mode}", uri=True, timeout=busy_timeout_ms / 1000.0,
+            f"{path.as_uri()}?{options}", uri=True, timeout=busy_timeout_ms / 1000.0,
             check_same_thread=False, isolation_level=None,
         )
     except sqlite3.Error as exc:

@@ -183,11 +183,18 @@ def validate_experiment_name(name: Any) -> str:
         raise ExperimentException(str(exc)) from None
 
 
+#: the largest value of the schema's INTEGER columns (PostgreSQL's int4; SQLite would take
+#: more, but a value the other backend refuses is refused on both, naming it)
+_MAX_INTEGER = 2**31 - 1
+
+
 def _check_id(name: str, value: Any, *, optional: bool = False) -> Optional[int]:
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{name}={value!r} is not valid; a non-negative int is required")
+    if value > _MAX_INTEGER:
+        raise ConfigError(f"{name}={value!r} is not valid; an int from 0 to {_MAX_INTEGER} is required")
     return value
 
 
@@ -1565,7 +1572,8 @@ class StateDB:
 
         Returns what changed, one report per worker or dead claimer.
         """
-        if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, (int, float)) or grace_seconds < 0:
+        # "not >= 0" also refuses NaN, which compares false with everything
+        if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, (int, float)) or not grace_seconds >= 0:
             raise ConfigError(f"grace_seconds={grace_seconds!r} is not valid; a number >= 0 is required")
         _check_id("experiment_id", experiment_id, optional=True)
         table = tables.workers
@@ -1716,6 +1724,8 @@ class StateDB:
         self, *, experiment_id: Optional[int] = None, run_id: Optional[int] = None, manager_name: Optional[str] = None
     ) -> list[SHMObjectRecord]:
         """Metadata rows, filtered."""
+        _check_id("experiment_id", experiment_id, optional=True)
+        _check_id("run_id", run_id, optional=True)
         table = tables.shm_objects
 
         def unit(conn: Connection) -> list[SHMObjectRecord]:
