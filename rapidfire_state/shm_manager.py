@@ -970,7 +970,13 @@ class _Journal:
         self.nbytes = nbytes
         self.storage = storage
         self.pid = os.getpid()
-        self._finalizer = weakref.finalize(self, _unlink_own_journal, path, self.pid) if owned else None
+        self._finalizer: Any = None
+        if owned:
+            # multiprocessing's finalizer, not weakref.finalize: it also runs when a forked or
+            # forkserver child returns (they end with os._exit, skipping atexit)
+            from multiprocessing.util import Finalize
+
+            self._finalizer = Finalize(self, _unlink_own_journal, (path, self.pid), exitpriority=0)
 
     @classmethod
     def create(cls, tag: str, nbytes: int) -> "_Journal":
@@ -1014,7 +1020,7 @@ class _Journal:
     def abandon(self) -> None:
         """Leave the file to whoever finishes the copy a redo marker names it for."""
         if self._finalizer is not None:
-            self._finalizer.detach()
+            self._finalizer.cancel()
 
     def discard(self) -> None:
         """Unlink the file now (its owner's close)."""

@@ -1335,3 +1335,28 @@ def test_a_delete_killed_after_a_killed_copy_never_leaves_a_torn_key(registry_ma
     finally:
         shm.close()
         lock.remove()
+
+
+def _in_place_and_return(manager: SharedMemoryManager) -> None:
+    manager.store("victim", _victim(5))
+    manager.store("victim", _victim(6))
+
+
+@pytest.mark.parametrize("context", ["forkserver", "spawn"])
+def test_a_worker_that_returns_takes_its_journal_with_it(registry_manager, db, tmp_path, context):
+    # No reconcile(), no close(): a worker process that just returns (forked children end
+    # with os._exit, which skips atexit) removes its journal.
+    _FORKSERVER.set_forkserver_preload(["torch", "rapidfire_state.shm_manager", "rapidfire_state.db.store"])
+    registry, lock = registry_manager.dict(), SHMLock.create("exit", tmp_path)
+    shm = SharedMemoryManager("exit", registry, lock, db)
+    try:
+        shm.store("victim", _victim(0))
+        child = multiprocessing.get_context(context).Process(target=_in_place_and_return, args=(shm,))
+        child.start()
+        child.join(CHILD_TIMEOUT)
+        assert child.exitcode == 0
+        assert _uniform_version(shm.load("victim"), ("w", "b")) == 6
+        assert _dev_shm_files_of(child.pid) == [], "a worker's journal outlived it"
+    finally:
+        shm.close()
+        lock.remove()
