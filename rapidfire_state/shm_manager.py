@@ -71,9 +71,11 @@ plus 2000 cheap views.  Storing:
 * a key that is already in shared memory with the same shapes and dtypes (in the
   same order) is written **in place**, so every process's loaded views see the
   new weights.  To survive a writer's death mid-copy it is copied twice: first,
-  without the lock, into a *journal* (a file ``/dev/shm/rf-shm-journal.<tag>.<host>.<pid>.<random>``
-  the manager keeps for its next in-place store: one object's size of
-  ``/dev/shm`` per writing process, removed by its close or exit), then, under the lock, from the journal into the shared tensors while
+  without the lock, into a *journal* (a file
+  ``/dev/shm/rf-shm-journal.<tag>.<host>.<pid>.<random>`` the manager keeps for
+  its next in-place store: one object's size of ``/dev/shm`` per writing
+  process, removed by its close or exit), then, under the lock, from the
+  journal into the shared tensors while
   the registry entry carries a redo marker naming the journal (see Crashes).
   When ``/dev/shm`` has no room for the journal the key is replaced instead of
   written in place.  A process-local cache keeps the shared tensors this process
