@@ -71,9 +71,11 @@ plus 2000 cheap views.  Storing:
 * a key that is already in shared memory with the same shapes and dtypes (in the
   same order) is written **in place**, so every process's loaded views see the
   new weights.  To survive a writer's death mid-copy it is copied twice: first,
-  without the lock, into a *journal* (a shared scratch storage the manager keeps
-  for its next in-place store: one object's size of ``/dev/shm`` per writing
-  process), then, under the lock, from the journal into the shared tensors while
+  without the lock, into a *journal* (a file
+  ``/dev/shm/rf-shm-journal.<tag>.<host>.<pid>.<random>`` the manager keeps for
+  its next in-place store: one object's size of ``/dev/shm`` per writing
+  process, removed by its close or exit), then, under the lock, from the
+  journal into the shared tensors while
   the registry entry carries a redo marker naming the journal (see Crashes).
   When ``/dev/shm`` has no room for the journal the key is replaced instead of
   written in place.  A process-local cache keeps the shared tensors this process
@@ -156,7 +158,12 @@ A key is never left torn: a new payload is published in one registry update, and
 a writer killed during an in-place copy leaves a redo marker that the next
 store, load or :meth:`reconcile` of that key completes from the journal under
 the lock (a delete just removes the key), so the key loads as it was before the
-store or as written (while the marker is up, a load waits for the lock).  A raw ``registry[key]``
+store or as written (while the marker is up, a load waits for the lock).  The
+journal of a killed writer is removed by whoever finishes its copy, else by the
+next :meth:`reconcile` (or, once the registry's owner is dead too, by the next
+lock file created in the same directory); a delete removes the payload before
+its metadata, so a delete killed halfway never strips the marker off a
+half-copied payload.  A raw ``registry[key]``
 read sees the half-copied tensors until one of those runs.  A writer killed
 during a disk write leaves only a temp file ``.ckpt-*.<pid>.rftmp`` next to the
 target, never a partial checkpoint.  :meth:`reconcile` repairs rows and payloads
@@ -489,6 +496,7 @@ def _sweep_stale_locks(directory: Path) -> None:
             continue
         _unlink_quiet(path)
         os.close(fd)
+        _sweep_journals(_journal_tag(os.path.abspath(path)))  # its registry died with its owner
 
 
 # --- the registry Manager ---------------------------------------------------------------
@@ -935,6 +943,129 @@ class _NoSharedMemory(Exception):
     pass
 
 
+#: Journal files of in-place stores: ``/dev/shm/<prefix><tag>.<host>.<pid>.<random>``.
+JOURNAL_PREFIX = "rf-shm-journal."
+_JOURNAL_RE = re.compile(r"^rf-shm-journal\.(?P<tag>[0-9a-f]{12})\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[0-9a-f]{12}$")
+
+
+def _journal_tag(identity: str) -> str:
+    """The journal files of one registry share this tag (a hash of its lock file, or its name)."""
+    return hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
+class _Journal:
+    """A writer's scratch file in /dev/shm, mapped shared: the redo journal of in-place stores.
+
+    A file of our own rather than a torch shared storage: a torch storage whose
+    creator is SIGKILLed keeps its reference count and stays in /dev/shm until every
+    process of the experiment has exited (one object's size per killed writer).
+    This one is named after its registry (tag), host and writer pid, so the next
+    process to find the writer dead removes it (:meth:`SharedMemoryManager.reconcile`,
+    and whoever finishes the copy it was left for).  The writer unlinks it itself
+    on close, garbage collection or exit, unless a redo marker still names it.
+    """
+
+    __slots__ = ("path", "nbytes", "storage", "pid", "_finalizer", "__weakref__")
+
+    def __init__(self, path: str, nbytes: int, storage: Any, *, owned: bool):
+        self.path = path
+        self.nbytes = nbytes
+        self.storage = storage
+        self.pid = os.getpid()
+        self._finalizer: Any = None
+        if owned:
+            # multiprocessing's finalizer, not weakref.finalize: it also runs when a forked or
+            # forkserver child returns (they end with os._exit, skipping atexit)
+            from multiprocessing.util import Finalize
+
+            self._finalizer = Finalize(self, _unlink_own_journal, (path, self.pid), exitpriority=0)
+
+    @classmethod
+    def create(cls, tag: str, nbytes: int) -> "_Journal":
+        """A new journal of ``nbytes`` (pages reserved); raises :class:`_NoSharedMemory`."""
+        while True:
+            path = os.path.join(SHM_DIR, f"{JOURNAL_PREFIX}{tag}.{_lock_host()}.{os.getpid()}.{os.urandom(6).hex()}")
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:  # pragma: no cover - 48 random bits
+                continue
+            except OSError as exc:
+                raise _NoSharedMemory(f"cannot create a journal in {SHM_DIR}: {exc}") from exc
+            break
+        try:
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError as exc:
+                raise _NoSharedMemory(f"/dev/shm cannot hold a {nbytes}-byte journal ({exc})") from exc
+            storage = _map_file(fd, nbytes)
+        except BaseException:
+            _unlink_quiet(path)
+            raise
+        finally:
+            os.close(fd)
+        return cls(path, nbytes, storage, owned=True)
+
+    @classmethod
+    def open(cls, path: str, nbytes: int) -> Optional["_Journal"]:
+        """Another process's journal, mapped (never created); None when it is gone."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            if os.fstat(fd).st_size < nbytes:
+                return None
+            return cls(path, nbytes, _map_file(fd, nbytes), owned=False)
+        finally:
+            os.close(fd)
+
+    def abandon(self) -> None:
+        """Leave the file to whoever finishes the copy a redo marker names it for."""
+        if self._finalizer is not None:
+            self._finalizer.cancel()
+
+    def discard(self) -> None:
+        """Unlink the file now (its owner's close)."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+
+def _map_file(fd: int, nbytes: int) -> Any:
+    import mmap
+
+    import torch
+
+    if nbytes == 0:
+        return torch.UntypedStorage(0)
+    # frombuffer keeps the mmap object alive as long as the storage lives
+    return torch.frombuffer(mmap.mmap(fd, nbytes), dtype=torch.uint8).untyped_storage()
+
+
+def _unlink_own_journal(path: str, pid: int) -> None:
+    if os.getpid() == pid:  # never from a forked child's copy
+        _unlink_quiet(path)
+
+
+def _sweep_journals(tag: str, keep: "set[str] | frozenset[str]" = frozenset()) -> list[str]:
+    """Remove this host's journals of registry ``tag`` whose writer is dead (except ``keep``)."""
+    host = _lock_host()
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        match = _JOURNAL_RE.match(name)
+        if not match or match.group("tag") != tag or match.group("host") != host:
+            continue
+        path = os.path.join(SHM_DIR, name)
+        if path in keep or _pid_alive(int(match.group("pid"))):
+            continue
+        if _unlink_quiet(path):
+            removed.append(path)
+    return removed
+
+
 # --- records and reports ------------------------------------------------------------------
 
 
@@ -948,7 +1079,8 @@ class ReconcileReport:
     ``repaired``: rows rewritten to match the registry (location/size).
     ``ok``: rows found consistent. ``registry_alive``: whether the Manager answered
     (when not, every SHM row of this manager counts as missing).
-    ``removed_temp_files``: temp files of interrupted disk writes that were deleted.
+    ``removed_temp_files``: temp files of interrupted disk writes, and /dev/shm
+    journals of writers that died, that were deleted.
     ``skipped``: reprs of registry keys that cannot have a row (not a str, or
     longer than 512 characters); they are left as they are.
     """
@@ -1048,7 +1180,7 @@ class SharedMemoryManager:
         self._manager: Any = None
 
         self._owned_lock: Optional[SHMLock] = None
-        self._scratch: Any = None  # the journal storage of in-place stores, kept for the next one
+        self._scratch: Optional[_Journal] = None  # the journal of in-place stores, kept for the next one
         _use_file_system_strategy()
         if registry is None:
             self._owned_lock = SHMLock.create(name)
@@ -1062,6 +1194,8 @@ class SharedMemoryManager:
             self._probe(registry)
         self._registry = registry
         self._lock = lock
+        # journals of one registry share a tag, so reconcile() finds its dead writers' ones
+        self._journal_tag = _journal_tag(lock.path if isinstance(lock, SHMLock) else f"name:{name}")
         if self.db is not None:
             self.db.add_cleanup_hook(self._drop_payloads)
 
@@ -1141,7 +1275,9 @@ class SharedMemoryManager:
         self._closed = True
         with self._local:
             self._cache.clear()
-            self._scratch = None
+            scratch, self._scratch = self._scratch, None
+        if scratch is not None:
+            scratch.discard()
         if self.db is not None:
             self.db.remove_cleanup_hook(self._drop_payloads)
             if self._owns_db:
@@ -1410,24 +1546,28 @@ class SharedMemoryManager:
 
     # --- in-place stores: journal first, then the copy under the lock -------------------
 
-    def _take_scratch(self, storage_bytes: int) -> Any:
-        """A shared storage of at least ``storage_bytes`` for the journal, or None when /dev/shm is short."""
+    def _take_scratch(self, storage_bytes: int) -> Optional[_Journal]:
+        """A journal of at least ``storage_bytes``, or None when /dev/shm is short."""
         with self._local:
             scratch = self._scratch
-            if scratch is not None and scratch.nbytes() >= storage_bytes:
+            if scratch is not None and scratch.pid != os.getpid():
+                self._scratch = scratch = None  # forked: that mapping is the parent's journal
+            if scratch is not None and scratch.nbytes >= storage_bytes:
                 self._scratch = None
                 return scratch
         if self._shm_short(storage_bytes) is not None:
             return None
         try:
-            return self._allocate(storage_bytes)
+            return _Journal.create(self._journal_tag, storage_bytes)
         except _NoSharedMemory:
             return None
 
-    def _give_scratch(self, scratch: Any) -> None:
+    def _give_scratch(self, scratch: _Journal) -> None:
         with self._local:
-            if not self._closed and (self._scratch is None or self._scratch.nbytes() < scratch.nbytes()):
-                self._scratch = scratch
+            if not self._closed and (self._scratch is None or self._scratch.nbytes < scratch.nbytes):
+                scratch, self._scratch = self._scratch, scratch
+        if scratch is not None:
+            scratch.discard()  # the smaller one, or all of it after close()
 
     def _store_in_place(
         self, key: str, tensors: list, treedef: Any, signature: tuple, num_bytes: int, ids: dict, object_type: str
@@ -1449,7 +1589,7 @@ class SharedMemoryManager:
         scratch = self._take_scratch(storage_bytes)
         if scratch is None:
             return None
-        journal = _views(scratch, layout)
+        journal = _views(scratch.storage, layout)
         _copy_tensors(journal, tensors)
         try:
             with self._locked():
@@ -1462,12 +1602,13 @@ class SharedMemoryManager:
                 changed = not _same_treedef(treedef, current.treedef)
                 gen = _new_gen() if changed else current.gen
                 new_meta = self._new_meta(gen, SHMLocation.SHM, None, num_bytes, len(tensors), ids, object_type)
-                marker = dict(new_meta, redo=(scratch, layout, treedef if changed else None))
+                marker = dict(new_meta, redo=(scratch.path, scratch.nbytes, layout, treedef if changed else None))
                 self._call("set", self._registry.__setitem__, META_PREFIX + key, marker)
                 try:
                     self._apply_journal(key, current, journal, treedef if changed else None, new_meta)
                 except BaseException:
                     # The marker still names the journal: leave it to whoever takes the lock next.
+                    scratch.abandon()
                     scratch = None
                     self._drop_cache(key)
                     raise
@@ -1497,18 +1638,32 @@ class SharedMemoryManager:
 
     def _redo(self, key: str, meta: dict) -> Optional[dict]:
         """Finish an in-place store whose writer died during the copy (lock held); the metadata after."""
-        scratch, layout, treedef = meta["redo"]
+        path, nbytes, layout, treedef = meta["redo"]
         clean = {k: v for k, v in meta.items() if k != "redo"}
+        scratch = _Journal.open(path, nbytes)
+        if scratch is None:
+            # Cannot happen unless someone removed the file: the copy cannot be finished, and a
+            # half-copied payload must not be loaded as if it were whole.
+            self._call("pop", self._registry.pop, key, None)  # payload first: a death between leaves the marker
+            self._call("pop", self._registry.pop, META_PREFIX + key, None)
+            self._drop_cache(key)
+            logger.error(f"shm object {key!r}: the journal {path} of an interrupted in-place store is gone; "
+                         "the half-copied object was removed")
+            return None
         payload = self._fetch(key)
-        journal = _views(scratch, layout)
+        journal = _views(scratch.storage, layout)
         current = None if payload is None else self._cache_from_payload(key, payload, clean["gen"])
         if current is None or current.signature != _signature(journal):
             # replaced behind the marker (a raw registry write): that payload stands, reconcile() adopts it
             self._call("pop", self._registry.pop, META_PREFIX + key, None)
             self._drop_cache(key)
+            del journal, scratch
+            _unlink_quiet(path)
             logger.warning(f"shm object {key!r}: an interrupted in-place store was overtaken by a raw registry write")
             return None
         self._apply_journal(key, current, journal, treedef, clean)
+        del journal, scratch
+        _unlink_quiet(path)  # its writer abandoned it (died, or gave up after an error)
         logger.warning(f"shm object {key!r}: finished an in-place store that a dead process left half copied")
         return clean
 
@@ -1808,8 +1963,11 @@ class SharedMemoryManager:
         alive = True
         try:
             with self._locked():
-                meta = self._call("pop", self._registry.pop, META_PREFIX + key, None)
+                # payload first: a delete killed between the two leaves the metadata — with
+                # its redo marker, if a dead writer left one — never a half-copied payload
+                # without the marker that says so
                 payload = self._call("pop", self._registry.pop, key, None)
+                meta = self._call("pop", self._registry.pop, META_PREFIX + key, None)
                 if meta and meta.get("path"):
                     _unlink_quiet(meta["path"])
         except SHMRegistryUnavailableError:
@@ -1958,6 +2116,8 @@ class SharedMemoryManager:
                     del metas[key]
                 else:
                     metas[key] = fixed
+        # journals of writers that died outside a copy (no marker names them)
+        journals = _sweep_journals(self._journal_tag)
         # registry-internal: metadata whose payload is gone; payloads a disk move left behind
         for key, meta in list(metas.items()):
             on_disk = meta.get("location") == SHMLocation.DISK.value
@@ -1998,7 +2158,7 @@ class SharedMemoryManager:
                 unrowed.append((key, meta, had_meta))
         return {
             "payload_keys": payload_keys, "metas": metas, "skipped": skipped, "removed": removed,
-            "missing": missing, "drop_rows": drop_rows, "unrowed": unrowed,
+            "missing": missing, "drop_rows": drop_rows, "unrowed": unrowed, "journals": journals,
         }
 
     def _reconcile_rows(self, mine: list, rows_by_key: dict, scan: Optional[dict]) -> ReconcileReport:
@@ -2051,7 +2211,7 @@ class SharedMemoryManager:
                     adopted.append(key)
                 else:
                     ok += 1
-        temps = self._sweep_temp_files(metas, rows_by_key)
+        temps = self._sweep_temp_files(metas, rows_by_key) + (list(scan["journals"]) if alive else [])
         return ReconcileReport(
             removed=tuple(removed),
             missing_files=tuple(missing),

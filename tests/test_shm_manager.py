@@ -1214,10 +1214,149 @@ def test_sigkilled_writers_never_wedge_the_lock_or_tear_a_key(registry_manager, 
         assert report.removed == () and report.registry_alive
         assert not [k for k in registry.keys() if k.startswith(META_PREFIX)
                     and (registry.get(k) or {}).get("redo") is not None]
+        journals = [f for f in os.listdir(shm_module.SHM_DIR)
+                    if f.startswith(shm_module.JOURNAL_PREFIX + shm._journal_tag)]
+        assert journals == [], "killed writers' journals are left in /dev/shm"
         row = db.get_shm_object("victim")
         assert (row.num_bytes, row.tensor_count) == (_KILL_W * 4 + _KILL_B * 8, 2)
         row2 = db.get_shm_object("victim2")
         assert row2.num_bytes == (1000 + int(floor2) % 7) * 4
+    finally:
+        shm.close()
+        lock.remove()
+
+
+# --- /dev/shm files of killed writers ---------------------------------------------------------
+
+
+def _dev_shm_files_of(pid: int) -> list:
+    """The /dev/shm files whose name carries ``pid`` (torch's ``torch_<pid>_…``, our journals)."""
+    import re
+
+    pattern = re.compile(rf"(^|[._]){pid}([._]|$)")
+    return sorted(name for name in os.listdir(shm_module.SHM_DIR) if pattern.search(name))
+
+
+def _in_place_writer(manager: SharedMemoryManager, progress: str) -> None:
+    """In-place stores of a key the parent created, until killed; ``progress`` counts them."""
+    version = 1
+    while True:
+        manager.store("victim", _victim(version))
+        Path(progress + ".tmp").write_text(str(version))
+        os.replace(progress + ".tmp", progress)
+        version += 1
+
+
+@pytest.mark.parametrize("moment", ["idle", "mid-copy"])
+def test_a_killed_writers_journal_does_not_stay_in_dev_shm(registry_manager, db, tmp_path, moment):
+    # The writer only copies in place (the parent made the key), so every /dev/shm file
+    # named after it is its journal.  Nobody else may keep it once reconcile() has run:
+    # a journal is one object's size, and one per killed writer would fill /dev/shm.
+    _FORKSERVER.set_forkserver_preload(["torch", "rapidfire_state.shm_manager", "rapidfire_state.db.store"])
+    registry, lock = registry_manager.dict(), SHMLock.create("journal", tmp_path)
+    shm = SharedMemoryManager("journal", registry, lock, db, lock_timeout=10)
+    progress = tmp_path / "progress"
+    try:
+        shm.store("victim", _victim(0))
+        writer = _FORKSERVER.Process(target=_in_place_writer, args=(shm, str(progress)))
+        writer.start()
+        try:
+            _wait_for(lambda: progress.exists() and int(progress.read_text() or 0) >= 2, "two in-place stores",
+                      interval=0.002)
+            if moment == "mid-copy":
+                _wait_for(lambda: (registry.get(META_PREFIX + "victim") or {}).get("redo") is not None,
+                          "an in-place copy", interval=0.0002)
+            assert _dev_shm_files_of(writer.pid), "the writer's journal is not in /dev/shm"
+        finally:
+            os.kill(writer.pid, signal.SIGKILL)
+            writer.join(30)
+        _uniform_version(shm.load("victim"), ("w", "b"))
+        shm.reconcile()
+        assert _dev_shm_files_of(writer.pid) == [], "a dead writer's journal is left in /dev/shm"
+        shm.store("victim", _victim(99))  # and in-place stores still work
+        assert _uniform_version(shm.load("victim"), ("w", "b")) == 99
+    finally:
+        shm.close()
+        lock.remove()
+
+
+def _store_and_die_mid_copy(manager: SharedMemoryManager, version: int) -> None:
+    """An in-place store that SIGKILLs itself halfway through the copy under the lock."""
+    real, calls = shm_module._copy_tensors, []
+
+    def copy(dsts, srcs):
+        calls.append(len(dsts))
+        if len(calls) == 2:  # the second copy is the journal into the shared tensors
+            real(dsts[:1], srcs[:1])
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(dsts, srcs)
+
+    shm_module._copy_tensors = copy
+    manager.store("victim", _victim(version))
+
+
+def _delete_and_die_between_pops(manager: SharedMemoryManager) -> None:
+    """A delete that SIGKILLs itself after its first registry removal."""
+    registry, real_pop = manager._registry, manager._registry.pop
+
+    def pop(*args):
+        result = real_pop(*args)
+        os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    registry.pop = pop
+    manager.delete("victim")
+
+
+def test_a_delete_killed_after_a_killed_copy_never_leaves_a_torn_key(registry_manager, db, tmp_path):
+    _FORKSERVER.set_forkserver_preload(["torch", "rapidfire_state.shm_manager", "rapidfire_state.db.store"])
+    registry, lock = registry_manager.dict(), SHMLock.create("delete", tmp_path)
+    shm = SharedMemoryManager("delete", registry, lock, db, lock_timeout=10)
+    try:
+        shm.store("victim", _victim(1))
+        for target, args in ((_store_and_die_mid_copy, (shm, 2)), (_delete_and_die_between_pops, (shm,))):
+            child = _FORKSERVER.Process(target=target, args=args)
+            child.start()
+            child.join(CHILD_TIMEOUT)
+            assert child.exitcode == -signal.SIGKILL
+            if target is _store_and_die_mid_copy:
+                assert registry.get(META_PREFIX + "victim").get("redo") is not None, "the copy was not cut short"
+                assert registry.get("victim")["w"][0].item() == 2.0 and registry.get("victim")["b"][0].item() == 1.0
+        assert lock.acquire(timeout=5)
+        lock.release()
+        try:
+            value = shm.load("victim")
+        except SHMKeyError:
+            pass  # deleted: fine
+        else:
+            _uniform_version(value, ("w", "b"))
+        shm.reconcile()
+        assert [f for f in os.listdir(shm_module.SHM_DIR) if f.startswith(shm_module.JOURNAL_PREFIX + shm._journal_tag)] == []
+    finally:
+        shm.close()
+        lock.remove()
+
+
+def _in_place_and_return(manager: SharedMemoryManager) -> None:
+    manager.store("victim", _victim(5))
+    manager.store("victim", _victim(6))
+
+
+@pytest.mark.parametrize("context", ["forkserver", "spawn"])
+def test_a_worker_that_returns_takes_its_journal_with_it(registry_manager, db, tmp_path, context):
+    # No reconcile(), no close(): a worker process that just returns (forked children end
+    # with os._exit, which skips atexit) removes its journal.
+    _FORKSERVER.set_forkserver_preload(["torch", "rapidfire_state.shm_manager", "rapidfire_state.db.store"])
+    registry, lock = registry_manager.dict(), SHMLock.create("exit", tmp_path)
+    shm = SharedMemoryManager("exit", registry, lock, db)
+    try:
+        shm.store("victim", _victim(0))
+        child = multiprocessing.get_context(context).Process(target=_in_place_and_return, args=(shm,))
+        child.start()
+        child.join(CHILD_TIMEOUT)
+        assert child.exitcode == 0
+        assert _uniform_version(shm.load("victim"), ("w", "b")) == 6
+        assert _dev_shm_files_of(child.pid) == [], "a worker's journal outlived it"
     finally:
         shm.close()
         lock.remove()
