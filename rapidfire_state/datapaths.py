@@ -144,6 +144,24 @@ def ensure_within(path: Path, base: Path, what: str = "path") -> Path:
     return resolved
 
 
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or a new entry in ``directory`` durable (best effort).
+
+    A rename is visible at once but survives a power loss only once its
+    directory is synced; platforms that cannot open a directory are skipped.
+    """
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _mkdir(path: Path, what: str) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -327,6 +345,7 @@ if hasattr(os, "register_at_fork"):
 
 
 __all__ = [
+    "fsync_directory",
     "DataPath",
     "MAX_COMPONENT_LENGTH",
     "validate_component",

@@ -80,6 +80,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlparse
 
 from rapidfire_state import constants
+from rapidfire_state.datapaths import fsync_directory
 from rapidfire_state.exceptions import ConfigError, NotFoundError, RapidFireError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only, never imported at runtime
@@ -351,19 +352,6 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory descriptors
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _forget_cached_engine(uri: str) -> None:
     """Close MLflow's cached engine of ``uri``: its pooled connections point at a replaced file.
 
@@ -602,7 +590,7 @@ class MLflowManager:
                     sidecar.unlink(missing_ok=True)
             _fsync_file(tmp)
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_directory(path.parent)
         finally:
             for leftover in (tmp, *_sidecars(tmp)):
                 leftover.unlink(missing_ok=True)

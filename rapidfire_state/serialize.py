@@ -53,6 +53,7 @@ from typing import Any, Union
 import dill
 
 from rapidfire_state.constants import rf_home
+from rapidfire_state.datapaths import fsync_directory
 from rapidfire_state.exceptions import ConfigError, PayloadIntegrityError
 
 __all__ = [
@@ -171,7 +172,8 @@ def _create_key_file(path: Path) -> None:
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
-    _fsync_directory(path.parent)
+    # a key lost in a crash would make every stored blob unreadable
+    fsync_directory(path.parent)
 
 
 def _create_key_file_exclusive(path: Path, key: bytes) -> None:
@@ -184,22 +186,7 @@ def _create_key_file_exclusive(path: Path, key: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    # A key lost in a crash would make every stored blob unreadable: make the new
-    # directory entry durable.  Best effort: not every platform can open a directory.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_directory(path.parent)
 
 
 def _read_key_file(path: Path) -> bytes:

@@ -191,6 +191,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 from loguru import logger
 
 from rapidfire_state.constants import SHMLocation, SHMObjectType, rf_home
+from rapidfire_state.datapaths import fsync_directory
 from rapidfire_state.exceptions import ConfigError, InsufficientSharedMemoryError, RapidFireError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -856,19 +857,6 @@ def _key_file_name(key: str) -> str:
     return f"{_safe_component(key)}-{digest}.pt"
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 _TEMP_RE = re.compile(r"^\..+\.(\d+)\.rftmp$")
 
 
@@ -891,7 +879,7 @@ def _write_temp(obj: Any, directory: Path) -> Path:
 
 def _commit_temp(temp: Path, final: Path) -> None:
     os.replace(temp, final)
-    _fsync_dir(final.parent)
+    fsync_directory(final.parent)
 
 
 def _unlink_quiet(path: Optional[Path | str]) -> bool:
@@ -1451,7 +1439,7 @@ class SharedMemoryManager:
             if prepared is not None and prepared[0] == SHMLocation.DISK:
                 _unlink_quiet(prepared[1])
         if path is not None:
-            _fsync_dir(path.parent)  # durability of the rename; visibility needed no fsync
+            fsync_directory(path.parent)  # durability of the rename; visibility needed no fsync
         return self._finish(key, new_meta, old_meta=meta, new_path=path)
 
     def _in_place_candidate(self, key: str, signature: tuple, num_bytes: int, count: int) -> bool:
