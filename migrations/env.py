@@ -149,19 +149,24 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+def _configure_and_run(connection: Any, is_sqlite: bool) -> None:
+    """Run the migrations on ``connection`` inside the caller's transaction."""
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=is_sqlite,
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
 def _run_on(connection: Any, *, writes: bool) -> None:
     is_sqlite = connection.dialect.name == "sqlite"
     if not writes:
         # current, check, ...: a plain read transaction, no write lock, no pragmas
         with connection.begin():
-            context.configure(
-                connection=connection,
-                target_metadata=target_metadata,
-                render_as_batch=is_sqlite,
-                compare_type=True,
-            )
-            with context.begin_transaction():
-                context.run_migrations()
+            _configure_and_run(connection, is_sqlite)
         return
     raw = None
     if is_sqlite:
@@ -180,14 +185,7 @@ def _run_on(connection: Any, *, writes: bool) -> None:
             # SQLite, whose DDL it treats as non-transactional): the whole
             # upgrade, and the foreign-key check, are one unit, and no
             # transaction is open when enforcement is switched back on below.
-            context.configure(
-                connection=connection,
-                target_metadata=target_metadata,
-                render_as_batch=is_sqlite,
-                compare_type=True,
-            )
-            with context.begin_transaction():
-                context.run_migrations()
+            _configure_and_run(connection, is_sqlite)
             if is_sqlite:
                 problems = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
                 if problems:
