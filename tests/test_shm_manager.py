@@ -1089,7 +1089,7 @@ def test_allocation_and_disk_writes_happen_outside_the_lock(shm, shared, db, mon
     monkeypatch.setattr(torch.UntypedStorage, "_new_shared",
                         classmethod(lambda cls, *a, **k: watched("allocate", new_shared)(*a, **k)))
     monkeypatch.setattr(shm_module, "_write_temp", watched("disk write", shm_module._write_temp))
-    monkeypatch.setattr(shm_module, "_fsync_dir", watched("fsync", shm_module._fsync_dir))
+    monkeypatch.setattr(shm_module, "fsync_directory", watched("fsync", shm_module.fsync_directory))
     other = SharedMemoryManager(shm.name, *shared, db)
     disk = SharedMemoryManager(shm.name, *shared, db, max_object_bytes=0)
     try:
