@@ -21,17 +21,19 @@ import re
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.engine.url import URL
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from rapidfire_state.constants import DBConfig
 from rapidfire_state.exceptions import ConfigError, DatabaseMissingError, DBException
 
 WRITE_OPTION = "rf_write"
+
+T = TypeVar("T")
 
 _SUPPORTED = ("sqlite", "postgresql")
 
@@ -286,13 +288,42 @@ def backoff(attempt: int) -> None:
     time.sleep(random.uniform(0, min(0.25, 0.002 * (2 ** min(attempt, 10)))))
 
 
+def retry_while_busy(
+    attempt: Callable[[], T], *, retryable: Callable[[BaseException], bool], retry_seconds: float
+) -> T:
+    """``attempt()``, run again after each ``retryable`` error until ``retry_seconds`` have passed.
+
+    The one busy-retry loop of the package: the engine path uses it to take the
+    write lock and to rerun a whole unit, the prepared SQLite path to take the
+    write lock.  Between attempts it sleeps with :func:`backoff`; the deadline
+    starts at the first failure, so a free database costs no clock read.  The
+    last error is raised as it is, for the caller to describe.
+    """
+    deadline = None
+    tries = 0
+    while True:
+        try:
+            return attempt()
+        except Exception as exc:
+            if not retryable(exc):
+                raise
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + retry_seconds
+            if now >= deadline:
+                raise
+            tries += 1
+            backoff(tries)
+
+
 def is_retryable(exc: BaseException) -> bool:
     """True for errors after which the whole write unit may safely run again.
 
     SQLite: the database was busy/locked past the busy timeout.  PostgreSQL:
     serialization failure or deadlock (the transaction was rolled back).
     """
-    orig = getattr(exc, "orig", None)
+    # a SQLAlchemy error wraps the driver's; the prepared path meets the driver's own
+    orig = getattr(exc, "orig", None) if isinstance(exc, SQLAlchemyError) else exc
     if orig is None:
         return False
     sqlstate = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "diag", None), "sqlstate", None)

@@ -21,12 +21,11 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from rapidfire_state.db.engine import backoff, configure_sqlite
+from rapidfire_state.db.engine import configure_sqlite, is_retryable, retry_while_busy
 from rapidfire_state.exceptions import DBException
 
 
@@ -74,6 +73,11 @@ class SQLitePreparedWriter:
         #: (thread, pid, connection) of every connection opened here
         self._connections: list[tuple[threading.Thread, int, sqlite3.Connection]] = []
         self._lock = threading.Lock()
+        #: units this writer committed, and units it rolled back because the
+        #: compare-and-set matched nothing (the caller then took the general path):
+        #: tests hold the fast path to these, so a path that always falls back fails
+        self.commits = 0
+        self.fallbacks = 0
 
     def prepare(self, statement: Any) -> PreparedStatement:
         """Compile ``statement`` once (keyed by identity: statements here are cached objects)."""
@@ -163,31 +167,27 @@ class SQLitePreparedWriter:
             if self._check_file is not None:
                 self._check_file()  # the usual cause: the file is gone; say so
             raise DBException(f"cannot open {self._path}: {exc}") from exc
-        deadline: Optional[float] = None
-        attempt = 0
-        while True:
-            try:
-                connection.execute("BEGIN IMMEDIATE")
-                break
-            except sqlite3.OperationalError as exc:
-                if deadline is None:
-                    deadline = time.monotonic() + self._retry_seconds()
-                if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() >= deadline:
-                    raise DBException(f"cannot begin a write transaction on {self._path}: {exc}") from exc
-                attempt += 1
-                backoff(attempt)
+        try:
+            retry_while_busy(
+                lambda: connection.execute("BEGIN IMMEDIATE"), retryable=is_retryable,
+                retry_seconds=self._retry_seconds(),
+            )
+        except sqlite3.Error as exc:
+            raise DBException(f"cannot begin a write transaction on {self._path}: {exc}") from exc
         try:
             if self._check_file is not None:
                 self._check_file()
             values = connection.execute(update.sql, update.arguments(params)).fetchone()
             if values is None:
                 connection.execute("ROLLBACK")
+                self.fallbacks += 1
                 return None
             # Only what the history row needs is computed while the write lock
             # is held; the returned row is processed after COMMIT.
             key = values[update.columns.index(history_column)]
             connection.execute(history.sql, history.arguments(history_params(key)))
             connection.execute("COMMIT")
+            self.commits += 1
         except BaseException as exc:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")

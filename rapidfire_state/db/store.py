@@ -53,11 +53,11 @@ from rapidfire_state.constants import (
 from rapidfire_state.datapaths import MAX_COMPONENT_LENGTH, validate_component
 from rapidfire_state.db.engine import (
     WRITE_OPTION,
-    backoff as _backoff,
     create_state_engine,
     is_retryable,
     is_unique_violation,
     resolve_url,
+    retry_while_busy,
     sqlite_file,
 )
 from rapidfire_state.db import schema as tables
@@ -416,27 +416,29 @@ class StateDB:
             if self._read_only:
                 raise ReadOnlyError(f"{self!r} was opened read-only; open StateDB(url) to write")
             raise DBException(f"{self!r} is closed")
-        deadline = time.monotonic() + float(DBConfig.WRITE_RETRY_SECONDS)
-        attempt = 0
-        while True:
+
+        def begin() -> Connection:
             conn = write_engine.connect()
             try:
                 conn.begin()  # emits BEGIN IMMEDIATE: take the write lock now
-            except SQLAlchemyError as exc:
+            except BaseException:
                 conn.close()
-                if not is_retryable(exc) or time.monotonic() >= deadline:
-                    raise DBException(f"cannot begin a write transaction on {self.url_text}: {exc}") from exc
-                attempt += 1
-                _backoff(attempt)
-                continue
-            if self._file_identity is not None:
-                try:
-                    self._check_file()
-                except BaseException:
-                    conn.rollback()
-                    conn.close()
-                    raise
-            break
+                raise
+            return conn
+
+        try:
+            conn = retry_while_busy(
+                begin, retryable=is_retryable, retry_seconds=float(DBConfig.WRITE_RETRY_SECONDS)
+            )
+        except SQLAlchemyError as exc:
+            raise DBException(f"cannot begin a write transaction on {self.url_text}: {exc}") from exc
+        if self._file_identity is not None:
+            try:
+                self._check_file()
+            except BaseException:
+                conn.rollback()
+                conn.close()
+                raise
         try:
             yield conn
             conn.commit()
@@ -489,19 +491,19 @@ class StateDB:
         return self._retrying(attempt, retry_on_unique=retry_on_unique)
 
     def _retrying(self, attempt: Callable[[], T], *, retry_on_unique: bool) -> T:
-        deadline = time.monotonic() + float(DBConfig.WRITE_RETRY_SECONDS)
-        tries = 0
-        while True:
-            try:
-                return attempt()
-            except RapidFireError:
-                raise
-            except SQLAlchemyError as exc:
-                retry = is_retryable(exc) or (retry_on_unique and is_unique_violation(exc))
-                if not retry or time.monotonic() >= deadline:
-                    raise _wrap(exc, self) from exc
-                tries += 1
-                _backoff(tries)
+        def retryable(exc: BaseException) -> bool:
+            return isinstance(exc, SQLAlchemyError) and (
+                is_retryable(exc) or (retry_on_unique and is_unique_violation(exc))
+            )
+
+        try:
+            return retry_while_busy(
+                attempt, retryable=retryable, retry_seconds=float(DBConfig.WRITE_RETRY_SECONDS)
+            )
+        except RapidFireError:
+            raise
+        except SQLAlchemyError as exc:
+            raise _wrap(exc, self) from exc
 
     def _read(self, unit: Callable[[Connection], T]) -> T:
         try:
@@ -1721,9 +1723,14 @@ class StateDB:
         return self._read(unit)
 
     def list_shm_objects(
-        self, *, experiment_id: Optional[int] = None, run_id: Optional[int] = None, manager_name: Optional[str] = None
+        self,
+        *,
+        experiment_id: Optional[int] = None,
+        run_id: Optional[int] = None,
+        manager_name: Optional[str] = None,
+        disk_path: Any = None,
     ) -> list[SHMObjectRecord]:
-        """Metadata rows, filtered."""
+        """Metadata rows in id order, filtered (``disk_path``: the rows naming that file)."""
         _check_id("experiment_id", experiment_id, optional=True)
         _check_id("run_id", run_id, optional=True)
         table = tables.shm_objects
@@ -1736,6 +1743,8 @@ class StateDB:
                 query = query.where(table.c.run_id == run_id)
             if manager_name is not None:
                 query = query.where(table.c.manager_name == manager_name)
+            if disk_path is not None:
+                query = query.where(table.c.disk_path == os.fspath(disk_path))
             return [SHMObjectRecord.from_row(r) for r in conn.execute(query).mappings()]
 
         return self._read(unit)
