@@ -30,27 +30,20 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Callable, Iterable, Optional, Union
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
-
-from rapidfire_state.constants import ExperimentStatus, ExperimentTask, RunStatus, TaskStatus
+from rapidfire_state.constants import ExperimentStatus, ExperimentTask, RunStatus
 from rapidfire_state.datapaths import DataPath, resolve_base
 from rapidfire_state.db import (
+    CancelReport,
     CleanupReport,
-    ControllerTaskRow,
-    Experiment,
     ExperimentRecord,
     StateDB,
     WorkerRecord,
-    WorkerTaskRow,
-    db_now,
     validate_experiment_name,
 )
 from rapidfire_state.exceptions import (
     DataPathException,
     ExperimentException,
     InvalidTransitionError,
-    NotFoundError,
 )
 
 #: How many times a create that lost the race for RUNNING ends the winner and
@@ -72,19 +65,9 @@ WORKER_START_TOLERANCE_S = 1.0
 #: After SIGKILL, how long to wait for the processes to disappear.
 KILL_WAIT_S = 5.0
 
-_CANCEL_REASON = "cancelled"
 _HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 SignalHandler = Union[Callable[[int, Optional[FrameType]], Any], int, None]
-
-
-@dataclass(frozen=True)
-class CancelReport:
-    """What :meth:`ExperimentUtils.cancel_current` changed."""
-
-    experiment_id: int
-    previous_task: ExperimentTask
-    failed_task_ids: tuple[tuple[str, int], ...]  # ("worker" | "controller", task_id)
 
 
 @dataclass(frozen=True)
@@ -245,7 +228,7 @@ class ExperimentUtils:
         raise ExperimentException(f"experiment {record.name!r} (id {record.experiment_id}) {error}")
 
     def _reuse(self, running: ExperimentRecord, base: Any, messages: list[str]) -> tuple[int, str, list[str]]:
-        cancelled = self._cancel(running.experiment_id)
+        cancelled = self._db.cancel_current_task(running.experiment_id)
         # Its files stay where they were created, whatever path this call gave.
         try:
             DataPath.initialize(running.name, running.experiments_path)
@@ -365,52 +348,7 @@ class ExperimentUtils:
             if running is None:
                 return None
             experiment_id = running.experiment_id
-        return self._cancel(experiment_id)
-
-    def _cancel(self, experiment_id: int) -> CancelReport:
-        experiments = Experiment.__table__
-        open_statuses = [TaskStatus.SCHEDULED.value, TaskStatus.IN_PROGRESS.value]
-
-        def unit(session: Session) -> CancelReport:
-            # Read the task under the write lock (SQLite: BEGIN IMMEDIATE; PostgreSQL:
-            # the row lock), so the report names the task this cancel really ended.
-            before = session.execute(
-                select(experiments.c.current_task)
-                .where(experiments.c.experiment_id == experiment_id)
-                .with_for_update(key_share=True)  # FOR NO KEY UPDATE: FK inserts still proceed
-            ).scalar_one_or_none()
-            if before is None:
-                raise NotFoundError("experiment", experiment_id)
-            session.execute(
-                update(experiments)
-                .where(experiments.c.experiment_id == experiment_id)
-                .values(current_task=ExperimentTask.IDLE.value, updated_at=db_now())
-            )
-            failed: list[tuple[str, int]] = []
-            for kind, entity, table in (
-                ("worker", "worker_task", WorkerTaskRow.__table__),
-                ("controller", "controller_task", ControllerTaskRow.__table__),
-            ):
-                rows = session.execute(
-                    update(table)
-                    .where(table.c.experiment_id == experiment_id, table.c.status.in_(open_statuses))
-                    .values(
-                        previous_status=table.c.status,
-                        status=TaskStatus.FAILED.value,
-                        ended_at=db_now(),
-                        error=_CANCEL_REASON,
-                    )
-                    .returning(table.c.task_id, table.c.previous_status)
-                ).all()
-                for row in sorted(rows):
-                    # The same history row the store writes for every status change.
-                    StateDB._record_transition(
-                        session, entity, row.task_id, row.previous_status, TaskStatus.FAILED.value, _CANCEL_REASON
-                    )
-                    failed.append((kind, row.task_id))
-            return CancelReport(experiment_id, ExperimentTask(before), tuple(failed))
-
-        return self._db.run_in_transaction(unit)
+        return self._db.cancel_current_task(experiment_id)
 
     # --- reporting ---------------------------------------------------------------------
 

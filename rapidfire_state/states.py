@@ -1,7 +1,8 @@
 """The three state machines as data: the single source of truth.
 
-The database layer, the API, the README's diagrams and the tests all read the
-tables below.  Nothing else lives here.
+The database layer (every compare-and-set is built from these tables by
+``rapidfire_state.db.store.status_change``), the API, the README's diagrams and
+the tests all read the tables below.  Nothing else lives here.
 """
 
 from __future__ import annotations
@@ -55,9 +56,16 @@ MACHINES: Mapping[str, tuple[type[Enum], Mapping]] = MappingProxyType(
     }
 )
 
-#: the status a freshly created row of each machine has
+#: the statuses a row of each machine may be created in: a task is queued either
+#: PENDING (waiting for something before it may run) or SCHEDULED (claimable now)
+ENTRY_STATES: Mapping[str, frozenset] = MappingProxyType(
+    {"experiment": frozenset({E.NEW}), "run": frozenset({R.NEW}), "task": frozenset({T.PENDING, T.SCHEDULED})}
+)
+
+#: the status a row of each machine is created in when the caller names none
+#: (one of its ENTRY_STATES): tasks are claimable at once unless asked PENDING
 INITIAL_STATES: Mapping[str, Enum] = MappingProxyType(
-    {"experiment": E.NEW, "run": R.NEW, "task": T.PENDING}
+    {"experiment": E.NEW, "run": R.NEW, "task": T.SCHEDULED}
 )
 
 
@@ -112,7 +120,10 @@ def terminal_states(machine: str) -> frozenset:
 def mermaid_diagram(machine: str) -> str:
     """The machine as a Mermaid ``stateDiagram-v2``; the README embeds this text."""
     enum_cls, table = _machine(machine)
-    lines = ["stateDiagram-v2", f"    [*] --> {INITIAL_STATES[machine].value}"]
+    lines = ["stateDiagram-v2"]
+    for status in enum_cls:
+        if status in ENTRY_STATES[machine]:
+            lines.append(f"    [*] --> {status.value}")
     for source in enum_cls:
         for target in sorted(table[source], key=lambda s: list(enum_cls).index(s)):
             lines.append(f"    {source.value} --> {target.value}")
@@ -127,6 +138,7 @@ __all__ = [
     "RUN_TRANSITIONS",
     "TASK_TRANSITIONS",
     "MACHINES",
+    "ENTRY_STATES",
     "INITIAL_STATES",
     "coerce_status",
     "can_transition",

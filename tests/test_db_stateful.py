@@ -249,9 +249,7 @@ def make_machine(db, tmp_path):
                     history = db.history(entity, entity_id)
                     assert len(history) == self.changes[(entity, entity_id)], (entity, entity_id)
                     assert history[0].from_status is None
-                    assert history[0].to_status is states.INITIAL_STATES[
-                        "task" if entity.endswith("task") else entity
-                    ] or (entity.endswith("task") and history[0].to_status is TaskStatus.SCHEDULED)
+                    assert history[0].to_status in states.ENTRY_STATES["task" if entity.endswith("task") else entity]
                     for previous, row in zip(history, history[1:]):
                         assert row.from_status == previous.to_status, (entity, entity_id, history)
                         machine = "task" if entity.endswith("task") else entity

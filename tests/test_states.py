@@ -79,8 +79,30 @@ def test_initial_states():
     assert states.INITIAL_STATES == {
         "experiment": ExperimentStatus.NEW,
         "run": RunStatus.NEW,
-        "task": TaskStatus.PENDING,
+        "task": TaskStatus.SCHEDULED,
     }
+    assert states.ENTRY_STATES == {
+        "experiment": {ExperimentStatus.NEW},
+        "run": {RunStatus.NEW},
+        "task": {TaskStatus.PENDING, TaskStatus.SCHEDULED},
+    }
+    for machine in MACHINES:
+        assert states.INITIAL_STATES[machine] in states.ENTRY_STATES[machine]
+
+
+def test_the_store_creates_rows_in_the_entry_states_only(db, tmp_path):
+    experiment = db.create_experiment("entry", tmp_path)
+    run = db.create_run(experiment.experiment_id, {"a": 1})
+    assert experiment.status is states.INITIAL_STATES["experiment"]
+    assert run.status is states.INITIAL_STATES["run"]
+    assert db.create_worker_task(experiment.experiment_id, None, 0, None).status is states.INITIAL_STATES["task"]
+    assert db.create_controller_task(experiment.experiment_id, "RUN_FIT").status is states.INITIAL_STATES["task"]
+    for status in TaskStatus:
+        if status in states.ENTRY_STATES["task"]:
+            assert db.create_worker_task(experiment.experiment_id, None, 0, None, status=status).status is status
+        else:
+            with pytest.raises(ConfigError, match=f"a task is created PENDING or SCHEDULED, not {status.value}"):
+                db.create_worker_task(experiment.experiment_id, None, 0, None, status=status)
 
 
 def test_enum_values_equal_names():
@@ -140,7 +162,7 @@ def test_terminal_states():
 @pytest.mark.parametrize("machine", MACHINES)
 def test_every_status_is_reachable_from_the_initial_state(machine):
     _, table = states.MACHINES[machine]
-    seen = {states.INITIAL_STATES[machine]}
+    seen = set(states.ENTRY_STATES[machine])
     frontier = list(seen)
     while frontier:
         for target in table[frontier.pop()]:
@@ -229,7 +251,7 @@ def _edges(diagram: str) -> set[tuple[str, str]]:
 def test_mermaid_diagram_is_generated_from_the_table(machine):
     diagram = states.mermaid_diagram(machine)
     assert diagram.splitlines()[0] == "stateDiagram-v2"
-    expected = {("[*]", states.INITIAL_STATES[machine].value)}
+    expected = {("[*]", status.value) for status in states.ENTRY_STATES[machine]}
     for source, targets in DESIGN_TABLES[machine].items():
         expected |= {(source, target) for target in targets}
         if not targets:

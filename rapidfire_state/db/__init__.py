@@ -11,6 +11,7 @@ from typing import Any
 
 from rapidfire_state.db.engine import resolve_url
 from rapidfire_state.db.records import (
+    CancelReport,
     CleanupReport,
     ExperimentRecord,
     RunRecord,
@@ -58,4 +59,5 @@ __all__ = [
     "SHMObjectRecord",
     "StaleWorkerReport",
     "CleanupReport",
+    "CancelReport",
 ]

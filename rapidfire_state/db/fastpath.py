@@ -177,7 +177,12 @@ class SQLitePreparedWriter:
         try:
             if self._check_file is not None:
                 self._check_file()
-            values = connection.execute(update.sql, update.arguments(params)).fetchone()
+            try:
+                values = connection.execute(update.sql, update.arguments(params)).fetchone()
+            except sqlite3.IntegrityError:
+                # a constraint refused the change (a second RUNNING experiment):
+                # the general path runs it again and explains the refusal
+                values = None
             if values is None:
                 connection.execute("ROLLBACK")
                 self.fallbacks += 1

@@ -47,7 +47,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Protocol
 
 from rapidfire_state.exceptions import (
     DatabaseDamagedError,
@@ -58,8 +58,31 @@ from rapidfire_state.exceptions import (
     SchemaTooNewError,
 )
 
-if TYPE_CHECKING:
-    from rapidfire_state.db.store import StateDB
+
+
+class Database(Protocol):
+    """What the migrations runner needs of an open database (a ``StateDB`` has it)."""
+
+    @property
+    def url(self) -> Any: ...
+    @property
+    def url_text(self) -> str: ...
+    @property
+    def engine(self) -> Any: ...
+    @property
+    def is_sqlite(self) -> bool: ...
+    @property
+    def sqlite_path(self) -> Optional[str]: ...
+
+
+@dataclass(frozen=True)
+class SchemaOutcome:
+    """What :func:`ensure_schema` did on opening."""
+
+    #: ``(from_revision, to_revision)`` when it migrated the database, else None
+    migrated: Optional[tuple[Optional[str], str]] = None
+    #: the SQLite backup it took before an upgrade, else None
+    backup_path: Optional[str] = None
 
 #: every shipped revision, oldest first; the last is head
 REVISIONS: tuple[str, ...] = (
@@ -95,7 +118,7 @@ def migrations_dir() -> Path:
     raise DBException("the migrations directory is missing from this installation of rapidfire_state")
 
 
-def alembic_config(database: "StateDB", connection: Any = None) -> Any:
+def alembic_config(database: Database, connection: Any = None) -> Any:
     """An Alembic ``Config`` for ``database`` (no ini file needed)."""
     from alembic.config import Config
 
@@ -112,7 +135,7 @@ def alembic_config(database: "StateDB", connection: Any = None) -> Any:
     return config
 
 
-def current_revision(database: "StateDB") -> Optional[str]:
+def current_revision(database: Database) -> Optional[str]:
     """The revision stamped in the database, None when unversioned or missing."""
     return read_revision(database.url, database.engine)
 
@@ -331,7 +354,7 @@ def driver_message(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-def _has_user_tables(database: "StateDB") -> bool:
+def _has_user_tables(database: Database) -> bool:
     from sqlalchemy import inspect
 
     with database.engine.connect() as connection:
@@ -339,16 +362,16 @@ def _has_user_tables(database: "StateDB") -> bool:
     return bool(names & {"experiments", "runs"})
 
 
-def ensure_schema(database: "StateDB", *, auto_upgrade: Optional[bool]) -> None:
-    """Apply the open policy (see the module docstring)."""
+def ensure_schema(database: Database, *, auto_upgrade: Optional[bool]) -> SchemaOutcome:
+    """Apply the open policy (see the module docstring); says what it did."""
     revision = current_revision(database)
     if revision == HEAD_REVISION:
-        return
+        return SchemaOutcome()
     _refuse_unknown(database, revision)
     with migration_lock(database):
         revision = current_revision(database)  # another process may have migrated meanwhile
         if revision == HEAD_REVISION:
-            return
+            return SchemaOutcome()
         _refuse_unknown(database, revision)
         if revision is None:
             if _has_user_tables(database):
@@ -357,24 +380,22 @@ def ensure_schema(database: "StateDB", *, auto_upgrade: Optional[bool]) -> None:
                     "by this library's migrations; stamp it with `alembic stamp` after checking its schema"
                 )
             _upgrade_locked(database, "head")
-            database.last_migration = (None, HEAD_REVISION)
-            return
+            return SchemaOutcome(migrated=(None, HEAD_REVISION))
         allowed = auto_upgrade if auto_upgrade is not None else database.is_sqlite
         if not allowed:
             raise SchemaOutOfDateError(
                 f"{database.url_text} is at schema revision {revision}, behind {HEAD_REVISION}; "
                 f"run `{UPGRADE_COMMAND}` (or open it with auto_upgrade=True)"
             )
-        if database.is_sqlite:
-            database.backup_path = str(backup_sqlite(database, revision))
+        backup_path = str(backup_sqlite(database, revision)) if database.is_sqlite else None
         try:
             _upgrade_locked(database, "head")
         except MigrationError as exc:
-            raise _with_backup_note(exc, database.backup_path) from exc
-        database.last_migration = (revision, HEAD_REVISION)
+            raise _with_backup_note(exc, backup_path) from exc
+        return SchemaOutcome(migrated=(revision, HEAD_REVISION), backup_path=backup_path)
 
 
-def _refuse_unknown(database: "StateDB", revision: Optional[str]) -> None:
+def _refuse_unknown(database: Database, revision: Optional[str]) -> None:
     if revision is not None and revision not in REVISIONS:
         raise SchemaTooNewError(
             f"{database.url_text} is at schema revision {revision!r}, which this version of "
@@ -383,7 +404,7 @@ def _refuse_unknown(database: "StateDB", revision: Optional[str]) -> None:
         )
 
 
-def backup_sqlite(database: "StateDB", revision: str) -> Path:
+def backup_sqlite(database: Database, revision: str) -> Path:
     """Copy the SQLite file with the online backup API; returns the backup's path.
 
     The copy is ``<file>.<revision>.<UTC time>.bak`` beside the database.  When
@@ -442,7 +463,7 @@ def _with_backup_note(exc: MigrationError, backup_path: Optional[str]) -> Migrat
 
 
 @contextmanager
-def migration_lock(database: "StateDB") -> Iterator[None]:
+def migration_lock(database: Database) -> Iterator[None]:
     """Held while migrating: a file lock for SQLite, an advisory lock for PostgreSQL."""
     path = database.sqlite_path
     if path is not None:
@@ -464,7 +485,7 @@ def migration_lock(database: "StateDB") -> Iterator[None]:
             connection.commit()
 
 
-def _upgrade_locked(database: "StateDB", revision: str) -> None:
+def _upgrade_locked(database: Database, revision: str) -> None:
     from alembic import command
     from sqlalchemy.exc import IntegrityError
 
@@ -513,7 +534,7 @@ def _table_names() -> list[str]:
     return list(metadata.tables)
 
 
-def run_upgrade(database: "StateDB", revision: str = "head") -> None:
+def run_upgrade(database: Database, revision: str = "head") -> None:
     """Upgrade under the migration lock (what ``rapidfire-state db upgrade`` runs)."""
     current = current_revision(database)
     _refuse_unknown(database, current)
@@ -521,7 +542,7 @@ def run_upgrade(database: "StateDB", revision: str = "head") -> None:
         _upgrade_locked(database, revision)
 
 
-def run_downgrade(database: "StateDB", revision: str) -> None:
+def run_downgrade(database: Database, revision: str) -> None:
     from alembic import command
 
     with migration_lock(database):

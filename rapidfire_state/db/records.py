@@ -269,3 +269,12 @@ class CleanupReport:
             or self.exited_worker_ids
             or self.removed_shm_objects
         )
+
+
+@dataclass(frozen=True)
+class CancelReport:
+    """What cancelling an experiment's current task changed (``StateDB.cancel_current_task``)."""
+
+    experiment_id: int
+    previous_task: ExperimentTask
+    failed_task_ids: tuple[tuple[str, int], ...]  # ("worker" | "controller", task_id)

@@ -1,0 +1,77 @@
+"""Row lookups, plain column updates and argument checks shared by the entity stores.
+
+A missing row is :class:`NotFoundError` here, in one place; every ``load_…``
+helper of the entity modules goes through :func:`one_row`.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Iterable, Mapping, Optional
+
+from sqlalchemy import Table, select
+from sqlalchemy.engine import Connection
+
+from rapidfire_state import states
+from rapidfire_state.exceptions import ConfigError, NotFoundError
+
+#: the largest value of the schema's INTEGER columns (PostgreSQL's int4; SQLite would take
+#: more, but a value the other backend refuses is refused on both, naming it)
+MAX_INTEGER = 2**31 - 1
+
+
+def one_row(conn: Connection, table: Table, *conditions: Any, missing: tuple[str, Any]) -> Mapping[str, Any]:
+    """The one row of ``table`` matching ``conditions``; :class:`NotFoundError` ``(*missing)`` when none."""
+    row = conn.execute(select(table).where(*conditions)).mappings().first()
+    if row is None:
+        raise NotFoundError(*missing)
+    return row
+
+
+def check_id(name: str, value: Any, *, optional: bool = False) -> Optional[int]:
+    """``value`` as a stored id/count: an int from 0 to :data:`MAX_INTEGER` (None when ``optional``)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name}={value!r} is not valid; a non-negative int is required")
+    if value > MAX_INTEGER:
+        raise ConfigError(f"{name}={value!r} is not valid; an int from 0 to {MAX_INTEGER} is required")
+    return value
+
+
+def enum_value(enum_cls: type, value: Any, what: str) -> str:
+    """The stored string of ``value`` as a member of ``enum_cls``, or :class:`ConfigError` naming it."""
+    if isinstance(value, enum_cls):
+        return value.value
+    # the exact string value, never another enum that happens to share it
+    # (ControllerTask.RUN_FIT is not an ExperimentTask), as states.coerce_status
+    if isinstance(value, str) and not isinstance(value, Enum):
+        try:
+            return enum_cls(value).value
+        except ValueError:
+            pass
+    allowed = ", ".join(member.value for member in enum_cls)
+    raise ConfigError(f"{what} {value!r} is not a {enum_cls.__name__}; allowed: {allowed}")
+
+
+def status_filter(machine: str, statuses: Optional[Iterable[Any]]) -> Optional[list[str]]:
+    """The stored values of a listing's ``statuses`` argument (None: no filter)."""
+    if statuses is None:
+        return None
+    if isinstance(statuses, (str, bytes)) or not isinstance(statuses, Iterable):
+        statuses = [statuses]
+    return sorted({states.coerce_status(machine, s).value for s in statuses})
+
+
+def optional_str(name: str, value: Any) -> Optional[str]:
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{name} {value!r} is not a str")
+    return value
+
+
+def update_columns_without_commit(
+    conn: Connection, table: Table, *conditions: Any, values: Mapping[str, Any], missing: tuple[str, Any]
+) -> None:
+    """Set columns other than a status on the row matching ``conditions``; :class:`NotFoundError` when none."""
+    if conn.execute(table.update().where(*conditions).values(**values)).rowcount == 0:
+        raise NotFoundError(*missing)

@@ -1,0 +1,349 @@
+"""Worker processes: registration, heartbeats, exits, and failing what the dead left behind.
+
+Liveness is judged per claim (``worker_tasks.claim_*``): a task whose claimer
+is gone from this host is failed, also after its worker id was registered again
+by a live process; another host's claims fall only with their heartbeat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy.engine import Connection
+
+from rapidfire_state.constants import RunStatus, TaskStatus
+from rapidfire_state.db import schema as tables
+from rapidfire_state.db.records import StaleWorkerReport, WorkerRecord
+from rapidfire_state.db.schema import db_now
+from rapidfire_state.db.store.core import StoreCore
+from rapidfire_state.db.store.experiments import load_experiment
+from rapidfire_state.db.store.lookups import check_id, one_row
+from rapidfire_state.db.store.processes import gone_here, process_start_time
+from rapidfire_state.db.store.runs import change_run_without_commit, plan_run_change
+from rapidfire_state.db.store.status_change import HOST, WORKER_TASK, change_matching_without_commit
+from rapidfire_state.exceptions import ConfigError, InvalidTransitionError, NotFoundError, WorkerException
+
+
+def fail_dead_claims_without_commit(
+    conn: Connection,
+    experiment_id: int,
+    worker_id: int,
+    previous: Optional[WorkerRecord],
+    context: str,
+) -> list[StaleWorkerReport]:
+    """Fail the IN_PROGRESS tasks of one worker id whose claimer is gone."""
+    tasks = tables.worker_tasks
+    open_tasks = conn.execute(
+        select(tasks.c.task_id, tasks.c.claim_token, tasks.c.claim_pid, tasks.c.claim_host,
+               tasks.c.claim_process_started_at)
+        .where(tasks.c.experiment_id == experiment_id, tasks.c.worker_id == worker_id,
+               tasks.c.status == TaskStatus.IN_PROGRESS.value)
+        .order_by(tasks.c.task_id)
+    ).all()
+    if not open_tasks:
+        return []
+    previous_gone: Optional[str] = None
+    if previous is not None:
+        previous_gone = "was marked exited" if previous.exited_at is not None else gone_here(
+            previous.host, previous.pid, previous.process_started_at
+        )
+    # one message (and one report) per dead claimer
+    doomed: dict[tuple, list[int]] = {}
+    messages: dict[tuple, str] = {}
+    judged: dict[tuple, Optional[str]] = {}
+    for task in open_tasks:
+        if task.claim_token is None:
+            # claimed before claims were recorded: judged by the row it was claimed under
+            if previous is None or previous_gone is None:
+                continue
+            claimer = (previous.pid, previous.host, previous.process_started_at)
+            why = previous_gone
+        else:
+            claimer = (task.claim_pid, task.claim_host, task.claim_process_started_at)
+            if claimer not in judged:
+                judged[claimer] = gone_here(task.claim_host, task.claim_pid, task.claim_process_started_at)
+            why = judged[claimer]
+            if why is None:
+                continue
+        doomed.setdefault(claimer, []).append(task.task_id)
+        messages[claimer] = f"worker {worker_id}'s process (pid {claimer[0]} on {claimer[1]}) {why}; {context}"
+    reports = []
+    for claimer, task_ids in doomed.items():
+        failed, runs = fail_in_progress_without_commit(conn, [tasks.c.task_id.in_(task_ids)], messages[claimer])
+        if failed:
+            reports.append(StaleWorkerReport(
+                worker=previous, reason=messages[claimer], failed_task_ids=failed, failed_run_ids=runs,
+                claim_pid=claimer[0],
+            ))
+    return reports
+
+
+def fail_in_progress_without_commit(
+    conn: Connection, conditions: Sequence[Any], message: str
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """IN_PROGRESS worker tasks matching ``conditions`` → FAILED, and their runs FAILED.
+
+    Compare-and-set: a task someone else finished meanwhile is left as it is,
+    and so is a run that already ended (e.g. COMPLETED).  Returns the failed
+    task ids and the runs it failed.
+    """
+    failed = change_matching_without_commit(
+        conn, WORKER_TASK, TaskStatus.FAILED, conditions, expected={TaskStatus.IN_PROGRESS},
+        values={"ended_at": db_now(), "error": message}, reason=message, returning=("run_id",),
+    )
+    run_ids: list[int] = []
+    change, params = plan_run_change(RunStatus.FAILED, None, message)
+    for task in failed:
+        run_id = task["run_id"]
+        if run_id is None or run_id in run_ids:
+            continue
+        try:
+            with conn.begin_nested():
+                if change_run_without_commit(conn, run_id, change, params, message)[0] is not None:
+                    run_ids.append(run_id)
+        except InvalidTransitionError:
+            pass  # the run already ended: keep its outcome
+    return tuple(task["task_id"] for task in failed), tuple(run_ids)
+
+
+def load_worker(conn: Connection, experiment_id: int, worker_id: int) -> WorkerRecord:
+    """The worker's record inside ``conn``; :class:`NotFoundError` when missing."""
+    table = tables.workers
+    return WorkerRecord.from_row(one_row(
+        conn, table, table.c.experiment_id == experiment_id, table.c.worker_id == worker_id,
+        missing=("worker", f"{worker_id} of experiment {experiment_id}"),
+    ))
+
+
+def fail_worker_without_commit(
+    conn: Connection, worker: WorkerRecord, reason: str, *, only_local_claims: bool = False
+) -> Optional[StaleWorkerReport]:
+    """Fail the worker's IN_PROGRESS tasks and mark its row exited.
+
+    With ``only_local_claims`` (the row's process is gone from this host but
+    its heartbeat is fresh) the tasks claimed on another host are left alone:
+    a local pid says nothing of them.  While such tasks remain the row stays
+    open, so that its heartbeat still judges them.  Returns None when nothing
+    changed.
+    """
+    tasks = tables.worker_tasks
+    message = f"worker {worker.worker_id} (pid {worker.pid} on {worker.host}) {reason}"
+    mine = [tasks.c.experiment_id == worker.experiment_id, tasks.c.worker_id == worker.worker_id]
+    conditions = list(mine)
+    if only_local_claims:
+        # a claim of another host cannot be judged by this host's pid
+        conditions.append(or_(tasks.c.claim_host.is_(None), tasks.c.claim_host == HOST))
+    failed, run_ids = fail_in_progress_without_commit(conn, conditions, message)
+    if only_local_claims:
+        held = conn.execute(
+            select(func.count()).select_from(tasks).where(tasks.c.status == TaskStatus.IN_PROGRESS.value, *mine)
+        ).scalar_one()
+        if held:
+            if not failed:
+                return None
+            return StaleWorkerReport(
+                worker=load_worker(conn, worker.experiment_id, worker.worker_id),
+                reason=message, failed_task_ids=failed, failed_run_ids=run_ids,
+            )
+    conn.execute(
+        update(tables.workers)
+        .where(tables.workers.c.id == worker.id, tables.workers.c.exited_at.is_(None))
+        .values(exited_at=db_now())
+    )
+    return StaleWorkerReport(
+        worker=load_worker(conn, worker.experiment_id, worker.worker_id),
+        reason=message,
+        failed_task_ids=failed,
+        failed_run_ids=run_ids,
+    )
+
+
+def staleness(worker: WorkerRecord, now: Any, grace_seconds: float) -> Optional[str]:
+    """Why the worker counts as gone, or None while it looks alive."""
+    gone = gone_here(worker.host, worker.pid, worker.process_started_at)
+    if gone is not None:
+        return gone
+    age = (now - worker.heartbeat_at).total_seconds()
+    if age > grace_seconds:
+        return f"missed its heartbeat ({age:.1f} s old, grace {grace_seconds} s)"
+    return None
+
+
+class WorkerStore(StoreCore):
+    """The worker methods of :class:`~rapidfire_state.db.StateDB`."""
+
+    def register_worker(self, experiment_id: int, worker_id: int, pid: int, *, host: Optional[str] = None) -> WorkerRecord:
+        """Record (or re-record, after a restart) worker ``worker_id``'s process.
+
+        In the same transaction, the tasks of ``worker_id`` that a dead process
+        left IN_PROGRESS are failed (and their runs, as :meth:`fail_stale_workers`
+        does): every task whose own claim names a process of this host that is
+        gone, and the tasks without a recorded claim when the previous process of
+        the row is gone or marked exited.  A restart therefore never hides a
+        predecessor's tasks from failure by overwriting its pid.  Claims made on
+        another host are left to :meth:`fail_stale_workers` (heartbeats).
+        """
+        check_id("experiment_id", experiment_id)
+        check_id("worker_id", worker_id)
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+            raise ConfigError(f"pid={pid!r} is not valid; a positive int is required")
+        if host is not None and (not isinstance(host, str) or host == ""):
+            raise ConfigError(f"host={host!r} is not valid; a non-empty str is required")
+        host = host or HOST
+        started = process_start_time(pid) if host == HOST else None
+        table = tables.workers
+
+        def unit(conn: Connection) -> WorkerRecord:
+            load_experiment(conn, experiment_id)
+            previous = conn.execute(
+                select(table)
+                .where(table.c.experiment_id == experiment_id, table.c.worker_id == worker_id)
+                .with_for_update()  # PostgreSQL: registrations of one worker id run one after the other
+            ).mappings().first()
+            fail_dead_claims_without_commit(
+                conn, experiment_id, worker_id,
+                WorkerRecord.from_row(previous) if previous is not None else None,
+                f"worker {worker_id} was registered again (pid {pid} on {host})",
+            )
+            values = dict(
+                pid=pid, host=host, process_started_at=started, started_at=db_now(),
+                heartbeat_at=db_now(), exited_at=None, exit_code=None,
+            )
+            if previous is not None:
+                conn.execute(update(table).where(table.c.id == previous["id"]).values(**values))
+            else:
+                conn.execute(insert(table).values(experiment_id=experiment_id, worker_id=worker_id, **values))
+            return load_worker(conn, experiment_id, worker_id)
+
+        return self._write(unit, retry_on_unique=True)
+
+    def heartbeat(self, experiment_id: int, worker_id: int) -> WorkerRecord:
+        """Stamp the worker's heartbeat with the database clock.
+
+        Raises :class:`WorkerException` when the worker was marked exited (for
+        instance failed as stale): such a worker must stop, its tasks are gone.
+        """
+        check_id("experiment_id", experiment_id)
+        check_id("worker_id", worker_id)
+        table = tables.workers
+
+        def unit(conn: Connection) -> WorkerRecord:
+            result = conn.execute(
+                update(table)
+                .where(table.c.experiment_id == experiment_id, table.c.worker_id == worker_id, table.c.exited_at.is_(None))
+                .values(heartbeat_at=db_now())
+            )
+            record = load_worker(conn, experiment_id, worker_id)
+            if result.rowcount == 0:
+                raise WorkerException(
+                    f"worker {worker_id} of experiment {experiment_id} was marked exited at {record.exited_at}"
+                )
+            return record
+
+        return self._write(unit)
+
+    def mark_worker_exited(self, experiment_id: int, worker_id: int, exit_code: Optional[int] = None) -> WorkerRecord:
+        """Mark the worker exited; idempotent.
+
+        A second call keeps the first ``exited_at`` but fills an unknown exit
+        code (a worker failed as stale is marked before its code is known).
+        """
+        check_id("experiment_id", experiment_id)
+        check_id("worker_id", worker_id)
+        if exit_code is not None and (isinstance(exit_code, bool) or not isinstance(exit_code, int)):
+            raise ConfigError(f"exit_code={exit_code!r} is not an int")
+        table = tables.workers
+
+        def unit(conn: Connection) -> WorkerRecord:
+            result = conn.execute(
+                update(table)
+                .where(table.c.experiment_id == experiment_id, table.c.worker_id == worker_id)
+                .values(
+                    exited_at=func.coalesce(table.c.exited_at, db_now()),
+                    exit_code=func.coalesce(table.c.exit_code, exit_code),
+                )
+            )
+            if result.rowcount == 0:
+                raise NotFoundError("worker", f"{worker_id} of experiment {experiment_id}")
+            return load_worker(conn, experiment_id, worker_id)
+
+        return self._write(unit)
+
+    def list_workers(self, experiment_id: Optional[int] = None, *, alive_only: bool = False) -> list[WorkerRecord]:
+        """Worker rows, optionally only those not marked exited."""
+        check_id("experiment_id", experiment_id, optional=True)
+        table = tables.workers
+
+        def unit(conn: Connection) -> list[WorkerRecord]:
+            query = select(table).order_by(table.c.experiment_id, table.c.worker_id)
+            if experiment_id is not None:
+                query = query.where(table.c.experiment_id == experiment_id)
+            if alive_only:
+                query = query.where(table.c.exited_at.is_(None))
+            return [WorkerRecord.from_row(r) for r in conn.execute(query).mappings()]
+
+        return self._read(unit)
+
+    def fail_stale_workers(self, grace_seconds: float, *, experiment_id: Optional[int] = None) -> list[StaleWorkerReport]:
+        """Fail every worker that is gone, and every task whose claimer is gone.
+
+        In one transaction:
+
+        * each worker row not marked exited whose process is gone (its pid dead
+          on this host, or the pid now another process's) or whose heartbeat is
+          older than ``grace_seconds``: its IN_PROGRESS tasks become FAILED, their
+          runs FAILED with an error naming the worker, and the row is marked exited;
+        * each other IN_PROGRESS worker task whose own claim names a process of
+          this host that is gone — also when its worker id was registered again
+          by a live process since: the task and its run FAILED (the live
+          successor's row is left alone; the report's ``claim_pid`` names the
+          dead claimer).
+
+        Returns what changed, one report per worker or dead claimer.
+        """
+        # "not >= 0" also refuses NaN, which compares false with everything
+        if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, (int, float)) or not grace_seconds >= 0:
+            raise ConfigError(f"grace_seconds={grace_seconds!r} is not valid; a number >= 0 is required")
+        check_id("experiment_id", experiment_id, optional=True)
+        table = tables.workers
+        tasks = tables.worker_tasks
+
+        def unit(conn: Connection) -> list[StaleWorkerReport]:
+            now = conn.execute(select(db_now())).scalar_one()
+            query = select(table).where(table.c.exited_at.is_(None))
+            if experiment_id is not None:
+                query = query.where(table.c.experiment_id == experiment_id)
+            reports = []
+            for row in conn.execute(query).mappings().all():
+                worker = WorkerRecord.from_row(row)
+                reason = staleness(worker, now, grace_seconds)
+                if reason is None:
+                    continue
+                # Gone by its pid while the heartbeat is fresh: the claims of other
+                # hosts under this worker id are left to the heartbeat.
+                by_pid = (now - worker.heartbeat_at).total_seconds() <= grace_seconds
+                report = fail_worker_without_commit(conn, worker, reason, only_local_claims=by_pid)
+                if report is not None:
+                    reports.append(report)
+            # Per claim: what a dead process of this host left, whoever the worker row names now.
+            claimed = select(tasks.c.experiment_id, tasks.c.worker_id).distinct().where(
+                tasks.c.status == TaskStatus.IN_PROGRESS.value, tasks.c.claim_host == HOST,
+            )
+            if experiment_id is not None:
+                claimed = claimed.where(tasks.c.experiment_id == experiment_id)
+            for owner in sorted(conn.execute(claimed).all()):
+                row = conn.execute(
+                    select(table).where(table.c.experiment_id == owner.experiment_id, table.c.worker_id == owner.worker_id)
+                ).mappings().first()
+                current = WorkerRecord.from_row(row) if row is not None else None
+                context = (
+                    f"worker {owner.worker_id} is now pid {current.pid} on {current.host}" if current is not None
+                    else f"worker {owner.worker_id} has no worker row"
+                )
+                for report in fail_dead_claims_without_commit(conn, owner.experiment_id, owner.worker_id, None, context):
+                    reports.append(dataclasses.replace(report, worker=current))
+            return reports
+
+        return self._write(unit)
