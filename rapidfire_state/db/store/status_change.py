@@ -278,6 +278,7 @@ def change_one_prepared(
         writer.prepare(change.statement), {"rf_entity_id": entity_id, **params},
         writer.prepare(INSERT_TRANSITION),
         lambda previous_status: history_params(entity, entity_id, previous_status, to_value, reason),
+        history_column="previous_status",
     )
 
 

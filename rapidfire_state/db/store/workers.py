@@ -19,11 +19,11 @@ from rapidfire_state.db.records import StaleWorkerReport, WorkerRecord
 from rapidfire_state.db.schema import db_now
 from rapidfire_state.db.store.core import StoreCore
 from rapidfire_state.db.store.experiments import load_experiment
-from rapidfire_state.db.store.lookups import check_id, one_row
+from rapidfire_state.db.store.lookups import check_id, one_row, update_columns_without_commit
 from rapidfire_state.db.store.processes import gone_here, process_start_time
 from rapidfire_state.db.store.runs import change_run_without_commit, plan_run_change
 from rapidfire_state.db.store.status_change import HOST, WORKER_TASK, change_matching_without_commit
-from rapidfire_state.exceptions import ConfigError, InvalidTransitionError, NotFoundError, WorkerException
+from rapidfire_state.exceptions import ConfigError, InvalidTransitionError, WorkerException
 
 
 def fail_dead_claims_without_commit(
@@ -257,16 +257,14 @@ class WorkerStore(StoreCore):
         table = tables.workers
 
         def unit(conn: Connection) -> WorkerRecord:
-            result = conn.execute(
-                update(table)
-                .where(table.c.experiment_id == experiment_id, table.c.worker_id == worker_id)
-                .values(
-                    exited_at=func.coalesce(table.c.exited_at, db_now()),
-                    exit_code=func.coalesce(table.c.exit_code, exit_code),
-                )
+            update_columns_without_commit(
+                conn, table, table.c.experiment_id == experiment_id, table.c.worker_id == worker_id,
+                values={
+                    "exited_at": func.coalesce(table.c.exited_at, db_now()),
+                    "exit_code": func.coalesce(table.c.exit_code, exit_code),
+                },
+                missing=("worker", f"{worker_id} of experiment {experiment_id}"),
             )
-            if result.rowcount == 0:
-                raise NotFoundError("worker", f"{worker_id} of experiment {experiment_id}")
             return load_worker(conn, experiment_id, worker_id)
 
         return self._write(unit)
