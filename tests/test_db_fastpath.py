@@ -18,7 +18,6 @@ every legal move on each backend (SQLite, and PostgreSQL with RF_TEST_PG_URL).
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import shutil
@@ -188,20 +187,16 @@ class Machine:
         return self.statuses.index(status)
 
 
-def _task_creation_statuses(create: Callable[..., Any]) -> tuple[Enum, ...]:
-    """The machine's initial status and the one ``create_*_task`` uses by default."""
-    default = inspect.signature(create).parameters["status"].default
-    return tuple(dict.fromkeys([states.INITIAL_STATES["task"], states.coerce_status("task", default)]))
+def _entry_statuses(machine: str) -> tuple[Enum, ...]:
+    """The statuses a row of ``machine`` may be created in, in the enum's order."""
+    return tuple(status for status in states.MACHINES[machine][0] if status in states.ENTRY_STATES[machine])
 
 
 MACHINES_UNDER_TEST = (
-    Machine("run", "run", "run", schema.runs, (states.INITIAL_STATES["run"],)),
-    Machine("experiment", "experiment", "experiment", schema.experiments, (states.INITIAL_STATES["experiment"],)),
-    Machine("worker", "task", "worker_task", schema.worker_tasks, _task_creation_statuses(StateDB.create_worker_task)),
-    Machine(
-        "controller", "task", "controller_task", schema.controller_tasks,
-        _task_creation_statuses(StateDB.create_controller_task),
-    ),
+    Machine("run", "run", "run", schema.runs, _entry_statuses("run")),
+    Machine("experiment", "experiment", "experiment", schema.experiments, _entry_statuses("experiment")),
+    Machine("worker", "task", "worker_task", schema.worker_tasks, _entry_statuses("task")),
+    Machine("controller", "task", "controller_task", schema.controller_tasks, _entry_statuses("task")),
 )
 
 
