@@ -31,7 +31,7 @@ from rapidfire_state.constants import (
     WorkerTask,
 )
 from rapidfire_state.db import Base, Experiment, Run, WorkerTaskRow
-from rapidfire_state.db.records import ExperimentRecord, RunRecord, TaskRecord
+from rapidfire_state.db.records import CancelReport, ExperimentRecord, RunRecord, TaskRecord
 from rapidfire_state.exceptions import (
     ConfigError,
     DBException,
@@ -1328,3 +1328,82 @@ def test_writes_to_a_replaced_sqlite_file_are_refused_and_the_new_file_is_untouc
         replaced.close()
     finally:
         database.close()
+
+
+def test_cancel_current_task_fails_the_queued_and_running_tasks_in_one_unit(db, tmp_path):
+    experiment = db.create_experiment("cancel", tmp_path)
+    experiment_id = experiment.experiment_id
+    db.transition_experiment(experiment_id, "RUNNING")
+    db.set_experiment_task(experiment_id, "RUN_FIT")
+    pending = db.create_worker_task(experiment_id, None, 0, None, status="PENDING")
+    scheduled = db.create_worker_task(experiment_id, None, 0, None)
+    running = db.create_worker_task(experiment_id, None, 1, None)
+    db.claim_worker_task(1)
+    done = db.create_controller_task(experiment_id, "RUN_FIT")
+    db.claim_controller_task()
+    db.finish_controller_task(done.task_id)
+    queued_request = db.create_controller_task(experiment_id, "IC_STOP")
+    other = db.create_experiment("other", tmp_path)
+    untouched = db.create_worker_task(other.experiment_id, None, 0, None)
+
+    report = db.cancel_current_task(experiment_id)
+
+    assert report == CancelReport(
+        experiment_id, ExperimentTask.RUN_FIT,
+        (("worker", scheduled.task_id), ("worker", running.task_id), ("controller", queued_request.task_id)),
+    )
+    assert db.get_experiment(experiment_id).current_task is ExperimentTask.IDLE
+    assert db.get_task("worker", pending.task_id).status is TaskStatus.PENDING
+    assert db.get_task("controller", done.task_id).status is TaskStatus.COMPLETED
+    assert db.get_task("worker", untouched.task_id).status is TaskStatus.SCHEDULED
+    for kind, task_id, was in (
+        ("worker", scheduled.task_id, TaskStatus.SCHEDULED),
+        ("worker", running.task_id, TaskStatus.IN_PROGRESS),
+        ("controller", queued_request.task_id, TaskStatus.SCHEDULED),
+    ):
+        task = db.get_task(kind, task_id)
+        assert (task.status, task.error, task.ended_at is not None) == (TaskStatus.FAILED, "cancelled", True)
+        last = db.history(f"{kind}_task", task_id)[-1]
+        assert (last.from_status, last.to_status, last.reason) == (was, TaskStatus.FAILED, "cancelled")
+    again = db.cancel_current_task(experiment_id)  # nothing left to cancel
+    assert again == CancelReport(experiment_id, ExperimentTask.IDLE, ())
+
+
+def test_cancel_current_task_refuses_bad_input_and_changes_nothing(db, tmp_path):
+    experiment = db.create_experiment("cancel-bad", tmp_path)
+    task = db.create_worker_task(experiment.experiment_id, None, 0, None)
+    with pytest.raises(NotFoundError):
+        db.cancel_current_task(experiment.experiment_id + 100)
+    for bad in (True, -1, "1", None):
+        with pytest.raises(ConfigError, match="experiment_id"):
+            db.cancel_current_task(bad)
+    for bad in ("", None, 3):
+        with pytest.raises(ConfigError, match=r"reason=.* a non-empty str is required"):
+            db.cancel_current_task(experiment.experiment_id, reason=bad)
+    assert db.get_task("worker", task.task_id).status is TaskStatus.SCHEDULED
+    assert len(db.history("worker_task", task.task_id)) == 1
+
+
+def test_status_columns_are_written_by_the_status_change_builder_only():
+    """``previous_status`` is set by one module: every other mention is a declaration or a read."""
+    import ast
+    from pathlib import Path
+
+    import rapidfire_state
+
+    package = Path(rapidfire_state.__file__).parent
+    builder = package / "db" / "store" / "status_change.py"
+    declarations = {package / "db" / "schema.py", package / "db" / "models.py"}
+    writers = []
+    for path in sorted(package.rglob("*.py")):
+        if path == builder or path in declarations:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            named = (
+                (isinstance(node, ast.keyword) and node.arg == "previous_status")
+                or (isinstance(node, ast.Constant) and node.value == "previous_status")
+                or (isinstance(node, ast.Attribute) and node.attr == "previous_status")
+            )
+            if named:
+                writers.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert writers == [], f"status columns touched outside {builder.name}: {writers}"

@@ -151,13 +151,14 @@ class SQLitePreparedWriter:
         history: PreparedStatement,
         history_params: Callable[[Any], Mapping[str, Any]],
         *,
-        history_column: str = "previous_status",
+        history_column: str,
     ) -> Optional[dict[str, Any]]:
         """Apply the UPDATE and its history row in one ``BEGIN IMMEDIATE`` unit.
 
         ``history_params(value)`` gives the history row's parameters from the
-        updated row's ``history_column`` (by default the status it moved from;
-        a claim, whose row is not known in advance, passes ``task_id``).
+        updated row's ``history_column`` (a status change passes the column of
+        the status it moved from; a claim, whose row is not known in advance,
+        its key).
         Returns the updated row (processed like SQLAlchemy's), or None when the
         compare-and-set matched nothing (rolled back; nothing written).
         """
