@@ -481,10 +481,17 @@ def check_all(modules: dict[str, Module], layers: Layers) -> dict[str, list[str]
 # --- the package ---------------------------------------------------------------------------------
 
 
+class _Scanned(tuple):
+    """(modules, imports) of the real package; a short repr for pytest's failure reports."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self[0])} modules, {len(self[1])} imports>"
+
+
 @pytest.fixture(scope="module")
 def package() -> tuple[dict[str, Module], list[Import]]:
     modules = load_modules(SOURCES, REPO)
-    return modules, scan(modules, LAYERS)
+    return _Scanned((modules, scan(modules, LAYERS)))
 
 
 def _report(violations: list[str]) -> str:
