@@ -31,6 +31,7 @@ from typing import Any, Union
 
 from rapidfire_state.exceptions import AutoMLException
 from rapidfire_state.serialize import JSONValue, flatten_config
+from rapidfire_state.validation import check_int, check_number, check_positive_int
 
 __all__ = [
     "ParamSpec",
@@ -124,12 +125,7 @@ class Range(ParamSpec):
     def __init__(self, low: float, high: float, *, dtype: Any = None, log: bool = False):
         where = f"Range({low!r}, {high!r}, dtype={getattr(dtype, '__name__', dtype)!r}, log={log!r})"
         for name, bound in (("low", low), ("high", high)):
-            if isinstance(bound, bool) or not isinstance(bound, numbers.Real):
-                raise AutoMLException(
-                    f"{where}: {name}={bound!r} is a {type(bound).__qualname__}; allowed: an int or float"
-                )
-            if not math.isfinite(bound):
-                raise AutoMLException(f"{where}: {name}={bound!r} must be finite")
+            check_number(f"{where}: {name}", bound, minimum=None, finite=True, any_real=True, error=AutoMLException)
         if not isinstance(log, bool):
             raise AutoMLException(f"{where}: log={log!r} must be True or False")
         try:
@@ -288,8 +284,7 @@ def _as_config_list(configs: Any) -> list[Mapping[str, Any]]:
 
 
 def _check_seed(seed: Any) -> None:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise AutoMLException(f"seed={seed!r} is a {type(seed).__qualname__}; allowed: None or an int")
+    check_int("seed", seed, minimum=None, optional=True, error=AutoMLException)
 
 
 def _where(index: int, count: int, path: tuple[str, ...]) -> str:
@@ -361,8 +356,7 @@ class RandomSearch(AutoMLAlgorithm):
 
     def __init__(self, configs: ConfigInput, num_runs: int, seed: int | None = None):
         super().__init__(configs)
-        if isinstance(num_runs, bool) or not isinstance(num_runs, int) or num_runs < 1:
-            raise AutoMLException(f"RandomSearch: num_runs={num_runs!r} is invalid; allowed: an int >= 1")
+        check_positive_int("RandomSearch: num_runs", num_runs, error=AutoMLException)
         _check_seed(seed)
         self.num_runs = num_runs
         self.seed = seed

@@ -50,6 +50,7 @@ from typing import Callable, Iterable
 
 from rapidfire_state import constants
 from rapidfire_state.exceptions import ConfigError, RapidFireError
+from rapidfire_state.validation import check_int, check_positive_number
 
 
 class TunnelError(RapidFireError):
@@ -150,15 +151,7 @@ def get_notebook_environment() -> str:
 
 
 def _check_port(port: object) -> int:
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ConfigError(f"port={port!r} is not a valid port; use an integer 1-65535")
-    return port
-
-
-def _check_timeout(timeout: object) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ConfigError(f"timeout={timeout!r} must be a positive number of seconds")
-    return float(timeout)
+    return check_int("port", port, minimum=1, maximum=65535)
 
 
 # --- tunnel registry -----------------------------------------------------------------
@@ -308,7 +301,7 @@ def setup_cloudflare_tunnel(
             exited, or no URL appeared in time (the process is then killed).
     """
     port = _check_port(port)
-    timeout = _check_timeout(timeout)
+    timeout = check_positive_number("timeout", timeout)
     executable = _which(binary)
     if executable is None:
         raise TunnelError(f"the cloudflared binary {binary!r} was not found on PATH; {_CLOUDFLARED_INSTALL}")
@@ -387,7 +380,7 @@ def setup_ngrok_tunnel(
             within ``timeout`` (the agent is then stopped).
     """
     port = _check_port(port)
-    timeout = _check_timeout(timeout)
+    timeout = check_positive_number("timeout", timeout)
     if not isinstance(auth_token, str) or not auth_token.strip():
         raise ConfigError(
             "auth_token is empty; ngrok needs the auth token of a (free) account: "

@@ -45,6 +45,7 @@ from rapidfire_state.exceptions import (
     ExperimentException,
     InvalidTransitionError,
 )
+from rapidfire_state.validation import check_number
 
 #: How many times a create that lost the race for RUNNING ends the winner and
 #: tries again.  Every lost attempt means another creator won and returned (it
@@ -428,8 +429,7 @@ class ExperimentUtils:
             final = None
         if final not in (ExperimentStatus.COMPLETED, ExperimentStatus.FAILED):
             raise ExperimentException(f"cleanup ends an experiment COMPLETED or FAILED, not {status!r}")
-        if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, (int, float)) or grace_seconds < 0:
-            raise ExperimentException(f"grace_seconds={grace_seconds!r} is not valid; a number >= 0 is required")
+        check_number("grace_seconds", grace_seconds, error=ExperimentException)
         if experiment_id is None:
             running = self._db.get_running_experiment()
             if running is None:

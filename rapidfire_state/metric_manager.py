@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import operator
 import os
 import re
 import sqlite3
@@ -82,6 +81,7 @@ from urllib.parse import urlparse
 from rapidfire_state import constants
 from rapidfire_state.datapaths import fsync_directory
 from rapidfire_state.exceptions import ConfigError, NotFoundError, RapidFireError
+from rapidfire_state.validation import check_int, check_name
 
 if TYPE_CHECKING:  # pragma: no cover - typing only, never imported at runtime
     from mlflow.entities import Experiment
@@ -371,17 +371,14 @@ def _forget_cached_engine(uri: str) -> None:
 
 
 def _check_str(value: object, what: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise MetricInputError(f"{what}={value!r} must be a non-empty string")
-    return value
+    return check_name(what, value, error=MetricInputError)
 
 
 def _check_key(key: object, what: str = "key") -> str:
     # MLflow validates the characters itself; the type check gives a clearer error
-    # than MLflow's for the common mistakes (None, ints, enums).
-    if not isinstance(key, str) or not key:
-        raise MetricInputError(f"{what}={key!r} must be a non-empty string")
-    return key
+    # than MLflow's for the common mistakes (None, ints, enums).  A blank key is
+    # left to MLflow, whose rules allow spaces.
+    return check_name(what, key, allow_blank=True, error=MetricInputError)
 
 
 def _check_value(key: str, value: object) -> float:
@@ -396,19 +393,10 @@ def _check_value(key: str, value: object) -> float:
 
 
 def _check_step(step: object) -> int:
-    if step is None:
-        return 0
-    # bool is an int subclass (and has __index__); True as a step is always a mistake.
-    if isinstance(step, bool):
-        raise MetricInputError(f"step={step!r} must be a non-negative integer or None")
-    if not isinstance(step, int):
-        try:
-            step = operator.index(step)  # numpy integers
-        except TypeError:
-            raise MetricInputError(f"step={step!r} must be a non-negative integer or None") from None
-    if step < 0:  # MLflow refuses it too, but its message names 'timestamp'
-        raise MetricInputError(f"step={step!r} must be a non-negative integer or None")
-    return int(step)
+    # numpy integers are welcome (any_integral); bool is not: True as a step is always
+    # a mistake.  MLflow refuses a negative step too, but its message names 'timestamp'.
+    checked = check_int("step", step, optional=True, any_integral=True, error=MetricInputError)
+    return 0 if checked is None else checked
 
 
 def _max_param_length() -> int:

@@ -32,6 +32,7 @@ from typing import Iterable, Sequence
 
 from rapidfire_state import constants
 from rapidfire_state.exceptions import ConfigError
+from rapidfire_state.validation import check_positive_number
 
 #: Service name -> (configuration class, path appended to its URL, highest healthy status).
 SERVICES: dict[str, tuple[type, str, int]] = {
@@ -74,12 +75,6 @@ class PingResult:
         return f"{self.name:<11} {self.url:<36} {'up' if self.up else 'down':<5} {detail}"
 
 
-def _check_timeout(timeout: object) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ConfigError(f"timeout={timeout!r} must be a positive number of seconds")
-    return float(timeout)
-
-
 def _describe(exc: BaseException, timeout: float) -> str:
     reason = getattr(exc, "reason", exc)  # URLError wraps the socket error
     if isinstance(reason, (socket.timeout, TimeoutError)):
@@ -105,7 +100,7 @@ def ping_service(
     Never raises for network errors (they make a *down* result); raises
     :class:`~rapidfire_state.exceptions.ConfigError` for a bad URL or timeout.
     """
-    timeout = _check_timeout(timeout)
+    timeout = check_positive_number("timeout", timeout)
     if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
         raise ConfigError(f"url={url!r} is not an http(s) URL")
     label = name or url
@@ -142,7 +137,7 @@ def service_url(service: str) -> str:
 
 def ping_all(services: Iterable[str] | None = None, timeout: float = DEFAULT_TIMEOUT) -> list[PingResult]:
     """Ping ``services`` (default: dispatcher, mlflow, frontend) in parallel, in that order."""
-    timeout = _check_timeout(timeout)
+    timeout = check_positive_number("timeout", timeout)
     names = list(dict.fromkeys(SERVICES if services is None else services))
     if not names:
         raise ConfigError(f"no service to ping; use one or more of {', '.join(SERVICES)}")

@@ -55,6 +55,7 @@ import dill
 from rapidfire_state.constants import rf_home
 from rapidfire_state.datapaths import fsync_directory
 from rapidfire_state.exceptions import ConfigError, PayloadIntegrityError
+from rapidfire_state.validation import check_name
 
 __all__ = [
     "PAYLOAD_MAGIC",
@@ -374,8 +375,7 @@ def flatten_config(config: Mapping[Any, Any], *, sep: str = ".") -> dict[str, JS
     """
     if not isinstance(config, Mapping):
         raise ConfigError(f"flatten_config needs a dict, got {type(config).__qualname__}: {config!r:.200}")
-    if not isinstance(sep, str) or not sep:
-        raise ConfigError(f"sep must be a non-empty string, got {sep!r}")
+    check_name("sep", sep, allow_blank=True)  # " " is a separator like any other
     out: dict[str, JSONValue] = {}
     _flatten_mapping(config, "", sep, out, set())
     return out

@@ -1,6 +1,6 @@
 """``TrainerConfig``: everything a worker needs to build a trainer for one run and chunk.
 
-Imports only leaves (``exceptions``, ``serialize``); never torch or mlflow.
+Imports only leaves (``exceptions``, ``serialize``, ``validation``); never torch or mlflow.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 
 from rapidfire_state.exceptions import ConfigError, PayloadIntegrityError
 from rapidfire_state.serialize import decode_db_payload, encode_payload
+from rapidfire_state.validation import check_int, check_name, check_positive_int
 
 __all__ = ["TrainerConfig"]
 
@@ -42,13 +43,13 @@ class TrainerConfig:
     cloned_from: int | None = None
 
     def __post_init__(self) -> None:
-        _check_int("run_id", self.run_id, minimum=1)
-        _check_int("worker_id", self.worker_id, minimum=0)
-        _check_int("chunk_id", self.chunk_id, minimum=0)
-        _check_int("epoch", self.epoch, minimum=0)
-        _check_int("total_steps", self.total_steps, minimum=0)
-        _check_int("completed_steps", self.completed_steps, minimum=0)
-        _check_int("num_epochs_completed", self.num_epochs_completed, minimum=0)
+        check_positive_int("TrainerConfig.run_id", self.run_id)
+        check_int("TrainerConfig.worker_id", self.worker_id)
+        check_int("TrainerConfig.chunk_id", self.chunk_id)
+        check_int("TrainerConfig.epoch", self.epoch)
+        check_int("TrainerConfig.total_steps", self.total_steps)
+        check_int("TrainerConfig.completed_steps", self.completed_steps)
+        check_int("TrainerConfig.num_epochs_completed", self.num_epochs_completed)
         # total_steps == 0 means "not known yet" (set after the first chunk), so the
         # bound applies only once it is known.
         if self.total_steps > 0 and self.completed_steps > self.total_steps:
@@ -62,23 +63,12 @@ class TrainerConfig:
                 f"TrainerConfig.config_leaf={self.config_leaf!r:.200} is a "
                 f"{type(self.config_leaf).__qualname__}; allowed: a dict"
             )
-        if not isinstance(self.experiment_name, str) or not self.experiment_name.strip():
-            raise ConfigError(
-                f"TrainerConfig.experiment_name={self.experiment_name!r} is invalid; "
-                "allowed: a non-empty string"
-            )
-        if self.metric_run_id is not None and (
-            not isinstance(self.metric_run_id, str) or not self.metric_run_id
-        ):
-            raise ConfigError(
-                f"TrainerConfig.metric_run_id={self.metric_run_id!r} is invalid; "
-                "allowed: None or a non-empty string"
-            )
+        check_name("TrainerConfig.experiment_name", self.experiment_name)
+        check_name("TrainerConfig.metric_run_id", self.metric_run_id, optional=True, allow_blank=True)
         for name in ("warm_started_from", "cloned_from"):
             value = getattr(self, name)
-            if value is None:
+            if check_positive_int(f"TrainerConfig.{name}", value, optional=True) is None:
                 continue
-            _check_int(name, value, minimum=1, optional=True)
             if value == self.run_id:
                 raise ConfigError(
                     f"TrainerConfig.{name}={value!r} equals run_id; allowed: None or "
@@ -105,14 +95,3 @@ class TrainerConfig:
         # Unpickling restores fields without running __post_init__; replace() runs
         # it, so a payload written by an older, laxer version is checked too.
         return dataclasses.replace(obj)
-
-
-def _check_int(name: str, value: Any, *, minimum: int, optional: bool = False) -> None:
-    allowed = f"{'None or ' if optional else ''}an int >= {minimum}"
-    # bool is an int subclass, but run_id=True is a bug, not run 1.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(
-            f"TrainerConfig.{name}={value!r} is a {type(value).__qualname__}; allowed: {allowed}"
-        )
-    if value < minimum:
-        raise ConfigError(f"TrainerConfig.{name}={value!r} is out of range; allowed: {allowed}")

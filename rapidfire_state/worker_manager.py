@@ -97,6 +97,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 from rapidfire_state.constants import TaskStatus
 from rapidfire_state.exceptions import ConfigError, InvalidTransitionError, RapidFireError, WorkerException
+from rapidfire_state.validation import check_int, check_number, check_positive_int, check_positive_number
 
 if TYPE_CHECKING:  # imported for annotations only: keeps `import` of this module cheap
     import psutil
@@ -343,14 +344,6 @@ import multiprocessing.util  # noqa: E402,F401
 atexit.register(_terminate_live_managers)
 
 
-def _positive_number(name: str, value: Any, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise ConfigError(f"{name}={value!r} is not a number")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name}={value!r} is not valid; a number {'>= 0' if allow_zero else '> 0'} is required")
-    return float(value)
-
-
 def _still_running(process: "psutil.Process") -> bool:
     import psutil
 
@@ -412,8 +405,7 @@ class WorkerManager:
         parent_death_signal: Optional[int] = signal.SIGTERM,
         start_timeout: float = 120.0,
     ):
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-            raise ConfigError(f"num_workers={num_workers!r} is not valid; an int >= 1 is required")
+        check_positive_int("num_workers", num_workers)
         if target is None:
             worker_kwargs = _default_target_kwargs(worker_kwargs, heartbeat_seconds)
             target = default_worker_target
@@ -448,10 +440,10 @@ class WorkerManager:
         self.lock = lock
         self.target = target
         self.db = db
-        self.heartbeat_seconds = _positive_number("heartbeat_seconds", heartbeat_seconds)
+        self.heartbeat_seconds = check_positive_number("heartbeat_seconds", heartbeat_seconds)
         self.worker_kwargs = worker_kwargs
         self.parent_death_signal = parent_death_signal
-        self.start_timeout = _positive_number("start_timeout", start_timeout)
+        self.start_timeout = check_positive_number("start_timeout", start_timeout)
         self.experiment_id: Optional[int] = None
         self.experiment_name: Optional[str] = None
         self._ctx = multiprocessing.get_context("spawn")
@@ -491,8 +483,7 @@ class WorkerManager:
         this manager are still running, or when a worker fails to start (the ones
         already started are killed and marked exited).
         """
-        if isinstance(experiment_id, bool) or not isinstance(experiment_id, int) or experiment_id < 1:
-            raise ConfigError(f"experiment_id={experiment_id!r} is not valid; a positive int is required")
+        check_positive_int("experiment_id", experiment_id)
         if not isinstance(experiment_name, str):
             raise ConfigError(f"experiment_name={experiment_name!r} is not a str")
         with self._state_lock:
@@ -660,9 +651,9 @@ class WorkerManager:
         signal), after any task it left IN_PROGRESS is failed.  Idempotent.
         """
         return self._stop(
-            _positive_number("timeout", timeout, allow_zero=True),
-            _positive_number("term_timeout", term_timeout, allow_zero=True),
-            _positive_number("kill_timeout", kill_timeout, allow_zero=True),
+            check_number("timeout", timeout),
+            check_number("term_timeout", term_timeout),
+            check_number("kill_timeout", kill_timeout),
         )
 
     def terminate_workers(self, *, term_timeout: float = 1.0, kill_timeout: float = 5.0) -> dict[int, Optional[int]]:
@@ -674,8 +665,8 @@ class WorkerManager:
         """
         return self._stop(
             None,
-            _positive_number("term_timeout", term_timeout, allow_zero=True),
-            _positive_number("kill_timeout", kill_timeout, allow_zero=True),
+            check_number("term_timeout", term_timeout),
+            check_number("kill_timeout", kill_timeout),
         )
 
     def _stop(self, graceful: Optional[float], term_timeout: float, kill_timeout: float) -> dict[int, Optional[int]]:
@@ -952,15 +943,14 @@ def run_worker(
     itself exited (exit code 0).  A ``BaseException`` from the handler
     (``KeyboardInterrupt``, ``SystemExit``) fails the task and is re-raised.
     """
-    for name, value in (("worker_id", worker_id), ("experiment_id", experiment_id)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "worker_id" else 1):
-            raise ConfigError(f"{name}={value!r} is not valid")
+    check_int("worker_id", worker_id)
+    check_positive_int("experiment_id", experiment_id)
     if not callable(handler):
         raise ConfigError(f"handler={handler!r} is not callable")
     if not (hasattr(shutdown_event, "is_set") and hasattr(shutdown_event, "wait")):
         raise ConfigError(f"shutdown_event={shutdown_event!r} is not an event (needs is_set() and wait())")
-    heartbeat_seconds = _positive_number("heartbeat_seconds", heartbeat_seconds)
-    poll_seconds = _positive_number("poll_seconds", poll_seconds)
+    heartbeat_seconds = check_positive_number("heartbeat_seconds", heartbeat_seconds)
+    poll_seconds = check_positive_number("poll_seconds", poll_seconds)
 
     heart = _Heartbeat(db, experiment_id, worker_id, heartbeat_seconds)
     try:
@@ -1064,7 +1054,7 @@ def _default_target_kwargs(worker_kwargs: Optional[dict[str, Any]], heartbeat_se
         # checked here: in the spawned worker, run_worker would refuse it and the
         # worker would exit before it could fail a single task with the reason
         if key in kwargs:
-            _positive_number(f"worker_kwargs[{key!r}]", kwargs[key])
+            check_positive_number(f"worker_kwargs[{key!r}]", kwargs[key])
     # The manager judges staleness by its own interval: the workers beat at it.
     kwargs.setdefault("heartbeat_seconds", heartbeat_seconds)
     return kwargs
@@ -1162,7 +1152,7 @@ def default_worker_target(
     # Beat while the handler's module imports: that may take longer than the
     # controller's stale window (torch, a model zoo), and a worker judged stale
     # before its loop starts would leave without running or failing a task.
-    heart = _Heartbeat(db, experiment_id, worker_id, _positive_number("heartbeat_seconds", heartbeat_seconds))
+    heart = _Heartbeat(db, experiment_id, worker_id, check_positive_number("heartbeat_seconds", heartbeat_seconds))
     heart.start()
     try:
         if handler is not None:
