@@ -1378,7 +1378,7 @@ def test_cancel_current_task_refuses_bad_input_and_changes_nothing(db, tmp_path)
         with pytest.raises(ConfigError, match="experiment_id"):
             db.cancel_current_task(bad)
     for bad in ("", None, 3):
-        with pytest.raises(ConfigError, match=r"reason=.* a non-empty str is required"):
+        with pytest.raises(ConfigError, match=r"reason=.*allowed: a non-empty string"):
             db.cancel_current_task(experiment.experiment_id, reason=bad)
     assert db.get_task("worker", task.task_id).status is TaskStatus.SCHEDULED
     assert len(db.history("worker_task", task.task_id)) == 1

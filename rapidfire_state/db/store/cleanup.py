@@ -22,6 +22,7 @@ from rapidfire_state.db.store.experiments import (
 from rapidfire_state.db.store.lookups import check_id
 from rapidfire_state.db.store.status_change import RUN, TASK_ENTITIES, change_matching_without_commit
 from rapidfire_state.exceptions import ConfigError, NotFoundError
+from rapidfire_state.validation import check_name
 
 #: how cleanup may end an experiment, and its live runs
 _CLEANUP_EXPERIMENT_STATUSES = (ExperimentStatus.COMPLETED, ExperimentStatus.FAILED)
@@ -158,8 +159,7 @@ class CleanupStore(StoreCore):
         ended: it is read under the write lock.
         """
         check_id("experiment_id", experiment_id)
-        if not isinstance(reason, str) or reason == "":
-            raise ConfigError(f"reason={reason!r} is not valid; a non-empty str is required")
+        check_name("reason", reason)
         experiments = tables.experiments
 
         def unit(conn: Connection) -> CancelReport:

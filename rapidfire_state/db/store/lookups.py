@@ -14,6 +14,7 @@ from sqlalchemy.engine import Connection
 
 from rapidfire_state import states
 from rapidfire_state.exceptions import ConfigError, NotFoundError
+from rapidfire_state.validation import check_int
 
 #: the largest value of the schema's INTEGER columns (PostgreSQL's int4; SQLite would take
 #: more, but a value the other backend refuses is refused on both, naming it)
@@ -30,13 +31,7 @@ def one_row(conn: Connection, table: Table, *conditions: Any, missing: tuple[str
 
 def check_id(name: str, value: Any, *, optional: bool = False) -> Optional[int]:
     """``value`` as a stored id/count: an int from 0 to :data:`MAX_INTEGER` (None when ``optional``)."""
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{name}={value!r} is not valid; a non-negative int is required")
-    if value > MAX_INTEGER:
-        raise ConfigError(f"{name}={value!r} is not valid; an int from 0 to {MAX_INTEGER} is required")
-    return value
+    return check_int(name, value, maximum=MAX_INTEGER, optional=optional)
 
 
 def enum_value(enum_cls: type, value: Any, what: str) -> str:

@@ -33,6 +33,7 @@ from rapidfire_state.db.store.status_change import (
     status_constant,
 )
 from rapidfire_state.exceptions import ConfigError
+from rapidfire_state.validation import check_int, check_number, check_positive_int
 
 #: the counters ``update_run_progress`` may set, and their kinds
 PROGRESS_COUNTERS: Mapping[str, type] = {
@@ -131,8 +132,7 @@ class RunStore(StoreCore):
         check_id("cloned_from", cloned_from, optional=True)
         check_id("warm_started_from", warm_started_from, optional=True)
         check_id("total_steps", total_steps)
-        if isinstance(required_workers, bool) or not isinstance(required_workers, int) or required_workers < 1:
-            raise ConfigError(f"required_workers={required_workers!r} is not valid; an int >= 1 is required")
+        check_positive_int("required_workers", required_workers)
         optional_str("metric_run_id", metric_run_id)
         payload = encode_payload(config_leaf)
         flattened = flatten_config(config_leaf) if isinstance(config_leaf, dict) else None
@@ -228,17 +228,9 @@ class RunStore(StoreCore):
                     + ("; change status with transition_run" if field in ("status", "ended_by") else "")
                 )
             if kind is int:
-                minimum = 1 if field == "required_workers" else 0
-                if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                    raise ConfigError(f"{field}={value!r} is not valid; an int >= {minimum} is required")
+                values[field] = check_int(field, value, minimum=1 if field == "required_workers" else 0)
             else:
-                if field == "estimated_runtime" and value is None:
-                    values[field] = None
-                    continue
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0) or value == float("inf"):
-                    raise ConfigError(f"{field}={value!r} is not valid; a finite number >= 0 is required")
-                value = float(value)
-            values[field] = value
+                values[field] = check_number(field, value, finite=True, optional=field == "estimated_runtime")
         return self._set_run_columns(run_id, **values)
 
     def set_metric_run_id(self, run_id: int, metric_run_id: Optional[str]) -> RunRecord:

@@ -15,6 +15,7 @@ from rapidfire_state.db.schema import db_now
 from rapidfire_state.db.store.core import StoreCore
 from rapidfire_state.db.store.lookups import check_id, enum_value, one_row
 from rapidfire_state.exceptions import ConfigError
+from rapidfire_state.validation import check_name
 
 
 class SHMObjectStore(StoreCore):
@@ -35,8 +36,7 @@ class SHMObjectStore(StoreCore):
         manager_name: Optional[str] = None,
     ) -> SHMObjectRecord:
         """Insert or replace the metadata row of the shared-memory object ``key``."""
-        if not isinstance(key, str) or key == "" or len(key) > 512:
-            raise ConfigError(f"shm key {key!r} is not valid; a non-empty str of at most 512 characters is required")
+        check_name("key", key, max_length=512, allow_blank=True)
         values = dict(
             object_type=enum_value(SHMObjectType, object_type, "shm object type"),
             location=enum_value(SHMLocation, location, "shm location"),

@@ -23,7 +23,8 @@ from rapidfire_state.db.store.lookups import check_id, one_row, update_columns_w
 from rapidfire_state.db.store.processes import gone_here, process_start_time
 from rapidfire_state.db.store.runs import change_run_without_commit, plan_run_change
 from rapidfire_state.db.store.status_change import HOST, WORKER_TASK, change_matching_without_commit
-from rapidfire_state.exceptions import ConfigError, InvalidTransitionError, WorkerException
+from rapidfire_state.exceptions import InvalidTransitionError, WorkerException
+from rapidfire_state.validation import check_int, check_name, check_number, check_positive_int
 
 
 def fail_dead_claims_without_commit(
@@ -187,10 +188,8 @@ class WorkerStore(StoreCore):
         """
         check_id("experiment_id", experiment_id)
         check_id("worker_id", worker_id)
-        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
-            raise ConfigError(f"pid={pid!r} is not valid; a positive int is required")
-        if host is not None and (not isinstance(host, str) or host == ""):
-            raise ConfigError(f"host={host!r} is not valid; a non-empty str is required")
+        check_positive_int("pid", pid)
+        check_name("host", host, optional=True, allow_blank=True)
         host = host or HOST
         started = process_start_time(pid) if host == HOST else None
         table = tables.workers
@@ -252,8 +251,7 @@ class WorkerStore(StoreCore):
         """
         check_id("experiment_id", experiment_id)
         check_id("worker_id", worker_id)
-        if exit_code is not None and (isinstance(exit_code, bool) or not isinstance(exit_code, int)):
-            raise ConfigError(f"exit_code={exit_code!r} is not an int")
+        check_int("exit_code", exit_code, minimum=None, optional=True)
         table = tables.workers
 
         def unit(conn: Connection) -> WorkerRecord:
@@ -302,8 +300,7 @@ class WorkerStore(StoreCore):
         Returns what changed, one report per worker or dead claimer.
         """
         # "not >= 0" also refuses NaN, which compares false with everything
-        if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, (int, float)) or not grace_seconds >= 0:
-            raise ConfigError(f"grace_seconds={grace_seconds!r} is not valid; a number >= 0 is required")
+        check_number("grace_seconds", grace_seconds)
         check_id("experiment_id", experiment_id, optional=True)
         table = tables.workers
         tasks = tables.worker_tasks
