@@ -59,6 +59,7 @@ from rapidfire_state.shm_manager.registry import (
     warn_if_not_initialized,
 )
 from rapidfire_state.shm_manager.rows import follow_row, write_row
+from rapidfire_state.validation import check_int, check_name, check_positive_number
 
 if TYPE_CHECKING:  # pragma: no cover
     from rapidfire_state.db.records import SHMObjectRecord
@@ -143,17 +144,11 @@ class SharedMemoryManager:
         min_free_disk_bytes: int = 0,
         lock_timeout: Optional[float] = DEFAULT_LOCK_TIMEOUT,
     ):
-        if not isinstance(name, str) or not name.strip() or len(name) > 255:
-            raise ConfigError(f"manager name {name!r} is not valid; a non-empty str of at most 255 characters is required")
-        for what, number in (("min_free_bytes", min_free_bytes), ("min_free_disk_bytes", min_free_disk_bytes)):
-            if isinstance(number, bool) or not isinstance(number, int) or number < 0:
-                raise ConfigError(f"{what}={number!r} is not valid; a non-negative int is required")
-        if max_object_bytes is not None and (
-            isinstance(max_object_bytes, bool) or not isinstance(max_object_bytes, int) or max_object_bytes < 0
-        ):
-            raise ConfigError(f"max_object_bytes={max_object_bytes!r} is not valid; None or a non-negative int is required")
-        if lock_timeout is not None and (isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or lock_timeout <= 0):
-            raise ConfigError(f"lock_timeout={lock_timeout!r} is not valid; None or a positive number of seconds is required")
+        check_name("name", name, max_length=255)
+        check_int("min_free_bytes", min_free_bytes)
+        check_int("min_free_disk_bytes", min_free_disk_bytes)
+        check_int("max_object_bytes", max_object_bytes, optional=True)
+        check_positive_number("lock_timeout", lock_timeout, optional=True)
         if (registry is None) != (lock is None):
             raise ConfigError("pass both registry and lock (from get_shm_objects()), or neither to start a new registry")
         self.name = name
@@ -280,8 +275,7 @@ class SharedMemoryManager:
 
     @staticmethod
     def _check_key(key: Any) -> str:
-        if not isinstance(key, str) or key == "" or len(key) > MAX_KEY_LENGTH:
-            raise ConfigError(f"shm key {key!r} is not valid; a non-empty str of at most {MAX_KEY_LENGTH} characters is required")
+        check_name("key", key, max_length=MAX_KEY_LENGTH, allow_blank=True)
         if key.startswith(META_PREFIX):
             raise ConfigError(f"shm key {key!r} is not valid; the prefix {META_PREFIX!r} is reserved")
         return key
@@ -320,8 +314,7 @@ class SharedMemoryManager:
         self._check_open()
         self._check_key(key)
         for what, number in (("experiment_id", experiment_id), ("run_id", run_id), ("chunk_id", chunk_id)):
-            if number is not None and (isinstance(number, bool) or not isinstance(number, int) or number < 0):
-                raise ConfigError(f"{what}={number!r} is not valid; None or a non-negative int is required")
+            check_int(what, number, optional=True)
         ids = ObjectIds(experiment_id, run_id, chunk_id)
         kind = _object_type(object_type)
         import torch
