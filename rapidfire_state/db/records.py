@@ -22,6 +22,49 @@ from rapidfire_state.constants import (
     TaskStatus,
     WorkerTask,
 )
+from rapidfire_state.exceptions import DBException
+
+
+class _Plan:
+    """How one record class is built from a row: computed once per class and shape.
+
+    ``required`` columns must be in the row (a renamed or missing column fails
+    loudly); ``absent`` fields may lack their column (the table has none) and are
+    then None; ``supplied`` fields come from the caller, not the row.
+    """
+
+    __slots__ = ("cls", "required", "absent", "enums", "direct")
+
+    def __init__(self, cls: type, supplied: tuple[str, ...], absent: frozenset):
+        self.cls = cls
+        names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+        unknown = [name for name in supplied if name not in names]
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no field {', '.join(unknown)}")
+        from_row = [name for name in names if name not in supplied]
+        self.required = tuple(name for name in from_row if name not in absent)
+        self.absent = tuple(name for name in from_row if name in absent)
+        # (field, {value: member}, enum class): the dict finds a stored value at the
+        # cost of one lookup; anything else goes through the enum (and its error)
+        self.enums = tuple(
+            (name, dict(enum_cls._value2member_map_), enum_cls)
+            for name, enum_cls in cls._ENUMS.items()  # type: ignore[attr-defined]
+            if name in from_row
+        )
+        # Records are frozen dataclasses that validate nothing in __init__, so the
+        # checked values can be placed as pickle restores a record, without the
+        # generated __init__'s one object.__setattr__ per field (most of the cost
+        # of a record on the hot path).  A class that gains a __post_init__ is
+        # built through its __init__ again.
+        self.direct = not hasattr(cls, "__post_init__")
+
+    def missing(self, row: Mapping[str, Any]) -> DBException:
+        present = list(row.keys())
+        lost = [name for name in self.required if name not in present]
+        return DBException(
+            f"{self.cls.__name__} needs column{'s' if len(lost) > 1 else ''} {', '.join(map(repr, lost))}, "
+            f"missing from the row; columns present: {', '.join(present) or '(none)'}"
+        )
 
 
 class _Record:
@@ -30,27 +73,51 @@ class _Record:
     _ENUMS: Mapping[str, type] = {}
 
     @classmethod
-    def _layout(cls) -> tuple[tuple[str, Any], ...]:
-        # (field name, enum class or None), computed once per class: records are
-        # built on every status change, so this runs on the hot path.
-        layout = cls.__dict__.get("_rf_layout")
-        if layout is None:
-            layout = tuple((f.name, cls._ENUMS.get(f.name)) for f in fields(cls))  # type: ignore[arg-type]
-            cls._rf_layout = layout
-        return layout
+    def _plan(cls, supplied: tuple[str, ...] = (), absent: frozenset = frozenset()) -> _Plan:
+        # Per class (not inherited) and per shape: records are built on every
+        # status change, so this is one dict lookup on the hot path.
+        plans = cls.__dict__.get("_rf_plans")
+        if plans is None:
+            plans = {}
+            cls._rf_plans = plans
+        key = (supplied, absent)
+        plan = plans.get(key)
+        if plan is None:
+            plan = plans[key] = _Plan(cls, supplied, absent)
+        return plan
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any], **extra: Any):
-        values = {}
-        for name, enum_cls in cls._layout():
-            if name in extra:
-                values[name] = extra[name]
-                continue
-            value = row.get(name)
-            if enum_cls is not None and value is not None:
-                value = enum_cls(value)
-            values[name] = value
-        return cls(**values)
+        """The record of ``row`` (a mapping of column name to value); ``extra`` sets fields directly.
+
+        Every field not given in ``extra`` needs its column in ``row``:
+        a missing (say, renamed) column raises :class:`DBException` naming the
+        record type, the column and the columns present, instead of a silent None.
+        """
+        return cls._build(cls._plan(tuple(extra)), row, extra)
+
+    @classmethod
+    def _build(cls, plan: _Plan, row: Mapping[str, Any], extra: Mapping[str, Any]):
+        try:
+            values = {name: row[name] for name in plan.required}
+        except KeyError:
+            raise plan.missing(row) from None
+        for name in plan.absent:
+            values[name] = row.get(name)
+        for name, members, enum_cls in plan.enums:
+            value = values[name]
+            if value is not None:
+                try:
+                    values[name] = members[value]
+                except (KeyError, TypeError):  # not a stored value (or unhashable): the enum decides
+                    values[name] = enum_cls(value)
+        if extra:
+            values.update(extra)
+        if not plan.direct:
+            return cls(**values)
+        record = object.__new__(cls)
+        object.__setattr__(record, "__dict__", values)
+        return record
 
     def to_dict(self) -> dict[str, Any]:
         """The record as a plain dict (enums as their string values)."""
@@ -145,11 +212,22 @@ class TaskRecord(_Record):
 
     _ENUMS = {"status": TaskStatus}
 
+    #: per kind, the fields whose column that kind's table does not have (None on its records)
+    _ABSENT = {
+        "worker": frozenset({"config_leaf"}),
+        "controller": frozenset({"worker_id", "chunk_id", "config_options"}),
+    }
+    _TASK_TYPES = {"worker": WorkerTask, "controller": ControllerTask}
+
     @classmethod
     def from_row(cls, row: Mapping[str, Any], **extra: Any) -> "TaskRecord":
+        """The task of ``row``; ``kind`` (``"worker"`` or ``"controller"``) is required in ``extra``."""
         kind = extra.pop("kind")
-        task_enum = WorkerTask if kind == "worker" else ControllerTask
-        return super().from_row(row, kind=kind, task_type=task_enum(row["task_type"]), **extra)
+        if "task_type" not in row:
+            raise cls._plan(("kind",), cls._ABSENT[kind]).missing(row)
+        extra["kind"] = kind
+        extra["task_type"] = cls._TASK_TYPES[kind](row["task_type"])
+        return cls._build(cls._plan(tuple(extra), cls._ABSENT[kind]), row, extra)
 
     @property
     def config(self) -> Any:
@@ -196,13 +274,16 @@ class TransitionRecord(_Record):
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any], **extra: Any) -> "TransitionRecord":
-        enum_cls = _ENTITY_STATUS[row["entity"]]
-        return super().from_row(
-            row,
-            from_status=None if row["from_status"] is None else enum_cls(row["from_status"]),
-            to_status=enum_cls(row["to_status"]),
-            **extra,
-        )
+        """The history row ``row``; its statuses become the enum of its entity's machine."""
+        plan = cls._plan()
+        try:
+            enum_cls = _ENTITY_STATUS[row["entity"]]
+            from_status, to_status = row["from_status"], row["to_status"]
+        except KeyError:
+            raise plan.missing(row) from None
+        extra["from_status"] = None if from_status is None else enum_cls(from_status)
+        extra["to_status"] = enum_cls(to_status)
+        return cls._build(cls._plan(tuple(extra)), row, extra)
 
 
 _ENTITY_STATUS = {
