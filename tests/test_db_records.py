@@ -130,3 +130,80 @@ def test_a_value_outside_the_enum_is_refused_naming_it(db, filled):
     row["status"] = "PAUSED"
     with pytest.raises(ValueError, match="'PAUSED' is not a valid RunStatus"):
         RunRecord.from_row(row)
+
+
+def _driver_row(db, table, key_column, key):
+    """``(columns, values)`` of one row as the driver returns it (a tuple), and the columns' processors."""
+    statement = select(table).where(table.c[key_column] == key)
+    with db.engine.connect() as conn:
+        raw = conn.exec_driver_sql(*_compiled(db, statement)).fetchone()
+    columns, processors = _columns(db, table)
+    return columns, tuple(raw), processors
+
+
+def _columns(db, table):
+    """The table's column names, and each column's result processor on ``db``'s dialect."""
+    dialect = db.engine.dialect
+    columns = tuple(column.name for column in table.c)
+    return columns, tuple(column.type.dialect_impl(dialect).result_processor(dialect, None) for column in table.c)
+
+
+def _compiled(db, statement):
+    compiled = statement.compile(dialect=db.engine.dialect)
+    params = compiled.construct_params()
+    if compiled.positiontup is not None:
+        return compiled.string, tuple(params[name] for name in compiled.positiontup)
+    return compiled.string, params
+
+
+def test_a_loader_of_driver_tuples_gives_the_records_from_row_gives(db, filled):
+    if not db.is_sqlite:
+        pytest.skip("driver tuples are read on SQLite's prepared path only")
+    run = filled["run"]
+    columns, values, processors = _driver_row(db, schema.runs, "run_id", run.run_id)
+    # an extra returned column (the prepared path returns previous_status too) is ignored
+    load = RunRecord.values_loader(columns + ("extra",), processors + (None,))
+    assert load(values + ("ignored",)) == run
+    for kind, table, task in (("worker", schema.worker_tasks, filled["worker_task"]),
+                              ("controller", schema.controller_tasks, filled["controller_task"])):
+        columns, values, processors = _driver_row(db, table, "task_id", task.task_id)
+        loaded = TaskRecord.values_loader(columns, processors, kind=kind)(values)
+        assert loaded == task and loaded.kind == kind and type(loaded.task_type) is type(task.task_type)
+
+
+def test_a_loader_refuses_missing_columns_when_it_is_made():
+    columns = [column.name for column in schema.runs.c if column.name != "ended_at"]
+    with pytest.raises(DBException, match="RunRecord needs column 'ended_at'.*columns present: run_id"):
+        RunRecord.values_loader(columns, [None] * len(columns))
+
+
+def test_prepared_path_records_equal_the_rows_read_back(tmp_path):
+    """SQLite's prepared path builds records from driver tuples: the same records a SELECT gives."""
+    from rapidfire_state import StateDB
+
+    database = StateDB(tmp_path / "fast.db")
+    try:
+        writer = database._prepared_writer
+        experiment = database.create_experiment("e", str(tmp_path / "e"))
+        database.transition_experiment(experiment.experiment_id, "RUNNING")
+        run = database.create_run(experiment.experiment_id, {"a": {"b": 1}})
+        database.create_worker_task(experiment.experiment_id, run.run_id, 0, 0, config_options={"x": [1, 2]})
+        database.create_controller_task(experiment.experiment_id, ControllerTask.IC_CLONE_MODIFY, config_leaf={"lr": 1})
+        commits = writer.commits
+        changed = [
+            database.transition_run(run.run_id, "ONGOING"),
+            database.transition_run(run.run_id, "STOPPED", reason="paused"),
+            database.transition_run(run.run_id, "ONGOING"),
+            database.transition_run(run.run_id, "FAILED", error="boom"),
+        ]
+        assert changed[-1] == database.get_run(run.run_id) and changed[-1].ended_at is not None
+        worker = database.claim_worker_task(0)
+        assert worker == database.get_task("worker", worker.task_id) and worker.config_options == {"x": [1, 2]}
+        done = database.finish_worker_task(worker.task_id, claim_token=worker.claim_token)
+        assert done == database.get_task("worker", worker.task_id)
+        controller = database.claim_controller_task(experiment.experiment_id)
+        assert controller == database.get_task("controller", controller.task_id)
+        assert controller.config == {"lr": 1} and controller.worker_id is None
+        assert writer.commits == commits + 7  # every one of them went through the prepared path
+    finally:
+        database.close()

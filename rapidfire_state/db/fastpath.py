@@ -44,6 +44,8 @@ class PreparedStatement:
     processors: tuple[Optional[Callable[[Any], Any]], ...]
     #: ``(index, column, processor)`` of the returned columns that have a processor
     processed: tuple[tuple[int, str, Callable[[Any], Any]], ...] = field(init=False, repr=False, compare=False)
+    #: record loaders of the returned row (see :meth:`loader`), by record class and fixed fields
+    loaders: dict[tuple, Callable[[Sequence[Any]], Any]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         processed = tuple(
@@ -52,6 +54,20 @@ class PreparedStatement:
             if processor is not None
         )
         object.__setattr__(self, "processed", processed)
+        object.__setattr__(self, "loaders", {})
+
+    def loader(self, record_cls: Any, **extra: Any) -> Callable[[Sequence[Any]], Any]:
+        """A function from the returned row (the driver's tuple) to a ``record_cls`` record.
+
+        The record :meth:`row` then ``record_cls.from_row(row, **extra)`` would
+        give, built in one pass (``values_loader`` of :mod:`rapidfire_state.db.records`);
+        made once per record class and ``extra`` (hashable values, such as a task's kind).
+        """
+        key = (record_cls, *extra.items())
+        load = self.loaders.get(key)
+        if load is None:
+            load = self.loaders[key] = record_cls.values_loader(self.columns, self.processors, **extra)
+        return load
 
     def arguments(self, params: Mapping[str, Any]) -> tuple:
         """The bound values in SQL order: ``params``, else the value fixed when the statement was built."""
@@ -218,14 +234,16 @@ class SQLitePreparedWriter:
         history_params: Callable[[Any], Mapping[str, Any]],
         *,
         history_column: str = "previous_status",
-    ) -> Optional[dict[str, Any]]:
+        record: Optional[Callable[[Sequence[Any]], Any]] = None,
+    ) -> Optional[Any]:
         """Apply the UPDATE and its history row in one ``BEGIN IMMEDIATE`` unit.
 
         ``history_params(value)`` gives the history row's parameters from the
         updated row's ``history_column`` (by default the status it moved from;
         a claim, whose row is not known in advance, passes ``task_id``).
-        Returns the updated row (processed like SQLAlchemy's), or None when the
-        compare-and-set matched nothing (rolled back; nothing written).
+        Returns the updated row (processed like SQLAlchemy's; with ``record``,
+        one of :meth:`PreparedStatement.loader`, the record of it), or None
+        when the compare-and-set matched nothing (rolled back; nothing written).
         """
         try:
             cursor = self._cursor()
@@ -260,7 +278,7 @@ class SQLitePreparedWriter:
             if isinstance(exc, sqlite3.Error):
                 raise DBException(f"database error on {self._path}: {exc}") from exc
             raise
-        return update.row(values)
+        return update.row(values) if record is None else record(values)
 
     def _wait_for_lock(self, cursor: sqlite3.Cursor, first: sqlite3.Error) -> None:
         """``BEGIN IMMEDIATE`` again until it has the write lock (``first``: the busy error it met).
