@@ -591,12 +591,16 @@ class StateDB:
         extra_where: Sequence[Any],
         params: Mapping[str, Any],
         reason: Optional[str],
-    ) -> Optional[dict[str, Any]]:
+        record: type,
+        record_extra: Mapping[str, Any] = MappingProxyType({}),
+    ) -> Optional[Any]:
         """The whole unit of a status change on SQLite's prepared path.
 
-        Returns the changed row, or None when the prepared path does not apply
-        or the compare-and-set matched nothing: the caller then runs the
-        general unit, which explains the refusal (or the idempotent repeat).
+        Returns the changed row's ``record`` (``record.from_row(row,
+        **record_extra)``, built straight from the driver's tuple), or None when
+        the prepared path does not apply or the compare-and-set matched
+        nothing: the caller then runs the general unit, which explains the
+        refusal (or the idempotent repeat).
         """
         writer = self._prepared_writer
         if writer is None:
@@ -612,9 +616,10 @@ class StateDB:
                 "to_status": to_status.value, "pid": os.getpid(), "host": _HOST, "reason": reason,
             }
 
+        update = writer.prepare(statement)
         return writer.compare_and_set(
-            writer.prepare(statement), {"rf_entity_id": entity_id, **params},
-            writer.prepare(_INSERT_TRANSITION), history,
+            update, {"rf_entity_id": entity_id, **params}, writer.prepare(_INSERT_TRANSITION), history,
+            record=update.loader(record, **record_extra),
         )
 
     @staticmethod
@@ -969,10 +974,10 @@ class StateDB:
         values, extra_where = _run_cas_parts(to_status, error is not None)
         prepared = self._prepared_cas(
             _RUN, run_id, to_status, expected=expected, values=values, extra_where=extra_where,
-            params={} if error is None else {"rf_error": str(error)}, reason=reason,
+            params={} if error is None else {"rf_error": str(error)}, reason=reason, record=RunRecord,
         )
         if prepared is not None:
-            return RunRecord.from_row(prepared)
+            return prepared
 
         def unit(conn: Connection) -> RunRecord:
             _, row = self._transition_run_row(conn, run_id, to_status, expected=expected, error=error, reason=reason)
@@ -1178,15 +1183,15 @@ class StateDB:
         if writer is not None:
             # SQLite: the whole unit on a prepared statement; an idle poll is
             # BEGIN IMMEDIATE, one UPDATE that matches nothing, ROLLBACK.
-            row = writer.compare_and_set(
-                writer.prepare(statement), params, writer.prepare(_INSERT_TRANSITION),
+            update = writer.prepare(statement)
+            return writer.compare_and_set(
+                update, params, writer.prepare(_INSERT_TRANSITION),
                 lambda task_id: {
                     "entity": machine.entity, "entity_id": task_id, "from_status": TaskStatus.SCHEDULED.value,
                     "to_status": TaskStatus.IN_PROGRESS.value, "pid": pid, "host": _HOST, "reason": "claimed",
                 },
-                history_column="task_id",
+                history_column="task_id", record=update.loader(TaskRecord, kind=kind),
             )
-            return TaskRecord.from_row(row, kind=kind) if row is not None else None
 
         def unit(conn: Connection) -> Optional[TaskRecord]:
             row = conn.execute(statement, params).mappings().first()
@@ -1295,10 +1300,10 @@ class StateDB:
         values, extra_where, params = _task_cas_arguments(machine.entity, to_status, error, claim_token)
         prepared = self._prepared_cas(
             machine, task_id, to_status, expected=expected, values=values,
-            extra_where=extra_where, params=params, reason=reason,
+            extra_where=extra_where, params=params, reason=reason, record=TaskRecord, record_extra={"kind": kind},
         )
         if prepared is not None:
-            return TaskRecord.from_row(prepared, kind=kind)
+            return prepared
 
         def unit(conn: Connection) -> TaskRecord:
             self._transition_task(
