@@ -207,3 +207,38 @@ def test_prepared_path_records_equal_the_rows_read_back(tmp_path):
         assert writer.commits == commits + 7  # every one of them went through the prepared path
     finally:
         database.close()
+
+
+@pytest.mark.parametrize("stored", [
+    "2026-12-01 11:27:53.161000",  # db_now() and SQLAlchemy's own format
+    "2026-12-01 11:27:53",
+    "2026-12-01 11:27",
+    "2026-12-01",
+    "2026-12-01T11:27:53.161000",
+    "2026-12-01 11:27:53.161000+02:00",
+    "2026-12-01 11:27:53.1+0100xx",
+    "2026-12-01 11:27:53.12345Z",
+    "2026-12-01 11:27:53.¹²³⁴⁵⁶",
+    "not a time at all, 26 chars",
+])
+def test_the_prepared_paths_timestamp_parser_agrees_with_sqlalchemys(tmp_path, stored):
+    from rapidfire_state import StateDB
+    from rapidfire_state.db.fastpath import _result_processor
+
+    database = StateDB(tmp_path / "t.db")
+    try:
+        dialect = database.engine.dialect
+        column = schema.runs.c.created_at
+        general = column.type.dialect_impl(dialect).result_processor(dialect, None)
+        fast = _result_processor(column, dialect)
+        assert fast is not general  # the one-call parser is in use on SQLite
+        try:
+            expected = general(stored)
+        except (TypeError, ValueError) as exc:
+            with pytest.raises(type(exc)):
+                fast(stored)
+        else:
+            got = fast(stored)
+            assert got == expected and got.tzinfo == expected.tzinfo and repr(got) == repr(expected)
+    finally:
+        database.close()

@@ -96,7 +96,10 @@ def _utc_datetime(value: Any) -> datetime:
     appended, which costs a fifth of ``replace(tzinfo=...)``; anything else
     goes the general way.
     """
-    if value.__class__ is str and len(value) == 26 and value[10] == " " and value[19] == "." and value[20:].isdigit():
+    if (
+        value.__class__ is str and len(value) == 26 and value[10] == " " and value[19] == "."
+        and value[20:].isascii() and value[20:].isdigit()
+    ):
         return datetime.fromisoformat(value + "+00:00")
     parsed = datetime.fromisoformat(value)
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
