@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from sqlalchemy.engine import processors
 
-from rapidfire_state.db.engine import configure_sqlite, is_retryable, retry_while_busy
+from rapidfire_state.db.engine import configure_sqlite, is_retryable, prompt_pause, retry_while_busy, writer_pause
 from rapidfire_state.db.schema import UTCDateTime
 from rapidfire_state.exceptions import DBException
 
@@ -200,6 +200,11 @@ class SQLitePreparedWriter:
             timeout=self._busy_timeout_ms / 1000.0, isolation_level=None, check_same_thread=False,
         )
         configure_sqlite(connection, self._busy_timeout_ms)
+        # This connection waits for the write lock in compare_and_set (writer_pause
+        # or prompt_pause), not in SQLite's busy handler, so that a claim can wait
+        # differently from other changes.  Once BEGIN IMMEDIATE has the lock (and
+        # its snapshot, in WAL mode) nothing in the unit waits for a lock.
+        connection.execute("PRAGMA busy_timeout = 0")
         self._local.connection = connection
         self._local.pid = os.getpid()
         with self._lock:
@@ -238,6 +243,7 @@ class SQLitePreparedWriter:
         *,
         history_column: str = "previous_status",
         record: Optional[Callable[[Sequence[Any]], Any]] = None,
+        prompt: bool = False,
     ) -> Optional[Any]:
         """Apply the UPDATE and its history row in one ``BEGIN IMMEDIATE`` unit.
 
@@ -247,6 +253,12 @@ class SQLitePreparedWriter:
         Returns the updated row (processed like SQLAlchemy's; with ``record``,
         one of :meth:`PreparedStatement.loader`, the record of it), or None
         when the compare-and-set matched nothing (rolled back; nothing written).
+
+        Waiting for the write lock: with ``prompt`` (claims: a worker waits for
+        its task) in short pauses (:func:`~rapidfire_state.db.engine.prompt_pause`),
+        otherwise in SQLite's own growing steps
+        (:func:`~rapidfire_state.db.engine.writer_pause`); as patient as the
+        engine's connections either way (the busy timeout plus the write-retry time).
         """
         try:
             cursor = self._cursor()
@@ -259,7 +271,7 @@ class SQLitePreparedWriter:
         except sqlite3.Error as exc:
             if not is_retryable(exc):
                 raise DBException(f"cannot begin a write transaction on {self._path}: {exc}") from exc
-            self._wait_for_lock(cursor, exc)
+            self._wait_for_lock(cursor, exc, prompt_pause if prompt else writer_pause)
         try:
             if self._check_file is not None:
                 self._same_file()
@@ -283,12 +295,12 @@ class SQLitePreparedWriter:
             raise
         return update.row(values) if record is None else record(values)
 
-    def _wait_for_lock(self, cursor: sqlite3.Cursor, first: sqlite3.Error) -> None:
+    def _wait_for_lock(self, cursor: sqlite3.Cursor, first: sqlite3.Error, pause: Callable[[int], None]) -> None:
         """``BEGIN IMMEDIATE`` again until it has the write lock (``first``: the busy error it met).
 
-        The wait is the engine's: SQLite's busy timeout per try, and between
-        tries :func:`retry_while_busy` (the package's one loop) until the
-        write-retry time has passed since the first failure, which is ``first``.
+        :func:`retry_while_busy` (the package's one loop), sleeping ``pause``
+        between tries, until the busy timeout and the write-retry time have
+        passed since the first failure, which is ``first``.
         """
         failures = [first]
 
@@ -298,7 +310,10 @@ class SQLitePreparedWriter:
             cursor.execute("BEGIN IMMEDIATE")
 
         try:
-            retry_while_busy(begin, retryable=is_retryable, retry_seconds=self._retry_seconds())
+            retry_while_busy(
+                begin, retryable=is_retryable, pause=pause,
+                retry_seconds=self._busy_timeout_ms / 1000.0 + self._retry_seconds(),
+            )
         except sqlite3.Error as exc:
             raise DBException(f"cannot begin a write transaction on {self._path}: {exc}") from exc
 
