@@ -1191,6 +1191,7 @@ class StateDB:
                     "to_status": TaskStatus.IN_PROGRESS.value, "pid": pid, "host": _HOST, "reason": "claimed",
                 },
                 history_column="task_id", record=update.loader(TaskRecord, kind=kind),
+                prompt=True,  # a worker waits for its task: wait for the write lock in short steps
             )
 
         def unit(conn: Connection) -> Optional[TaskRecord]:
