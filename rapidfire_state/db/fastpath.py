@@ -7,7 +7,10 @@ it, and on SQLite that cost is paid while the database-wide write lock is held,
 so it bounds every process's throughput.  This module runs the *same* Core
 statements — compiled once by SQLAlchemy's SQLite dialect, with the same
 result processing — on a driver connection of its own per thread, configured
-by the same pragmas as the engine's connections (:func:`configure_sqlite`).
+by the same pragmas as the engine's connections (:func:`configure_sqlite`),
+except that it waits for the write lock itself (``busy_timeout = 0`` and
+:func:`retry_while_busy`): a claim in short steps, other changes in SQLite's.
+The returned row becomes a record in one pass (:meth:`PreparedStatement.loader`).
 
 It is an optimisation of :meth:`StateDB._write` for one shape of unit, not a
 second set of rules: it only ever *applies* a compare-and-set that matched.
