@@ -205,9 +205,12 @@ class SQLitePreparedWriter:
         configure_sqlite(connection, self._busy_timeout_ms)
         # This connection waits for the write lock in compare_and_set (writer_pause
         # or prompt_pause), not in SQLite's busy handler, so that a claim can wait
-        # differently from other changes.  Once BEGIN IMMEDIATE has the lock (and
-        # its snapshot, in WAL mode) nothing in the unit waits for a lock.
-        connection.execute("PRAGMA busy_timeout = 0")
+        # differently from other changes.  In WAL mode, once BEGIN IMMEDIATE has
+        # the lock (and its snapshot) nothing in the unit waits for a lock; a
+        # database left in a rollback journal (WAL refused, e.g. by the file
+        # system) waits for readers at COMMIT, so it keeps SQLite's busy handler.
+        if str(connection.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+            connection.execute("PRAGMA busy_timeout = 0")
         self._local.connection = connection
         self._local.pid = os.getpid()
         with self._lock:
