@@ -1268,6 +1268,100 @@ def test_an_open_write_transaction_does_hold_the_lock_on_sqlite(tmp_path, monkey
         other.close()
 
 
+def _hold_write_lock(path, seconds: float):
+    """Hold SQLite's write lock on ``path`` from another connection for ``seconds``, in a thread."""
+    import sqlite3
+    import threading
+
+    taken = threading.Event()
+
+    def hold() -> None:
+        connection = sqlite3.connect(path, isolation_level=None)
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            taken.set()
+            time.sleep(seconds)
+            connection.execute("ROLLBACK")
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert taken.wait(5)
+    return thread
+
+
+def test_prepared_writes_wait_for_a_held_write_lock_then_commit(tmp_path):
+    path = tmp_path / "shared.db"
+    database = StateDB(f"sqlite:///{path}")
+    try:
+        experiment = database.create_experiment("e", str(tmp_path))
+        database.transition_experiment(experiment.experiment_id, "RUNNING")
+        run = database.create_run(experiment.experiment_id, {"a": 1})
+        database.create_worker_task(experiment.experiment_id, run.run_id, 0, 0)
+        writer = database._prepared_writer
+        commits = writer.commits
+        for write in (lambda: database.transition_run(run.run_id, "ONGOING"), lambda: database.claim_worker_task(0)):
+            holder = _hold_write_lock(path, 0.3)
+            started = time.monotonic()
+            record = write()
+            waited = time.monotonic() - started
+            holder.join()
+            assert record is not None and waited >= 0.25
+        assert writer.commits == commits + 2  # both went through the prepared path, after waiting
+        assert database.get_run(run.run_id).status is RunStatus.ONGOING
+    finally:
+        database.close()
+
+
+def test_a_claim_gets_the_lock_soon_after_it_is_released(tmp_path):
+    """A claim waits in short steps: not in SQLite's 25–100 ms sleeps, which would
+    leave it asleep for tens of milliseconds after a lock held 0.24 s is released."""
+    path = tmp_path / "shared.db"
+    database = StateDB(f"sqlite:///{path}")
+    try:
+        experiment = database.create_experiment("e", str(tmp_path))
+        database.create_worker_task(experiment.experiment_id, None, 0, 0)
+        database.claim_worker_task(5)  # open the prepared connection (an idle poll)
+        late = []
+        for _ in range(3):
+            holder = _hold_write_lock(path, 0.24)
+            started = time.monotonic()
+            database.claim_worker_task(7)  # an idle poll: it too waits for the lock
+            late.append(time.monotonic() - started - 0.24)
+            holder.join()
+        # SQLite's steps would wake it 88 ms after the release (tries at 178, 228, 328 ms)
+        assert min(late) < 0.04, late
+        assert database.claim_worker_task(0) is not None
+    finally:
+        database.close()
+
+
+def test_a_prepared_write_gives_up_after_the_busy_timeout_and_retry_time(tmp_path, monkeypatch):
+    monkeypatch.setenv("RF_DB_BUSY_TIMEOUT_MS", "150")
+    monkeypatch.setenv("RF_DB_WRITE_RETRY_SECONDS", "0")
+    path = tmp_path / "shared.db"
+    database = StateDB(f"sqlite:///{path}")
+    try:
+        experiment = database.create_experiment("e", str(tmp_path))
+        database.transition_experiment(experiment.experiment_id, "RUNNING")
+        run = database.create_run(experiment.experiment_id, {"a": 1})
+        database.create_worker_task(experiment.experiment_id, run.run_id, 0, 0)
+        history = len(database.history("run", run.run_id))
+        for write in (lambda: database.transition_run(run.run_id, "ONGOING"), lambda: database.claim_worker_task(0)):
+            holder = _hold_write_lock(path, 1.0)
+            started = time.monotonic()
+            with pytest.raises(DBException, match="cannot begin a write transaction.*locked"):
+                write()
+            assert 0.14 <= time.monotonic() - started < 0.9
+            holder.join()
+        assert database.get_run(run.run_id).status is RunStatus.NEW
+        assert len(database.history("run", run.run_id)) == history
+        assert database.list_tasks("worker", statuses=["IN_PROGRESS"]) == []
+    finally:
+        database.close()
+
+
 def test_db_clock_is_utc(db):
     now = db.now()
     assert now.tzinfo is not None

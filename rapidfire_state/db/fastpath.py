@@ -7,7 +7,10 @@ it, and on SQLite that cost is paid while the database-wide write lock is held,
 so it bounds every process's throughput.  This module runs the *same* Core
 statements — compiled once by SQLAlchemy's SQLite dialect, with the same
 result processing — on a driver connection of its own per thread, configured
-by the same pragmas as the engine's connections (:func:`configure_sqlite`).
+by the same pragmas as the engine's connections (:func:`configure_sqlite`),
+except that it waits for the write lock itself (``busy_timeout = 0`` and
+:func:`retry_while_busy`): a claim in short steps, other changes in SQLite's.
+The returned row becomes a record in one pass (:meth:`PreparedStatement.loader`).
 
 It is an optimisation of :meth:`StateDB._write` for one shape of unit, not a
 second set of rules: it only ever *applies* a compare-and-set that matched.
@@ -22,10 +25,14 @@ import os
 import sqlite3
 import threading
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from rapidfire_state.db.engine import configure_sqlite, is_retryable, retry_while_busy
+from sqlalchemy.engine import processors
+
+from rapidfire_state.db.engine import configure_sqlite, is_retryable, prompt_pause, retry_while_busy, writer_pause
+from rapidfire_state.db.schema import UTCDateTime
 from rapidfire_state.exceptions import DBException
 
 
@@ -38,16 +45,85 @@ class PreparedStatement:
     defaults: Mapping[str, Any]
     columns: tuple[str, ...]
     processors: tuple[Optional[Callable[[Any], Any]], ...]
+    #: ``(index, column, processor)`` of the returned columns that have a processor
+    processed: tuple[tuple[int, str, Callable[[Any], Any]], ...] = field(init=False, repr=False, compare=False)
+    #: record loaders of the returned row (see :meth:`loader`), by record class and fixed fields
+    loaders: dict[tuple, Callable[[Sequence[Any]], Any]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        processed = tuple(
+            (index, column, processor)
+            for index, (column, processor) in enumerate(zip(self.columns, self.processors))
+            if processor is not None
+        )
+        object.__setattr__(self, "processed", processed)
+        object.__setattr__(self, "loaders", {})
+
+    def loader(self, record_cls: Any, **extra: Any) -> Callable[[Sequence[Any]], Any]:
+        """A function from the returned row (the driver's tuple) to a ``record_cls`` record.
+
+        The record :meth:`row` then ``record_cls.from_row(row, **extra)`` would
+        give, built in one pass (``values_loader`` of :mod:`rapidfire_state.db.records`);
+        made once per record class and ``extra`` (hashable values, such as a task's kind).
+        """
+        key = (record_cls, *extra.items())
+        load = self.loaders.get(key)
+        if load is None:
+            load = self.loaders[key] = record_cls.values_loader(self.columns, self.processors, **extra)
+        return load
 
     def arguments(self, params: Mapping[str, Any]) -> tuple:
+        """The bound values in SQL order: ``params``, else the value fixed when the statement was built."""
         defaults = self.defaults
+        if not defaults:
+            return tuple([params[name] for name in self.names])
         return tuple([params[name] if name in params else defaults[name] for name in self.names])
 
     def row(self, values: Sequence[Any]) -> dict[str, Any]:
-        return {
-            column: (value if processor is None or value is None else processor(value))
-            for column, processor, value in zip(self.columns, self.processors, values)
-        }
+        """The returned row as a dict, each value processed as SQLAlchemy's result would."""
+        row = dict(zip(self.columns, values))
+        # most columns (ints, strings) have no processor: only those that do are visited
+        for index, column, processor in self.processed:
+            value = values[index]
+            if value is not None:
+                row[column] = processor(value)
+        return row
+
+
+def _utc_datetime(value: Any) -> datetime:
+    """What UTCDateTime's result processing gives on SQLite, in one call instead of three.
+
+    That is ``datetime.fromisoformat`` with a naive result taken as UTC.  The
+    shape every timestamp is stored in (``YYYY-MM-DD HH:MM:SS.ffffff``, naive
+    UTC, written by SQLAlchemy and by ``db_now()``) is parsed with its offset
+    appended, which costs a fifth of ``replace(tzinfo=...)``; anything else
+    goes the general way.
+    """
+    if (
+        value.__class__ is str and len(value) == 26 and value[10] == " " and value[19] == "."
+        and value[20:].isascii() and value[20:].isdigit()
+    ):
+        return datetime.fromisoformat(value + "+00:00")
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
+
+
+def _result_processor(column: Any, dialect: Any) -> Optional[Callable[[Any], Any]]:
+    """The processor of a returned column: SQLAlchemy's, or an equal and faster one."""
+    processor = column.type.dialect_impl(dialect).result_processor(dialect, None)
+    if isinstance(column.type, UTCDateTime):
+        impl = column.type.impl_instance.dialect_impl(dialect).result_processor(dialect, None)
+        if impl is processors.str_to_datetime:  # the dialect's stock parser: nothing else to keep
+            return _utc_datetime
+    return processor
+
+
+def _identity(path: str) -> Optional[tuple[int, int]]:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 class SQLitePreparedWriter:
@@ -68,6 +144,8 @@ class SQLitePreparedWriter:
         self._dialect = dialect
         self._busy_timeout_ms = busy_timeout_ms
         self._retry_seconds = retry_seconds
+        #: the file identity (st_dev, st_ino) that check_file last accepted
+        self._verified: Optional[tuple[int, int]] = None
         self._local = threading.local()
         self._prepared: dict[int, tuple[Any, PreparedStatement]] = {}
         #: (thread, pid, connection) of every connection opened here
@@ -89,20 +167,30 @@ class SQLitePreparedWriter:
             raise ValueError("prepared statements need plain bound parameters, not expanding IN lists")
         returning = list(getattr(statement, "_returning", ()) or ())
         columns = tuple(column.name for column in returning)
-        processors = tuple(
-            column.type.dialect_impl(self._dialect).result_processor(self._dialect, None) for column in returning
-        )
         prepared = PreparedStatement(
             sql=compiled.string,
             names=tuple(compiled.positiontup or ()),
             # values fixed when the statement was built; the required ones come per call
             defaults={name: bind.effective_value for name, bind in compiled.binds.items() if not bind.required},
             columns=columns,
-            processors=processors,
+            processors=tuple(_result_processor(column, self._dialect) for column in returning),
         )
         with self._lock:
             self._prepared[id(statement)] = (statement, prepared)  # the reference keeps the id valid
         return prepared
+
+    def _cursor(self) -> sqlite3.Cursor:
+        """This thread's cursor on its own connection (opened on first use, and again after a fork).
+
+        One cursor per connection, reused by every statement of every unit: a
+        new cursor per statement would cost more than some of the statements.
+        """
+        cursor = getattr(self._local, "cursor", None)
+        if cursor is not None and self._local.pid == os.getpid():
+            return cursor
+        cursor = self._connection().cursor()
+        self._local.cursor = cursor
+        return cursor
 
     def _connection(self) -> sqlite3.Connection:
         connection = getattr(self._local, "connection", None)
@@ -115,6 +203,14 @@ class SQLitePreparedWriter:
             timeout=self._busy_timeout_ms / 1000.0, isolation_level=None, check_same_thread=False,
         )
         configure_sqlite(connection, self._busy_timeout_ms)
+        # This connection waits for the write lock in compare_and_set (writer_pause
+        # or prompt_pause), not in SQLite's busy handler, so that a claim can wait
+        # differently from other changes.  In WAL mode, once BEGIN IMMEDIATE has
+        # the lock (and its snapshot) nothing in the unit waits for a lock; a
+        # database left in a rollback journal (WAL refused, e.g. by the file
+        # system) waits for readers at COMMIT, so it keeps SQLite's busy handler.
+        if str(connection.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+            connection.execute("PRAGMA busy_timeout = 0")
         self._local.connection = connection
         self._local.pid = os.getpid()
         with self._lock:
@@ -152,55 +248,101 @@ class SQLitePreparedWriter:
         history_params: Callable[[Any], Mapping[str, Any]],
         *,
         history_column: str,
-    ) -> Optional[dict[str, Any]]:
+        record: Optional[Callable[[Sequence[Any]], Any]] = None,
+        prompt: bool = False,
+    ) -> Optional[Any]:
         """Apply the UPDATE and its history row in one ``BEGIN IMMEDIATE`` unit.
 
         ``history_params(value)`` gives the history row's parameters from the
         updated row's ``history_column`` (a status change passes the column of
         the status it moved from; a claim, whose row is not known in advance,
         its key).
-        Returns the updated row (processed like SQLAlchemy's), or None when the
-        compare-and-set matched nothing (rolled back; nothing written).
+        Returns the updated row (processed like SQLAlchemy's; with ``record``,
+        one of :meth:`PreparedStatement.loader`, the record of it), or None
+        when the compare-and-set matched nothing (rolled back; nothing written).
+
+        Waiting for the write lock: with ``prompt`` (claims: a worker waits for
+        its task) in short pauses (:func:`~rapidfire_state.db.engine.prompt_pause`),
+        otherwise in SQLite's own growing steps
+        (:func:`~rapidfire_state.db.engine.writer_pause`); as patient as the
+        engine's connections either way (the busy timeout plus the write-retry time).
         """
         try:
-            connection = self._connection()
+            cursor = self._cursor()
         except sqlite3.Error as exc:
             if self._check_file is not None:
                 self._check_file()  # the usual cause: the file is gone; say so
             raise DBException(f"cannot open {self._path}: {exc}") from exc
         try:
-            retry_while_busy(
-                lambda: connection.execute("BEGIN IMMEDIATE"), retryable=is_retryable,
-                retry_seconds=self._retry_seconds(),
-            )
+            cursor.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise DBException(f"cannot begin a write transaction on {self._path}: {exc}") from exc
+            if not is_retryable(exc):
+                raise DBException(f"cannot begin a write transaction on {self._path}: {exc}") from exc
+            self._wait_for_lock(cursor, exc, prompt_pause if prompt else writer_pause)
         try:
             if self._check_file is not None:
-                self._check_file()
+                self._same_file()
             try:
-                values = connection.execute(update.sql, update.arguments(params)).fetchone()
+                values = cursor.execute(update.sql, update.arguments(params)).fetchone()
             except sqlite3.IntegrityError:
                 # a constraint refused the change (a second RUNNING experiment):
                 # the general path runs it again and explains the refusal
                 values = None
             if values is None:
-                connection.execute("ROLLBACK")
+                cursor.execute("ROLLBACK")
                 self.fallbacks += 1
                 return None
             # Only what the history row needs is computed while the write lock
             # is held; the returned row is processed after COMMIT.
             key = values[update.columns.index(history_column)]
-            connection.execute(history.sql, history.arguments(history_params(key)))
-            connection.execute("COMMIT")
+            cursor.execute(history.sql, history.arguments(history_params(key)))
+            cursor.execute("COMMIT")
             self.commits += 1
         except BaseException as exc:
+            connection = cursor.connection
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
                 raise DBException(f"database error on {self._path}: {exc}") from exc
             raise
-        return update.row(values)
+        return update.row(values) if record is None else record(values)
+
+    def _wait_for_lock(self, cursor: sqlite3.Cursor, first: sqlite3.Error, pause: Callable[[int], None]) -> None:
+        """``BEGIN IMMEDIATE`` again until it has the write lock (``first``: the busy error it met).
+
+        :func:`retry_while_busy` (the package's one loop), sleeping ``pause``
+        between tries, until the busy timeout and the write-retry time have
+        passed since the first failure, which is ``first``.
+        """
+        failures = [first]
+
+        def begin() -> None:
+            if failures:
+                raise failures.pop()  # the first try already failed: start the loop's clock now
+            cursor.execute("BEGIN IMMEDIATE")
+
+        try:
+            retry_while_busy(
+                begin, retryable=is_retryable, pause=pause,
+                retry_seconds=self._busy_timeout_ms / 1000.0 + self._retry_seconds(),
+            )
+        except sqlite3.Error as exc:
+            raise DBException(f"cannot begin a write transaction on {self._path}: {exc}") from exc
+
+    def _same_file(self) -> None:
+        """The caller's ``check_file``, run only when the file's identity changed since it last passed.
+
+        ``check_file`` (the store's: the file must be the one it opened) costs a
+        stat and the comparison; the identity it last accepted is kept here, so
+        a write costs one ``os.stat`` while nothing changed.  An identity is
+        kept only when the file had it both before and after the check passed.
+        """
+        identity = _identity(self._path)
+        if identity is not None and identity == self._verified:
+            return
+        self._check_file()  # raises when the file was deleted or replaced
+        if identity is not None and _identity(self._path) == identity:
+            self._verified = identity
 
     def close(self) -> None:
         with self._lock:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from rapidfire_state.constants import (
     ControllerTask,
@@ -22,6 +22,116 @@ from rapidfire_state.constants import (
     TaskStatus,
     WorkerTask,
 )
+from rapidfire_state.exceptions import DBException
+
+
+class _Plan:
+    """How one record class is built from a row: computed once per class and shape.
+
+    ``required`` columns must be in the row (a renamed or missing column fails
+    loudly); ``absent`` fields may lack their column (the table has none) and are
+    then None; ``supplied`` fields come from the caller, not the row; ``enums``
+    maps the fields stored as an enum's value to that enum.
+    """
+
+    __slots__ = ("cls", "required", "absent", "enums", "direct")
+
+    def __init__(self, cls: type, supplied: tuple[str, ...], absent: frozenset, enums: Mapping[str, type]):
+        self.cls = cls
+        names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+        unknown = [name for name in supplied if name not in names]
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no field {', '.join(unknown)}")
+        from_row = [name for name in names if name not in supplied]
+        self.required = tuple(name for name in from_row if name not in absent)
+        self.absent = tuple(name for name in from_row if name in absent)
+        # (field, {value: member}, enum class): the dict finds a stored value at the
+        # cost of one lookup; anything else goes through the enum (and its error)
+        self.enums = tuple(
+            (name, dict(enum_cls._value2member_map_), enum_cls)  # type: ignore[attr-defined]
+            for name, enum_cls in enums.items()
+            if name in from_row
+        )
+        # Records are frozen dataclasses that validate nothing in __init__, so the
+        # checked values can be placed as pickle restores a record, without the
+        # generated __init__'s one object.__setattr__ per field (most of the cost
+        # of a record on the hot path).  A class that gains a __post_init__ is
+        # built through its __init__ again.
+        self.direct = not hasattr(cls, "__post_init__")
+
+    def missing(self, columns: Iterable[str]) -> DBException:
+        present = list(columns)
+        lost = [name for name in self.required if name not in present]
+        return DBException(
+            f"{self.cls.__name__} needs column{'s' if len(lost) > 1 else ''} {', '.join(map(repr, lost))}, "
+            f"missing from the row; columns present: {', '.join(present) or '(none)'}"
+        )
+
+    def finish(self, values: dict[str, Any], extra: Mapping[str, Any]) -> Any:
+        """The record of ``values`` (its fields from the row, enums still as stored) and ``extra``."""
+        for name, members, enum_cls in self.enums:
+            value = values[name]
+            if value is not None:
+                try:
+                    values[name] = members[value]
+                except (KeyError, TypeError):  # not a stored value (or unhashable): the enum decides
+                    values[name] = enum_cls(value)
+        if extra:
+            values.update(extra)
+        if not self.direct:
+            return self.cls(**values)
+        record = object.__new__(self.cls)
+        object.__setattr__(record, "__dict__", values)
+        return record
+
+    def from_mapping(self, row: Mapping[str, Any], extra: Mapping[str, Any]) -> Any:
+        try:
+            values = {name: row[name] for name in self.required}
+        except KeyError:
+            raise self.missing(row.keys()) from None
+        for name in self.absent:
+            values[name] = row.get(name)
+        return self.finish(values, extra)
+
+    def values_loader(
+        self,
+        columns: Sequence[str],
+        processors: Sequence[Optional[Callable[[Any], Any]]],
+        extra: Mapping[str, Any],
+    ) -> Callable[[Sequence[Any]], Any]:
+        """A function from a row as a tuple in ``columns`` order to its record.
+
+        ``processors`` (one per column, or None) turn stored values into Python
+        ones, as a result's processing would.  The columns are checked here,
+        once: a missing one raises as :meth:`from_mapping` would.
+        """
+        columns = tuple(columns)
+        if any(name not in columns for name in self.required):
+            raise self.missing(columns)
+        fields_here = set(self.required) | set(self.absent)
+        surplus = tuple(column for column in columns if column not in fields_here)
+        lacking = tuple(name for name in self.absent if name not in columns)
+        processed = tuple(
+            (index, column, processor)
+            for index, (column, processor) in enumerate(zip(columns, processors))
+            if processor is not None and column in fields_here
+        )
+        extra = dict(extra)
+        finish = self.finish
+
+        def load(values: Sequence[Any]) -> Any:
+            row = dict(zip(columns, values))
+            for index, column, processor in processed:
+                value = values[index]
+                if value is not None:
+                    row[column] = processor(value)
+            for column in surplus:
+                del row[column]
+            for name in lacking:
+                row[name] = None
+            return finish(row, extra)
+
+        return load
 
 
 class _Record:
@@ -30,27 +140,42 @@ class _Record:
     _ENUMS: Mapping[str, type] = {}
 
     @classmethod
-    def _layout(cls) -> tuple[tuple[str, Any], ...]:
-        # (field name, enum class or None), computed once per class: records are
-        # built on every status change, so this runs on the hot path.
-        layout = cls.__dict__.get("_rf_layout")
-        if layout is None:
-            layout = tuple((f.name, cls._ENUMS.get(f.name)) for f in fields(cls))  # type: ignore[arg-type]
-            cls._rf_layout = layout
-        return layout
+    def _plan(
+        cls, supplied: tuple[str, ...] = (), absent: frozenset = frozenset(), enums: tuple[tuple[str, type], ...] = ()
+    ) -> _Plan:
+        # Per class (not inherited) and per shape: records are built on every
+        # status change, so this is one dict lookup on the hot path.  ``enums``
+        # adds to (or overrides) the class's own _ENUMS.
+        plans = cls.__dict__.get("_rf_plans")
+        if plans is None:
+            plans = {}
+            cls._rf_plans = plans
+        key = (supplied, absent, enums)
+        plan = plans.get(key)
+        if plan is None:
+            plan = plans[key] = _Plan(cls, supplied, absent, {**cls._ENUMS, **dict(enums)})
+        return plan
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any], **extra: Any):
-        values = {}
-        for name, enum_cls in cls._layout():
-            if name in extra:
-                values[name] = extra[name]
-                continue
-            value = row.get(name)
-            if enum_cls is not None and value is not None:
-                value = enum_cls(value)
-            values[name] = value
-        return cls(**values)
+        """The record of ``row`` (a mapping of column name to value); ``extra`` sets fields directly.
+
+        Every field not given in ``extra`` needs its column in ``row``:
+        a missing (say, renamed) column raises :class:`DBException` naming the
+        record type, the column and the columns present, instead of a silent None.
+        """
+        return cls._plan(tuple(extra)).from_mapping(row, extra)
+
+    @classmethod
+    def values_loader(
+        cls, columns: Sequence[str], processors: Sequence[Optional[Callable[[Any], Any]]], **extra: Any
+    ) -> Callable[[Sequence[Any]], Any]:
+        """A function from a row tuple in ``columns`` order (values processed by ``processors``) to a record.
+
+        The same record as :meth:`from_row` of that row, for a caller that has
+        the driver's tuple (the prepared SQLite path): no mapping in between.
+        """
+        return cls._plan(tuple(extra)).values_loader(columns, processors, extra)
 
     def to_dict(self) -> dict[str, Any]:
         """The record as a plain dict (enums as their string values)."""
@@ -145,11 +270,31 @@ class TaskRecord(_Record):
 
     _ENUMS = {"status": TaskStatus}
 
+    #: per kind, the fields whose column that kind's table does not have (None on its records)
+    _ABSENT = {
+        "worker": frozenset({"config_leaf"}),
+        "controller": frozenset({"worker_id", "chunk_id", "config_options"}),
+    }
+    #: per kind, the enum of ``task_type``
+    _TASK_TYPES = {"worker": (("task_type", WorkerTask),), "controller": (("task_type", ControllerTask),)}
+
+    @classmethod
+    def _kind_plan(cls, kind: str, extra: Mapping[str, Any]) -> _Plan:
+        return cls._plan(("kind", *extra), cls._ABSENT[kind], cls._TASK_TYPES[kind])
+
     @classmethod
     def from_row(cls, row: Mapping[str, Any], **extra: Any) -> "TaskRecord":
+        """The task of ``row``; ``kind`` (``"worker"`` or ``"controller"``) is required in ``extra``."""
         kind = extra.pop("kind")
-        task_enum = WorkerTask if kind == "worker" else ControllerTask
-        return super().from_row(row, kind=kind, task_type=task_enum(row["task_type"]), **extra)
+        return cls._kind_plan(kind, extra).from_mapping(row, {"kind": kind, **extra})
+
+    @classmethod
+    def values_loader(
+        cls, columns: Sequence[str], processors: Sequence[Optional[Callable[[Any], Any]]], **extra: Any
+    ) -> Callable[[Sequence[Any]], "TaskRecord"]:
+        """As :meth:`_Record.values_loader`; ``kind`` is required in ``extra``."""
+        kind = extra.pop("kind")
+        return cls._kind_plan(kind, extra).values_loader(columns, processors, {"kind": kind, **extra})
 
     @property
     def config(self) -> Any:
@@ -196,13 +341,13 @@ class TransitionRecord(_Record):
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any], **extra: Any) -> "TransitionRecord":
-        enum_cls = _ENTITY_STATUS[row["entity"]]
-        return super().from_row(
-            row,
-            from_status=None if row["from_status"] is None else enum_cls(row["from_status"]),
-            to_status=enum_cls(row["to_status"]),
-            **extra,
-        )
+        """The history row ``row``; its statuses become the enum of its entity's machine."""
+        try:
+            entity = row["entity"]
+        except KeyError:
+            raise cls._plan().missing(row.keys()) from None
+        enums = _TRANSITION_ENUMS[entity]
+        return cls._plan(tuple(extra), enums=enums).from_mapping(row, extra)
 
 
 _ENTITY_STATUS = {
@@ -210,6 +355,9 @@ _ENTITY_STATUS = {
     "run": RunStatus,
     "worker_task": TaskStatus,
     "controller_task": TaskStatus,
+}
+_TRANSITION_ENUMS = {
+    entity: (("from_status", enum_cls), ("to_status", enum_cls)) for entity, enum_cls in _ENTITY_STATUS.items()
 }
 
 

@@ -22,6 +22,7 @@ import os
 import threading
 import weakref
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 
 from sqlalchemy import select
@@ -351,14 +352,25 @@ class StoreCore:
             raise _wrap(exc, self) from exc
 
     def _prepared_change(
-        self, change: StatusChange, entity_id: int, params: Mapping[str, Any], reason: Optional[str]
-    ) -> Optional[dict[str, Any]]:
-        """``change`` as a whole unit on SQLite's prepared path; None when it does not apply
-        or matched nothing (the caller then runs the general unit, which explains why)."""
+        self,
+        change: StatusChange,
+        entity_id: int,
+        params: Mapping[str, Any],
+        reason: Optional[str],
+        record: type,
+        record_extra: Mapping[str, Any] = MappingProxyType({}),
+    ) -> Optional[Any]:
+        """``change`` as a whole unit on SQLite's prepared path: the changed row's ``record``.
+
+        None when the prepared path does not apply or matched nothing: the caller
+        then runs the general unit, which explains why.
+        """
         writer = self._prepared_writer
         if writer is None:
             return None
-        return change_one_prepared(writer, change, entity_id, params=params, reason=reason)
+        return change_one_prepared(
+            writer, change, entity_id, params=params, reason=reason, record=record, record_extra=record_extra
+        )
 
     def now(self) -> Any:
         """The database clock (UTC, aware)."""

@@ -265,9 +265,9 @@ class ExperimentStore(StoreCore):
         check_id("experiment_id", experiment_id)
         to_status = states.coerce_status("experiment", to)
         change, params = plan_experiment_change(to_status, expected, error)
-        prepared = self._prepared_change(change, experiment_id, params, reason)
+        prepared = self._prepared_change(change, experiment_id, params, reason, ExperimentRecord)
         if prepared is not None:
-            return ExperimentRecord.from_row(prepared)
+            return prepared
 
         def unit(conn: Connection) -> ExperimentRecord:
             _, row = change_experiment_without_commit(conn, experiment_id, change, params, reason)

@@ -204,9 +204,9 @@ class RunStore(StoreCore):
         check_id("run_id", run_id)
         to_status = states.coerce_status("run", to)
         change, params = plan_run_change(to_status, expected, error)
-        prepared = self._prepared_change(change, run_id, params, reason)
+        prepared = self._prepared_change(change, run_id, params, reason, RunRecord)
         if prepared is not None:
-            return RunRecord.from_row(prepared)
+            return prepared
 
         def unit(conn: Connection) -> RunRecord:
             _, row = change_run_without_commit(conn, run_id, change, params, reason)

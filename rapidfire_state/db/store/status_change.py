@@ -29,6 +29,7 @@ import os
 import socket
 from dataclasses import dataclass
 from enum import Enum
+from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from sqlalchemy import String, Table, bindparam, insert, literal_column, select, update
@@ -262,23 +263,32 @@ def change_one_without_commit(
 
 
 def change_one_prepared(
-    writer: Any, change: StatusChange, entity_id: int, *, params: Mapping[str, Any], reason: Optional[str]
-) -> Optional[dict[str, Any]]:
+    writer: Any,
+    change: StatusChange,
+    entity_id: int,
+    *,
+    params: Mapping[str, Any],
+    reason: Optional[str],
+    record: type,
+    record_extra: Mapping[str, Any] = MappingProxyType({}),
+) -> Optional[Any]:
     """``change`` of the row ``entity_id`` as a whole unit on SQLite's prepared path.
 
-    Returns the changed row, or None when the compare-and-set matched nothing
-    (rolled back, nothing written): the caller then runs the general unit,
-    which explains the refusal or the repeat.
+    Returns the changed row's ``record`` (what ``record.from_row(row,
+    **record_extra)`` gives, built straight from the driver's tuple), or None
+    when the compare-and-set matched nothing (rolled back, nothing written):
+    the caller then runs the general unit, which explains the refusal or the
+    repeat.
     """
     if change.statement is None:
         return None
     entity = change.entity
     to_value = change.to_status.value
+    update_statement = writer.prepare(change.statement)
     return writer.compare_and_set(
-        writer.prepare(change.statement), {"rf_entity_id": entity_id, **params},
-        writer.prepare(INSERT_TRANSITION),
+        update_statement, {"rf_entity_id": entity_id, **params}, writer.prepare(INSERT_TRANSITION),
         lambda previous_status: history_params(entity, entity_id, previous_status, to_value, reason),
-        history_column="previous_status",
+        history_column="previous_status", record=update_statement.loader(record, **record_extra),
     )
 
 
@@ -368,11 +378,14 @@ def claim_without_commit(
 
 
 def claim_prepared(
-    writer: Any, entity: Entity, filters: tuple[str, ...], params: Mapping[str, Any], pid: int
-) -> Optional[dict[str, Any]]:
-    """:func:`claim_without_commit` as a whole unit on the prepared path.
+    writer: Any, entity: Entity, filters: tuple[str, ...], params: Mapping[str, Any], pid: int, *,
+    record: type, record_extra: Mapping[str, Any] = MappingProxyType({}),
+) -> Optional[Any]:
+    """:func:`claim_without_commit` as a whole unit on the prepared path; the claimed task's ``record``.
 
-    An idle poll is ``BEGIN IMMEDIATE``, one UPDATE that matches nothing, ``ROLLBACK``.
+    An idle poll is ``BEGIN IMMEDIATE``, one UPDATE that matches nothing,
+    ``ROLLBACK``.  A worker polling for its next task waits for the write lock
+    in short steps (``prompt``), not in SQLite's growing sleeps.
     """
     (claimable,) = states.allowed_from(entity.machine, TaskStatus.IN_PROGRESS)
 
@@ -381,9 +394,10 @@ def claim_prepared(
         found["pid"] = pid
         return found
 
+    update_statement = writer.prepare(claim_statement(entity, filters))
     return writer.compare_and_set(
-        writer.prepare(claim_statement(entity, filters)), params, writer.prepare(INSERT_TRANSITION),
-        history, history_column=entity.key,
+        update_statement, params, writer.prepare(INSERT_TRANSITION), history, history_column=entity.key,
+        record=update_statement.loader(record, **record_extra), prompt=True,
     )
 
 

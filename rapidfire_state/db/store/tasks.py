@@ -295,8 +295,9 @@ class TaskStore(StoreCore):
         params.update(_new_claim_params())
         writer = self._prepared_writer
         if writer is not None:
-            row = claim_prepared(writer, entity, columns, params, params["rf_claim_pid"])
-            return TaskRecord.from_row(row, kind=kind) if row is not None else None
+            return claim_prepared(
+                writer, entity, columns, params, params["rf_claim_pid"], record=TaskRecord, record_extra={"kind": kind}
+            )
 
         def unit(conn: Connection) -> Optional[TaskRecord]:
             row = claim_without_commit(conn, entity, columns, params)
@@ -372,9 +373,9 @@ class TaskStore(StoreCore):
             raise ConfigError(f"claim_token={claim_token!r} is not valid; the str of TaskRecord.claim_token is required")
         check_id(f"{entity.name}_id", task_id)
         change, params = plan_task_change(entity, to_status, expected, error, claim_token)
-        prepared = self._prepared_change(change, task_id, params, reason)
+        prepared = self._prepared_change(change, task_id, params, reason, TaskRecord, {"kind": kind})
         if prepared is not None:
-            return TaskRecord.from_row(prepared, kind=kind)
+            return prepared
 
         def unit(conn: Connection) -> TaskRecord:
             _, row = change_task_without_commit(
