@@ -78,8 +78,22 @@ def _machine(machine: str) -> tuple[type[Enum], Mapping]:
         ) from None
 
 
+#: machine -> (its enum, its members by value): coerce_status runs on every status change
+_BY_VALUE: Mapping[str, tuple[type[Enum], Mapping[str, Enum]]] = MappingProxyType(
+    {machine: (enum_cls, {member.value: member for member in enum_cls}) for machine, (enum_cls, _) in MACHINES.items()}
+)
+
+
 def coerce_status(machine: str, status: object) -> Enum:
     """Return ``status`` as the machine's enum; accept the enum or its exact string value."""
+    known = _BY_VALUE.get(machine) if machine.__class__ is str else None
+    if known is not None:
+        if status.__class__ is known[0]:
+            return status  # type: ignore[return-value]
+        if status.__class__ is str:
+            found = known[1].get(status)  # type: ignore[call-overload]
+            if found is not None:
+                return found
     enum_cls, _ = _machine(machine)
     if isinstance(status, enum_cls):
         return status

@@ -118,6 +118,8 @@ def check_int(
             type, ``None`` unless ``optional``, and ints outside the bounds; the message
             names ``name``, the value and what is allowed.
     """
+    if value.__class__ is int and (minimum is None or value >= minimum) and (maximum is None or value <= maximum):
+        return value  # the common case, on every store call: no message is built
     allowed = ("None or " if optional else "") + _int_text(minimum, maximum)
     if value is None and optional:
         return None

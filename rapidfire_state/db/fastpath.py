@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from sqlalchemy import JSON
 from sqlalchemy.engine import processors
 
 from rapidfire_state.db.engine import configure_sqlite, is_retryable, prompt_pause, retry_while_busy, writer_pause
@@ -108,13 +109,63 @@ def _utc_datetime(value: Any) -> datetime:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
 
 
+#: stored text -> its parsed value, for the columns a status change leaves as they were
+#: (``created_at``, ``started_at``, a run's ``flattened_config``): a change returns
+#: the whole row, and most of it is the same text as the last time
+_PARSED: dict[tuple[int, str], Any] = {}
+_PARSED_LIMIT = 4096
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _remembered(kind: int, parse: Callable[[Any], Any], value: Any) -> Any:
+    key = (kind, value)
+    found = _PARSED.get(key)
+    if found is None:
+        found = parse(value)
+        if len(_PARSED) >= _PARSED_LIMIT:
+            _PARSED.clear()
+        _PARSED[key] = found
+    return found
+
+
+def _remembering_datetime(value: Any) -> datetime:
+    """:func:`_utc_datetime`, remembered: a datetime is immutable, so one may be shared."""
+    if value.__class__ is not str:
+        return _utc_datetime(value)
+    return _remembered(0, _utc_datetime, value)
+
+
+def _remembering_json(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The JSON processor ``parse``, remembered for flat objects of scalars.
+
+    Each caller gets a dict of its own (a shallow copy is a full copy when every
+    value is a scalar); anything nested is parsed afresh, never shared.
+    """
+
+    def flat_or_none(text: Any) -> Any:
+        parsed = parse(text)
+        if parsed.__class__ is dict and all(value.__class__ in _SCALARS for value in parsed.values()):
+            return parsed
+        return False
+
+    def process(value: Any) -> Any:
+        if value.__class__ is not str:
+            return parse(value)
+        flat = _remembered(1, flat_or_none, value)
+        return dict(flat) if flat is not False else parse(value)
+
+    return process
+
+
 def _result_processor(column: Any, dialect: Any) -> Optional[Callable[[Any], Any]]:
     """The processor of a returned column: SQLAlchemy's, or an equal and faster one."""
     processor = column.type.dialect_impl(dialect).result_processor(dialect, None)
     if isinstance(column.type, UTCDateTime):
         impl = column.type.impl_instance.dialect_impl(dialect).result_processor(dialect, None)
         if impl is processors.str_to_datetime:  # the dialect's stock parser: nothing else to keep
-            return _utc_datetime
+            return _remembering_datetime
+    if processor is not None and isinstance(column.type, JSON):
+        return _remembering_json(processor)
     return processor
 
 
