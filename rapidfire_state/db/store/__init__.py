@@ -21,6 +21,8 @@ Helpers that take a connection are named ``…_without_commit`` (writes) or
 
 from __future__ import annotations
 
+from typing import Optional
+
 from rapidfire_state.db.store.cleanup import CleanupStore
 from rapidfire_state.db.store.core import StoreCore
 from rapidfire_state.db.store.experiments import (
@@ -62,6 +64,11 @@ class StateDB(
     tasks, workers, shm objects, cleanup, history); every status change is
     built by :mod:`.status_change` from :mod:`rapidfire_state.states`.
     """
+
+
+def _reopen(url: str, auto_upgrade: Optional[bool], read_only: bool = False) -> StateDB:
+    """Unpickle a ``StateDB`` pickled before the split (it named this function)."""
+    return StateDB(url, auto_upgrade=auto_upgrade, read_only=read_only)
 
 
 __all__ = [
