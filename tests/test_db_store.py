@@ -1092,6 +1092,12 @@ def test_shm_metadata(db, experiment, tmp_path):
     assert [o.key for o in db.list_shm_objects(experiment_id=e)] == ["model/1", "ckpt/1"]
     assert [o.key for o in db.list_shm_objects(run_id=run.run_id)] == ["model/1"]
     assert [o.key for o in db.list_shm_objects(manager_name="other")] == ["ckpt/1"]
+    assert [o.key for o in db.list_shm_objects(disk_path=tmp_path / "model1.pt")] == ["model/1"]
+    assert db.list_shm_objects(disk_path=str(tmp_path / "model1.pt")) == db.list_shm_objects(disk_path=tmp_path / "model1.pt")
+    assert db.list_shm_objects(disk_path=tmp_path / "elsewhere.pt") == []
+    for bad in (3, b"/tmp/x", ""):
+        with pytest.raises(ConfigError, match="disk_path="):
+            db.list_shm_objects(disk_path=bad)
     before = snapshot(db)
     for bad in (
         dict(key="", ),
@@ -1099,6 +1105,7 @@ def test_shm_metadata(db, experiment, tmp_path):
         dict(key="x" * 513),
         dict(key="d", location="DISK"),  # DISK needs a path
         dict(key="s", location="SHM", disk_path="/tmp/x"),  # SHM has none
+        dict(key="p", location="DISK", disk_path=7),  # not a path
         dict(key="t", object_type="TENSOR"),
         dict(key="l", location="CLOUD"),
         dict(key="n", num_bytes=-1),
@@ -1291,14 +1298,20 @@ def _hold_write_lock(path, seconds: float):
     return thread
 
 
-def test_prepared_writes_wait_for_a_held_write_lock_then_commit(tmp_path):
+def _open_with_a_run_and_a_task(tmp_path):
+    """A SQLite database with a RUNNING experiment, one NEW run and one SCHEDULED task of worker 0."""
     path = tmp_path / "shared.db"
     database = StateDB(f"sqlite:///{path}")
+    experiment = database.create_experiment("e", str(tmp_path))
+    database.transition_experiment(experiment.experiment_id, "RUNNING")
+    run = database.create_run(experiment.experiment_id, {"a": 1})
+    database.create_worker_task(experiment.experiment_id, run.run_id, 0, 0)
+    return path, database, run
+
+
+def test_prepared_writes_wait_for_a_held_write_lock_then_commit(tmp_path):
+    path, database, run = _open_with_a_run_and_a_task(tmp_path)
     try:
-        experiment = database.create_experiment("e", str(tmp_path))
-        database.transition_experiment(experiment.experiment_id, "RUNNING")
-        run = database.create_run(experiment.experiment_id, {"a": 1})
-        database.create_worker_task(experiment.experiment_id, run.run_id, 0, 0)
         writer = database._prepared_writer
         commits = writer.commits
         for write in (lambda: database.transition_run(run.run_id, "ONGOING"), lambda: database.claim_worker_task(0)):
@@ -1340,13 +1353,8 @@ def test_a_claim_gets_the_lock_soon_after_it_is_released(tmp_path):
 def test_a_prepared_write_gives_up_after_the_busy_timeout_and_retry_time(tmp_path, monkeypatch):
     monkeypatch.setenv("RF_DB_BUSY_TIMEOUT_MS", "150")
     monkeypatch.setenv("RF_DB_WRITE_RETRY_SECONDS", "0")
-    path = tmp_path / "shared.db"
-    database = StateDB(f"sqlite:///{path}")
+    path, database, run = _open_with_a_run_and_a_task(tmp_path)
     try:
-        experiment = database.create_experiment("e", str(tmp_path))
-        database.transition_experiment(experiment.experiment_id, "RUNNING")
-        run = database.create_run(experiment.experiment_id, {"a": 1})
-        database.create_worker_task(experiment.experiment_id, run.run_id, 0, 0)
         history = len(database.history("run", run.run_id))
         for write in (lambda: database.transition_run(run.run_id, "ONGOING"), lambda: database.claim_worker_task(0)):
             holder = _hold_write_lock(path, 1.0)

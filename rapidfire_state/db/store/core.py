@@ -22,8 +22,7 @@ import os
 import threading
 import weakref
 from contextlib import contextmanager
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.engine import Connection, Engine
@@ -42,7 +41,8 @@ from rapidfire_state.db.engine import (
 from rapidfire_state.db.fastpath import SQLitePreparedWriter
 from rapidfire_state.db.records import SHMObjectRecord
 from rapidfire_state.db.schema import db_now
-from rapidfire_state.db.store.status_change import StatusChange, change_one_prepared
+from rapidfire_state.db.store.lookups import update_columns_without_commit
+from rapidfire_state.db.store.status_change import Entity
 from rapidfire_state.exceptions import DBException, RapidFireError, ReadOnlyError
 
 if TYPE_CHECKING:
@@ -351,26 +351,22 @@ class StoreCore:
         except SQLAlchemyError as exc:
             raise _wrap(exc, self) from exc
 
-    def _prepared_change(
-        self,
-        change: StatusChange,
-        entity_id: int,
-        params: Mapping[str, Any],
-        reason: Optional[str],
-        record: type,
-        record_extra: Mapping[str, Any] = MappingProxyType({}),
-    ) -> Optional[Any]:
-        """``change`` as a whole unit on SQLite's prepared path: the changed row's ``record``.
+    def _set_columns(
+        self, entity: Entity, entity_id: int, load: Callable[[Connection, int], T], **values: Any
+    ) -> T:
+        """Set columns other than the status (and ``updated_at``) of one row, as one unit; its record after.
 
-        None when the prepared path does not apply or matched nothing: the caller
-        then runs the general unit, which explains why.
+        :class:`NotFoundError` when the row does not exist.
         """
-        writer = self._prepared_writer
-        if writer is None:
-            return None
-        return change_one_prepared(
-            writer, change, entity_id, params=params, reason=reason, record=record, record_extra=record_extra
-        )
+
+        def unit(conn: Connection) -> T:
+            update_columns_without_commit(
+                conn, entity.table, entity.key_column == entity_id, values={**values, "updated_at": db_now()},
+                missing=(entity.name, entity_id),
+            )
+            return load(conn, entity_id)
+
+        return self._write(unit)
 
     def now(self) -> Any:
         """The database clock (UTC, aware)."""

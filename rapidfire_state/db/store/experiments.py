@@ -26,11 +26,11 @@ from rapidfire_state.db.store.lookups import (
     one_row,
     optional_str,
     status_filter,
-    update_columns_without_commit,
 )
 from rapidfire_state.db.store.status_change import (
     EXPERIMENT,
     StatusChange,
+    change_one_prepared,
     change_one_without_commit,
     plan_change,
     record_transition_without_commit,
@@ -265,7 +265,9 @@ class ExperimentStore(StoreCore):
         check_id("experiment_id", experiment_id)
         to_status = states.coerce_status("experiment", to)
         change, params = plan_experiment_change(to_status, expected, error)
-        prepared = self._prepared_change(change, experiment_id, params, reason, ExperimentRecord)
+        prepared = change_one_prepared(
+            self._prepared_writer, change, experiment_id, params=params, reason=reason, record=ExperimentRecord
+        )
         if prepared is not None:
             return prepared
 
@@ -279,22 +281,10 @@ class ExperimentStore(StoreCore):
         """Set what the experiment is doing now (an :class:`ExperimentTask`)."""
         check_id("experiment_id", experiment_id)
         task_value = enum_value(ExperimentTask, task, "experiment task")
-        return self._set_experiment_columns(experiment_id, current_task=task_value)
+        return self._set_columns(EXPERIMENT, experiment_id, load_experiment, current_task=task_value)
 
     def set_experiment_metric_id(self, experiment_id: int, metric_experiment_id: Optional[str]) -> ExperimentRecord:
         """Record the metric store's (MLflow's) experiment id."""
         check_id("experiment_id", experiment_id)
         optional_str("metric_experiment_id", metric_experiment_id)
-        return self._set_experiment_columns(experiment_id, metric_experiment_id=metric_experiment_id)
-
-    def _set_experiment_columns(self, experiment_id: int, **values: Any) -> ExperimentRecord:
-        table = tables.experiments
-
-        def unit(conn: Connection) -> ExperimentRecord:
-            update_columns_without_commit(
-                conn, table, table.c.experiment_id == experiment_id,
-                values={**values, "updated_at": db_now()}, missing=("experiment", experiment_id),
-            )
-            return load_experiment(conn, experiment_id)
-
-        return self._write(unit)
+        return self._set_columns(EXPERIMENT, experiment_id, load_experiment, metric_experiment_id=metric_experiment_id)

@@ -6,6 +6,7 @@ helper of the entity modules goes through :func:`one_row`.
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from typing import Any, Iterable, Mapping, Optional
 
@@ -56,6 +57,18 @@ def status_filter(machine: str, statuses: Optional[Iterable[Any]]) -> Optional[l
     if isinstance(statuses, (str, bytes)) or not isinstance(statuses, Iterable):
         statuses = [statuses]
     return sorted({states.coerce_status(machine, s).value for s in statuses})
+
+
+def optional_path(name: str, value: Any) -> Optional[str]:
+    """``value`` (a str or os.PathLike) as the text stored for a file, or None; :class:`ConfigError` otherwise."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"{name}={value!r} is not valid; allowed: None or a path (str or os.PathLike)")
+    text = os.fspath(value)
+    if not isinstance(text, str) or text == "":
+        raise ConfigError(f"{name}={value!r} is not valid; allowed: None or a non-empty text path")
+    return text
 
 
 def optional_str(name: str, value: Any) -> Optional[str]:

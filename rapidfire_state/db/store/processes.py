@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 from typing import Optional
 
-from rapidfire_state.db.store.status_change import HOST
+#: this host's name, as history rows and claims record it
+HOST = socket.gethostname()
 
 
 def process_start_time(pid: int) -> Optional[float]:

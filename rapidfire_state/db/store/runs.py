@@ -22,11 +22,11 @@ from rapidfire_state.db.store.lookups import (
     one_row,
     optional_str,
     status_filter,
-    update_columns_without_commit,
 )
 from rapidfire_state.db.store.status_change import (
     RUN,
     StatusChange,
+    change_one_prepared,
     change_one_without_commit,
     plan_change,
     record_transition_without_commit,
@@ -204,7 +204,9 @@ class RunStore(StoreCore):
         check_id("run_id", run_id)
         to_status = states.coerce_status("run", to)
         change, params = plan_run_change(to_status, expected, error)
-        prepared = self._prepared_change(change, run_id, params, reason, RunRecord)
+        prepared = change_one_prepared(
+            self._prepared_writer, change, run_id, params=params, reason=reason, record=RunRecord
+        )
         if prepared is not None:
             return prepared
 
@@ -231,22 +233,10 @@ class RunStore(StoreCore):
                 values[field] = check_int(field, value, minimum=1 if field == "required_workers" else 0)
             else:
                 values[field] = check_number(field, value, finite=True, optional=field == "estimated_runtime")
-        return self._set_run_columns(run_id, **values)
+        return self._set_columns(RUN, run_id, load_run, **values)
 
     def set_metric_run_id(self, run_id: int, metric_run_id: Optional[str]) -> RunRecord:
         """Record the metric store's (MLflow's) run id of the run."""
         check_id("run_id", run_id)
         optional_str("metric_run_id", metric_run_id)
-        return self._set_run_columns(run_id, metric_run_id=metric_run_id)
-
-    def _set_run_columns(self, run_id: int, **values: Any) -> RunRecord:
-        table = tables.runs
-
-        def unit(conn: Connection) -> RunRecord:
-            update_columns_without_commit(
-                conn, table, table.c.run_id == run_id, values={**values, "updated_at": db_now()},
-                missing=("run", run_id),
-            )
-            return load_run(conn, run_id)
-
-        return self._write(unit)
+        return self._set_columns(RUN, run_id, load_run, metric_run_id=metric_run_id)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Iterable, Optional
 
 from sqlalchemy import insert, select, update
@@ -13,7 +12,7 @@ from rapidfire_state.db import schema as tables
 from rapidfire_state.db.records import SHMObjectRecord
 from rapidfire_state.db.schema import db_now
 from rapidfire_state.db.store.core import StoreCore
-from rapidfire_state.db.store.lookups import check_id, enum_value, one_row
+from rapidfire_state.db.store.lookups import check_id, enum_value, one_row, optional_path
 from rapidfire_state.exceptions import ConfigError
 from rapidfire_state.validation import check_name
 
@@ -40,7 +39,7 @@ class SHMObjectStore(StoreCore):
         values = dict(
             object_type=enum_value(SHMObjectType, object_type, "shm object type"),
             location=enum_value(SHMLocation, location, "shm location"),
-            disk_path=None if disk_path is None else os.fspath(disk_path),
+            disk_path=optional_path("disk_path", disk_path),
             num_bytes=check_id("num_bytes", num_bytes),
             tensor_count=check_id("tensor_count", tensor_count),
             experiment_id=check_id("experiment_id", experiment_id, optional=True),
@@ -83,6 +82,7 @@ class SHMObjectStore(StoreCore):
         """Metadata rows in id order, filtered (``disk_path``: the rows naming that file)."""
         check_id("experiment_id", experiment_id, optional=True)
         check_id("run_id", run_id, optional=True)
+        wanted_path = optional_path("disk_path", disk_path)
         table = tables.shm_objects
 
         def unit(conn: Connection) -> list[SHMObjectRecord]:
@@ -93,8 +93,8 @@ class SHMObjectStore(StoreCore):
                 query = query.where(table.c.run_id == run_id)
             if manager_name is not None:
                 query = query.where(table.c.manager_name == manager_name)
-            if disk_path is not None:
-                query = query.where(table.c.disk_path == os.fspath(disk_path))
+            if wanted_path is not None:
+                query = query.where(table.c.disk_path == wanted_path)
             return [SHMObjectRecord.from_row(r) for r in conn.execute(query).mappings()]
 
         return self._read(unit)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
@@ -39,12 +38,9 @@ from rapidfire_state import states
 from rapidfire_state.constants import TaskStatus
 from rapidfire_state.db import schema as tables
 from rapidfire_state.db.schema import db_now
-from rapidfire_state.db.store.lookups import check_id, one_row
+from rapidfire_state.db.store.lookups import one_row
+from rapidfire_state.db.store.processes import HOST
 from rapidfire_state.exceptions import InvalidTransitionError
-
-#: this host's name, as history rows and claims record it
-HOST = socket.gethostname()
-
 
 @dataclass(frozen=True, eq=False)
 class Entity:
@@ -263,7 +259,7 @@ def change_one_without_commit(
 
 
 def change_one_prepared(
-    writer: Any,
+    writer: Optional[Any],
     change: StatusChange,
     entity_id: int,
     *,
@@ -276,11 +272,11 @@ def change_one_prepared(
 
     Returns the changed row's ``record`` (what ``record.from_row(row,
     **record_extra)`` gives, built straight from the driver's tuple), or None
-    when the compare-and-set matched nothing (rolled back, nothing written):
-    the caller then runs the general unit, which explains the refusal or the
-    repeat.
+    when there is no prepared path (``writer`` None: not SQLite) or the
+    compare-and-set matched nothing (rolled back, nothing written): the caller
+    then runs the general unit, which explains the refusal or the repeat.
     """
-    if change.statement is None:
+    if writer is None or change.statement is None:
         return None
     entity = change.entity
     to_value = change.to_status.value
@@ -399,8 +395,3 @@ def claim_prepared(
         update_statement, params, writer.prepare(INSERT_TRANSITION), history, history_column=entity.key,
         record=update_statement.loader(record, **record_extra), prompt=True,
     )
-
-
-def check_entity_id(entity: Entity, entity_id: Any) -> int:
-    """``entity_id`` as a valid key of ``entity``, or :class:`ConfigError` naming it."""
-    return check_id(f"{entity.name}_id", entity_id)

@@ -17,14 +17,14 @@ from rapidfire_state.db.schema import db_now
 from rapidfire_state.db.store.core import StoreCore
 from rapidfire_state.db.store.experiments import load_experiment
 from rapidfire_state.db.store.lookups import check_id, enum_value, one_row, status_filter
-from rapidfire_state.db.store.processes import own_process
+from rapidfire_state.db.store.processes import HOST, own_process
 from rapidfire_state.db.store.runs import load_run
 from rapidfire_state.db.store.status_change import (
-    HOST,
     TASK_ENTITIES,
     Entity,
     StatusChange,
     change_one_without_commit,
+    change_one_prepared,
     claim_prepared,
     claim_without_commit,
     plan_change,
@@ -373,7 +373,10 @@ class TaskStore(StoreCore):
             raise ConfigError(f"claim_token={claim_token!r} is not valid; the str of TaskRecord.claim_token is required")
         check_id(f"{entity.name}_id", task_id)
         change, params = plan_task_change(entity, to_status, expected, error, claim_token)
-        prepared = self._prepared_change(change, task_id, params, reason, TaskRecord, {"kind": kind})
+        prepared = change_one_prepared(
+            self._prepared_writer, change, task_id, params=params, reason=reason, record=TaskRecord,
+            record_extra={"kind": kind},
+        )
         if prepared is not None:
             return prepared
 

@@ -20,9 +20,9 @@ from rapidfire_state.db.schema import db_now
 from rapidfire_state.db.store.core import StoreCore
 from rapidfire_state.db.store.experiments import load_experiment
 from rapidfire_state.db.store.lookups import check_id, one_row, update_columns_without_commit
-from rapidfire_state.db.store.processes import gone_here, process_start_time
+from rapidfire_state.db.store.processes import HOST, gone_here, process_start_time
 from rapidfire_state.db.store.runs import change_run_without_commit, plan_run_change
-from rapidfire_state.db.store.status_change import HOST, WORKER_TASK, change_matching_without_commit
+from rapidfire_state.db.store.status_change import WORKER_TASK, change_matching_without_commit
 from rapidfire_state.exceptions import InvalidTransitionError, WorkerException
 from rapidfire_state.validation import check_int, check_name, check_number, check_positive_int
 
