@@ -22,7 +22,8 @@ import os
 import threading
 import weakref
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, TypeVar
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.engine import Connection, Engine
@@ -42,7 +43,7 @@ from rapidfire_state.db.fastpath import SQLitePreparedWriter
 from rapidfire_state.db.records import SHMObjectRecord
 from rapidfire_state.db.schema import db_now
 from rapidfire_state.db.store.lookups import update_columns_without_commit
-from rapidfire_state.db.store.status_change import Entity
+from rapidfire_state.db.store.status_change import Entity, StatusChange, change_one_prepared
 from rapidfire_state.exceptions import DBException, RapidFireError, ReadOnlyError
 
 if TYPE_CHECKING:
@@ -350,6 +351,30 @@ class StoreCore:
             raise
         except SQLAlchemyError as exc:
             raise _wrap(exc, self) from exc
+
+    def _apply_change(
+        self,
+        change: StatusChange,
+        entity_id: int,
+        params: Mapping[str, Any],
+        reason: Optional[str],
+        general: Callable[[Connection], Mapping[str, Any]],
+        record: Any,
+        record_extra: Mapping[str, Any] = MappingProxyType({}),
+    ) -> Any:
+        """One status change as one unit: the prepared path when it applies, else ``general(conn)``.
+
+        ``general`` applies the change on a write connection (explaining any
+        refusal) and returns the whole row; either way the result is the
+        changed row's ``record``.
+        """
+        prepared = change_one_prepared(
+            self._prepared_writer, change, entity_id, params=params, reason=reason, record=record,
+            record_extra=record_extra,
+        )
+        if prepared is not None:
+            return prepared
+        return self._write(lambda conn: record.from_row(general(conn), **record_extra))
 
     def _set_columns(
         self, entity: Entity, entity_id: int, load: Callable[[Connection, int], T], **values: Any

@@ -30,7 +30,6 @@ from rapidfire_state.db.store.lookups import (
 from rapidfire_state.db.store.status_change import (
     EXPERIMENT,
     StatusChange,
-    change_one_prepared,
     change_one_without_commit,
     plan_change,
     record_transition_without_commit,
@@ -265,17 +264,11 @@ class ExperimentStore(StoreCore):
         check_id("experiment_id", experiment_id)
         to_status = states.coerce_status("experiment", to)
         change, params = plan_experiment_change(to_status, expected, error)
-        prepared = change_one_prepared(
-            self._prepared_writer, change, experiment_id, params=params, reason=reason, record=ExperimentRecord
+        return self._apply_change(
+            change, experiment_id, params, reason,
+            lambda conn: change_experiment_without_commit(conn, experiment_id, change, params, reason)[1],
+            ExperimentRecord,
         )
-        if prepared is not None:
-            return prepared
-
-        def unit(conn: Connection) -> ExperimentRecord:
-            _, row = change_experiment_without_commit(conn, experiment_id, change, params, reason)
-            return ExperimentRecord.from_row(row)  # RETURNING gave the whole row
-
-        return self._write(unit)
 
     def set_experiment_task(self, experiment_id: int, task: Any) -> ExperimentRecord:
         """Set what the experiment is doing now (an :class:`ExperimentTask`)."""

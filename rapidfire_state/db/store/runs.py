@@ -26,7 +26,6 @@ from rapidfire_state.db.store.lookups import (
 from rapidfire_state.db.store.status_change import (
     RUN,
     StatusChange,
-    change_one_prepared,
     change_one_without_commit,
     plan_change,
     record_transition_without_commit,
@@ -204,17 +203,11 @@ class RunStore(StoreCore):
         check_id("run_id", run_id)
         to_status = states.coerce_status("run", to)
         change, params = plan_run_change(to_status, expected, error)
-        prepared = change_one_prepared(
-            self._prepared_writer, change, run_id, params=params, reason=reason, record=RunRecord
+        return self._apply_change(
+            change, run_id, params, reason,
+            lambda conn: change_run_without_commit(conn, run_id, change, params, reason)[1],  # RETURNING: whole row
+            RunRecord,
         )
-        if prepared is not None:
-            return prepared
-
-        def unit(conn: Connection) -> RunRecord:
-            _, row = change_run_without_commit(conn, run_id, change, params, reason)
-            return RunRecord.from_row(row)  # RETURNING gave the whole row: no second SELECT
-
-        return self._write(unit)
 
     def update_run_progress(self, run_id: int, **counters: Any) -> RunRecord:
         """Set progress counters (see ``PROGRESS_COUNTERS``); never the status."""

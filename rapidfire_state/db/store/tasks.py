@@ -24,7 +24,6 @@ from rapidfire_state.db.store.status_change import (
     Entity,
     StatusChange,
     change_one_without_commit,
-    change_one_prepared,
     claim_prepared,
     claim_without_commit,
     plan_change,
@@ -373,17 +372,10 @@ class TaskStore(StoreCore):
             raise ConfigError(f"claim_token={claim_token!r} is not valid; the str of TaskRecord.claim_token is required")
         check_id(f"{entity.name}_id", task_id)
         change, params = plan_task_change(entity, to_status, expected, error, claim_token)
-        prepared = change_one_prepared(
-            self._prepared_writer, change, task_id, params=params, reason=reason, record=TaskRecord,
-            record_extra={"kind": kind},
-        )
-        if prepared is not None:
-            return prepared
-
-        def unit(conn: Connection) -> TaskRecord:
-            _, row = change_task_without_commit(
+        return self._apply_change(
+            change, task_id, params, reason,
+            lambda conn: change_task_without_commit(
                 conn, task_id, change, params, reason=reason, error=error, claim_token=claim_token
-            )
-            return TaskRecord.from_row(row, kind=kind)
-
-        return self._write(unit)
+            )[1],
+            TaskRecord, {"kind": kind},
+        )
