@@ -101,6 +101,16 @@ class SHMLocation(StrEnum):
     DISK = "DISK"
 
 
+class MetricRowKind(StrEnum):
+    """What a row of the metric outbox (``metric_outbox.kind``) carries to MLflow."""
+
+    METRIC = "METRIC"
+    PARAM = "PARAM"
+    TAG = "TAG"
+    #: a run status change recorded by the database, for MLflow's run status
+    STATUS = "STATUS"
+
+
 # --- environment helpers ------------------------------------------------------------
 
 
@@ -302,6 +312,7 @@ def _env_int(name: str, default: int) -> int:
 
 __all__ = [
     "StrEnum",
+    "MetricRowKind",
     "ExperimentStatus",
     "RunStatus",
     "RunSource",

@@ -66,22 +66,26 @@ MLflow behaviours worth knowing (MLflow 3.17):
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
 import re
 import sqlite3
+import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 from urllib.parse import urlparse
 
 from rapidfire_state import constants
 from rapidfire_state.datapaths import fsync_directory
 from rapidfire_state.exceptions import ConfigError, NotFoundError, RapidFireError
-from rapidfire_state.validation import check_int, check_name
+from rapidfire_state.states import MLFLOW_RUN_STATUS, mlflow_status_for
+from rapidfire_state.validation import check_int, check_name, check_number
 
 if TYPE_CHECKING:  # pragma: no cover - typing only, never imported at runtime
     from mlflow.entities import Experiment
@@ -126,6 +130,32 @@ _STATUS_ALIASES = {"COMPLETED": "FINISHED"}
 _DEFAULT_MAX_PARAM_LENGTH = 6000
 
 _UNSAFE_DIR_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
+# MLflow's limit on a tag value
+_MAX_TAG_LENGTH = 8000
+# the background flusher is woken early once this many rows were appended
+_WAKE_EVERY_ROWS = 1000
+
+_EXIT_FLUSH: "weakref.WeakSet[MLflowManager]" = weakref.WeakSet()
+_EXIT_HOOK = False
+_EXIT_LOCK = threading.Lock()
+
+
+def _register_at_exit(manager: "MLflowManager") -> None:
+    """Flush ``manager`` (bounded) when the interpreter exits; one hook per process."""
+    global _EXIT_HOOK
+    with _EXIT_LOCK:
+        _EXIT_FLUSH.add(manager)
+        if not _EXIT_HOOK:
+            atexit.register(_flush_at_exit)
+            _EXIT_HOOK = True
+
+
+def _flush_at_exit() -> None:
+    for manager in list(_EXIT_FLUSH):
+        try:
+            manager.close()
+        except Exception as exc:  # exit must go on; what is left stays in the outbox
+            _log.warning("flushing %r at exit failed: %s", manager, exc)
 
 
 def default_tracking_uri() -> str:
@@ -374,11 +404,44 @@ def _check_str(value: object, what: str) -> str:
     return check_name(what, value, error=MetricInputError)
 
 
+#: characters MLflow accepts in metric, parameter and tag names (``[/\w.\- :]``)
+_UNSAFE_KEY_CHARS = re.compile(r"[^/\w.\- :]")
+#: MLflow's limit on a metric, parameter or tag name
+MAX_KEY_LENGTH = 250
+
+
+def sanitize_key(key: str) -> str:
+    """The name MLflow will accept for ``key``; ``key`` itself when it is already valid.
+
+    The rules, applied in this order (and documented in the README):
+
+    1. every character MLflow refuses (anything but letters, digits, ``_``,
+       ``-``, ``.``, space, ``:`` and ``/``) becomes ``_``;
+    2. a name that would resolve to another path is made plain: ``/`` at the
+       start or end is dropped, runs of ``/`` become one, and a ``.`` or ``..``
+       path segment becomes ``_`` or ``__``;
+    3. an empty result becomes ``_``.
+
+    A name longer than :data:`MAX_KEY_LENGTH` is refused (by the callers), never
+    cut: two long names that share their start would become one metric.
+    """
+    cleaned = _UNSAFE_KEY_CHARS.sub("_", key)
+    if "/" in cleaned or cleaned in (".", ".."):
+        segments = [segment for segment in cleaned.split("/") if segment]
+        cleaned = "/".join("_" * len(segment) if segment in (".", "..") else segment for segment in segments)
+    return cleaned or "_"
+
+
 def _check_key(key: object, what: str = "key") -> str:
-    # MLflow validates the characters itself; the type check gives a clearer error
-    # than MLflow's for the common mistakes (None, ints, enums).  A blank key is
-    # left to MLflow, whose rules allow spaces.
-    return check_name(what, key, allow_blank=True, error=MetricInputError)
+    # the type check gives a clearer error than MLflow's for the common mistakes
+    # (None, ints, enums); the characters are made acceptable (sanitize_key)
+    text = check_name(what, key, allow_blank=True, error=MetricInputError)
+    if len(text) > MAX_KEY_LENGTH:
+        raise MetricInputError(
+            f"{what}={text[:40]!r}... is {len(text)} characters; MLflow accepts at most {MAX_KEY_LENGTH} "
+            "(a name is never cut: two names would become one)"
+        )
+    return sanitize_key(text)
 
 
 def _check_value(key: str, value: object) -> float:
@@ -441,6 +504,21 @@ class MLflowManager:
             (a directory). Default: next to a ``sqlite:///`` file (``<dir>/artifacts``),
             ``$RF_HOME/mlflow/artifacts`` for the embedded store and other databases;
             ignored for a server, which decides itself.
+        db: The state database holding the metric outbox: a
+            :class:`~rapidfire_state.db.StateDB`, its URL, or None for the default
+            one (``$RF_DB_URL``, else ``$RF_HOME/db/rapidfire_state.db``), opened
+            on first use.
+        flush_interval: Seconds between the background flusher's passes.
+        background: Run the flusher in a daemon thread (False: only :meth:`flush`,
+            :meth:`close` and reads deliver).
+
+    Logging (:meth:`log_metric`, :meth:`log_metrics`, :meth:`log_param`,
+    :meth:`log_params`, :meth:`set_tag`, :meth:`end_run`) appends to the outbox
+    and returns; a flusher per process delivers (see
+    :mod:`rapidfire_state.metric_flusher` for the exactly-once protocol).
+    Reads (:meth:`get_run_metrics`, ...) flush first, for at most
+    :attr:`read_flush_seconds`.  At interpreter exit pending rows are flushed for
+    at most :attr:`exit_flush_seconds`; what is left stays in the outbox.
 
     Raises:
         ConfigError: the URI is not one MLflow 3 can use.
@@ -455,7 +533,32 @@ class MLflowManager:
         mlflow.end_run(run_id)
     """
 
-    def __init__(self, tracking_uri: str | None = None, *, artifact_root: str | Path | None = None):
+    #: how long a read, :meth:`end_run` or :meth:`delete_run` waits for pending rows to go out
+    read_flush_seconds: float = 10.0
+    #: how long :meth:`close` and interpreter exit wait for pending rows to go out
+    exit_flush_seconds: float = 5.0
+    #: the timeout of each HTTP call of the background flusher (server stores)
+    request_timeout: float = 10.0
+
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        *,
+        artifact_root: str | Path | None = None,
+        db: Any = None,
+        flush_interval: float = 1.0,
+        background: bool = True,
+    ):
+        self.flush_interval = check_number("flush_interval", flush_interval, exclusive_minimum=True,
+                                           error=ConfigError)
+        self.background = bool(background)
+        self._db_spec = db
+        self._db: Any = None
+        self._flusher: Any = None
+        self._flusher_pid: Optional[int] = None
+        self._streams: dict[str, int] = {}
+        self._appended = 0
+        self._setup_lock = threading.RLock()
         if tracking_uri is None:
             uri = default_tracking_uri()
         else:
@@ -692,20 +795,107 @@ class MLflowManager:
         safe = _UNSAFE_DIR_CHARS.sub("_", name).strip("._")[:64] or "experiment"
         return (self.artifact_root / f"{safe}-{uuid.uuid4().hex[:8]}").as_uri()
 
-    def create_run(self, experiment_id: str | int, run_name: str | None = None) -> str:
-        """Create a run in ``experiment_id`` (status RUNNING) and return its run id."""
+    def create_run(
+        self, experiment_id: str | int, run_name: str | None = None, *, tags: Mapping[str, Any] | None = None
+    ) -> str:
+        """Create a run in ``experiment_id`` (status RUNNING) and return its run id.
+
+        This one call goes to MLflow at once (the run id comes from MLflow); it
+        raises :class:`MetricLoggingError` when MLflow cannot be reached.
+        """
         if isinstance(experiment_id, bool) or not isinstance(experiment_id, (str, int)) or not str(experiment_id):
             raise MetricInputError(f"experiment_id={experiment_id!r} must be a non-empty string or an integer")
         if run_name is not None:
             _check_str(run_name, "run_name")
+        checked_tags = {_check_key(k): str(v) for k, v in (tags or {}).items()}
         try:
-            run = self._client.create_run(str(experiment_id), run_name=run_name)
+            run = self._client.create_run(str(experiment_id), run_name=run_name, tags=checked_tags or None)
         except Exception as exc:
             raise self._wrap(exc, "create_run", "mlflow experiment", str(experiment_id)) from exc
-        return run.info.run_id
+        run_id = run.info.run_id
+        self._streams[run_id] = self.db.metric_stream(self.tracking_uri, run_id)
+        return run_id
+
+    def track_experiment(self, experiment_id: int) -> str:
+        """The MLflow experiment of RapidFire experiment ``experiment_id``, made if needed.
+
+        Named like the RapidFire experiment; its id is stored in
+        ``experiments.metric_experiment_id``.  Returns the MLflow experiment id.
+        """
+        record = self.db.get_experiment(experiment_id)
+        if record.metric_experiment_id:
+            return record.metric_experiment_id
+        metric_experiment_id = str(self.get_experiment(record.name).experiment_id)
+        self.db.set_experiment_metric_id(record.experiment_id, metric_experiment_id)
+        return metric_experiment_id
+
+    def create_run_for(self, run_id: int) -> str:
+        """The MLflow run of RapidFire run ``run_id``: made (once) and linked to it.
+
+        The MLflow run is named ``run_<run_id>`` in the experiment's MLflow
+        experiment (:meth:`track_experiment`), tagged ``rapidfire.experiment``,
+        ``rapidfire.run_id``, ``rapidfire.source`` and, for a clone-modify,
+        ``rapidfire.parent_run_id`` (and ``rapidfire.warm_started_from``); its
+        flattened configuration is logged as parameters (a value longer than
+        MLflow keeps is left out and named in the tag
+        ``rapidfire.params_too_long``).  Its id is stored in
+        ``runs.metric_run_id``, and from then on every status change of the run
+        reaches the MLflow run through the outbox, in order
+        (:func:`mlflow_status_for`).  Calling it again returns the same id.
+        """
+        record = self.db.get_run(run_id)
+        if record.metric_run_id:
+            self._streams[record.metric_run_id] = self.db.metric_stream(
+                self.tracking_uri, record.metric_run_id, run_id=record.run_id
+            )
+            return record.metric_run_id
+        experiment = self.db.get_experiment(record.experiment_id)
+        metric_experiment_id = self.track_experiment(experiment.experiment_id)
+        tags = {
+            "rapidfire.experiment": experiment.name,
+            "rapidfire.run_id": str(record.run_id),
+            "rapidfire.source": str(getattr(record.source, "value", record.source)),
+        }
+        if record.cloned_from is not None:
+            tags["rapidfire.parent_run_id"] = str(record.cloned_from)
+        if record.warm_started_from is not None:
+            tags["rapidfire.warm_started_from"] = str(record.warm_started_from)
+        params: dict[str, str] = {}
+        too_long: list[str] = []
+        for key, value in sorted((record.flattened_config or {}).items()):
+            text = str(value)
+            if len(text) > self._max_param_length or len(str(key)) > MAX_KEY_LENGTH:
+                too_long.append(str(key))
+            else:
+                params[sanitize_key(str(key))] = text
+        if too_long:
+            tags["rapidfire.params_too_long"] = ",".join(too_long)[:_MAX_TAG_LENGTH]
+        try:
+            run = self._client.create_run(metric_experiment_id, run_name=f"run_{record.run_id}", tags=tags)
+        except Exception as exc:
+            raise self._wrap(exc, "create_run_for", "mlflow experiment", metric_experiment_id) from exc
+        metric_run_id = run.info.run_id
+        # the link, then the stream: from the stream's unit on, each status change
+        # of the run appends its MLflow status; the unit appends the current one
+        self.db.set_metric_run_id(record.run_id, metric_run_id)
+        stream = self.db.metric_stream(self.tracking_uri, metric_run_id, run_id=record.run_id, mirror_status=True)
+        self._streams[metric_run_id] = stream
+        if params:
+            self._append([
+                {"stream_id": stream, "kind": "PARAM", "key": k, "text_value": v, "timestamp_ms": _now_ms()}
+                for k, v in params.items()
+            ])
+        return metric_run_id
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        """Mark run ``run_id`` ended with ``status``: FINISHED (alias COMPLETED), FAILED or KILLED."""
+        """End run ``run_id`` with ``status``: FINISHED (alias COMPLETED), FAILED or KILLED.
+
+        Goes through the outbox after everything logged before it, then waits
+        (at most :attr:`read_flush_seconds`) for delivery.  A run MLflow already
+        shows FINISHED or FAILED is left so (a late stop never reopens or
+        clobbers a finished run); MLflow being down is not raised: the status is
+        delivered when it is back.
+        """
         run_id = _check_str(run_id, "run_id")
         raw = getattr(status, "value", status)  # accepts enums such as RunEndedBy
         if not isinstance(raw, str):
@@ -716,96 +906,250 @@ class MLflowManager:
                 f"status={status!r} is not an end status; use one of {', '.join(END_STATUSES)} "
                 "(COMPLETED is accepted for FINISHED)"
             )
-        try:
-            self._client.set_terminated(run_id, status=wanted)
-        except Exception as exc:
-            raise self._wrap(exc, "end_run", "mlflow run", run_id) from exc
+        stream = self._stream(run_id)
+        self._append([{"stream_id": stream, "kind": "STATUS", "key": "end_run", "text_value": wanted,
+                       "timestamp_ms": _now_ms()}])
+        self.flush(self.read_flush_seconds)
 
     def delete_run(self, run_id: str) -> None:
-        """Delete run ``run_id`` (MLflow's soft delete: hidden, restorable, data kept)."""
+        """Delete run ``run_id`` (MLflow's soft delete: hidden, restorable, data kept); flushes first."""
         run_id = _check_str(run_id, "run_id")
+        self._flush_before_read()
         try:
             self._client.delete_run(run_id)
         except Exception as exc:
             raise self._wrap(exc, "delete_run", "mlflow run", run_id) from exc
 
     def get_run_status(self, run_id: str) -> str:
-        """The MLflow status of ``run_id``: RUNNING, SCHEDULED, FINISHED, FAILED or KILLED."""
+        """The MLflow status of ``run_id``: RUNNING, SCHEDULED, FINISHED, FAILED or KILLED; flushes first."""
         run_id = _check_str(run_id, "run_id")
+        self._flush_before_read()
         try:
             return str(self._client.get_run(run_id).info.status)
         except Exception as exc:
             raise self._wrap(exc, "get_run_status", "mlflow run", run_id) from exc
 
+    # --- the outbox -------------------------------------------------------------------------
+
+    @property
+    def db(self) -> Any:
+        """The state database holding this manager's metric outbox (opened on first use)."""
+        with self._setup_lock:
+            if self._db is None:
+                from rapidfire_state.db import StateDB
+
+                given = self._db_spec
+                self._db = given if isinstance(given, StateDB) else StateDB(given)
+            return self._db
+
+    @property
+    def flusher(self) -> Any:
+        """This process's :class:`~rapidfire_state.metric_flusher.Flusher` for this store."""
+        with self._setup_lock:
+            if self._flusher is None or self._flusher_pid != os.getpid():
+                from rapidfire_state.metric_flusher import Flusher, RestTransport, StoreTransport
+
+                if self.is_server:
+                    transport: Any = RestTransport(self._host_creds, timeout=self.request_timeout)
+                else:
+                    transport = StoreTransport(self._client)
+                self._flusher = Flusher(self.db, self.tracking_uri, transport, interval=self.flush_interval)
+                self._flusher_pid = os.getpid()
+                self._streams = {}
+                _register_at_exit(self)
+            flusher = self._flusher
+        if self.background:
+            flusher.start()
+        return flusher
+
+    def _host_creds(self) -> Any:
+        store = getattr(getattr(self._client, "_tracking_client", None), "store", None)
+        get_creds = getattr(store, "get_host_creds", None)
+        if get_creds is not None:
+            return get_creds()
+        from mlflow.utils.rest_utils import MlflowHostCreds  # pragma: no cover - other MLflow layouts
+
+        return MlflowHostCreds(self.tracking_uri)  # pragma: no cover
+
+    def _stream(self, run_id: str) -> int:
+        """The outbox stream of MLflow run ``run_id``; a run never seen is looked up once.
+
+        A run MLflow says does not exist raises :class:`MetricNotFoundError`; when
+        MLflow cannot be asked (server down), the run is taken as it is and rows
+        for it wait (MLflow's refusal, should it come, is kept on the rows).
+        """
+        flusher = self.flusher  # per process: streams are cached per process too
+        stream = self._streams.get(run_id)
+        if stream is not None:
+            return stream
+        stream = self.db.find_metric_stream(self.tracking_uri, run_id)
+        if stream is None:
+            try:
+                flusher.transport.get_run(run_id)
+            except Exception as exc:
+                from rapidfire_state.metric_flusher import error_code
+
+                if error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
+                    raise self._wrap(exc, "log to run", "mlflow run", run_id) from exc
+                _log.warning("could not check MLflow run %s (%s); logging for it anyway", run_id, _first_paragraph(exc))
+            stream = self.db.metric_stream(self.tracking_uri, run_id)
+        self._streams[run_id] = stream
+        return stream
+
+    def _append(self, rows: list[dict[str, Any]]) -> None:
+        self.db.append_metric_rows(rows)
+        self._appended += len(rows)
+        if self._appended >= _WAKE_EVERY_ROWS:
+            self._appended = 0
+            self.flusher.wake()
+
+    def flush(self, timeout: Optional[float] = None) -> int:
+        """Send this store's pending outbox rows now; return how many were delivered.
+
+        ``timeout`` None: one pass (each claimable batch tried once, the first
+        failure ends it); a number: keep trying, backing off, until nothing is
+        pending or the time is up.  MLflow trouble is never raised here; see
+        :meth:`pending` and ``flusher.stats.last_error``.
+        """
+        if timeout is not None:
+            check_number("timeout", timeout, error=MetricInputError)
+        return self.flusher.flush(timeout)
+
+    def pending(self, run_id: Optional[str] = None) -> int:
+        """Rows (points, params, tags, statuses) of this store not delivered yet, of one run or all."""
+        if run_id is not None:
+            run_id = _check_str(run_id, "run_id")
+        return self.db.pending_metric_rows(tracking_uri=self.tracking_uri, metric_run_id=run_id)
+
+    def failed(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Rows MLflow refused for good (newest first), each with its run and MLflow's message."""
+        return self.db.failed_metric_rows(tracking_uri=self.tracking_uri, limit=limit)
+
+    def close(self, timeout: Optional[float] = None) -> int:
+        """Flush (at most ``timeout`` seconds, default :attr:`exit_flush_seconds`) and stop the flusher.
+
+        Returns how many rows the final flush delivered.  Rows left pending stay
+        in the outbox for any later flusher.
+        """
+        wait = self.exit_flush_seconds if timeout is None else timeout
+        flusher = self._flusher
+        if flusher is None or self._flusher_pid != os.getpid():
+            return 0
+        delivered = 0
+        try:
+            delivered = flusher.flush(wait)
+        finally:
+            flusher.stop(timeout=wait)
+        return delivered
+
     # --- metrics and parameters -------------------------------------------------------------
 
     def log_metric(self, run_id: str, key: str, value: float, step: int | None = None) -> None:
-        """Log one metric value at ``step`` (default 0).
+        """Log one metric value at ``step`` (default 0): one insert into the outbox, no MLflow call.
 
-        ~10 ms a call on the embedded store; use :meth:`log_metrics` for several.
+        The key is made acceptable to MLflow by :func:`sanitize_key`.  Delivery
+        happens in the background (:meth:`flush` to send now).
         """
         run_id = _check_str(run_id, "run_id")
         key = _check_key(key)
         number = _check_value(key, value)
         step_ = _check_step(step)
-        try:
-            self._client.log_metric(run_id, key, number, timestamp=_now_ms(), step=step_)
-        except Exception as exc:
-            raise self._wrap(exc, f"log_metric({key!r})", "mlflow run", run_id) from exc
+        stream = self._stream(run_id)
+        self._append([{"stream_id": stream, "kind": "METRIC", "key": key, "value": number, "step": step_,
+                       "timestamp_ms": _now_ms()}])
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Log several metrics at one ``step`` in one batch (``log_batch``).
+        """Log several metrics at one ``step``: one outbox transaction for all of them.
 
-        All values are validated before anything is sent, so a bad value logs nothing.
-        MLflow splits batches above its limit (1000 metrics) itself.
+        All values are validated before anything is written, so a bad value logs nothing.
         """
         run_id = _check_str(run_id, "run_id")
         if not isinstance(metrics, Mapping):
             raise MetricInputError(f"metrics must be a mapping of name to number, got {type(metrics).__name__}")
         step_ = _check_step(step)
-        checked = [(_check_key(k), _check_value(k, v)) for k, v in metrics.items()]
+        checked = [(_check_key(k), _check_value(str(k), v)) for k, v in metrics.items()]
         if not checked:
             return
-        try:
-            from mlflow.entities import Metric
-
-            timestamp = _now_ms()
-            batch = [Metric(key=k, value=v, timestamp=timestamp, step=step_) for k, v in checked]
-            self._client.log_batch(run_id, metrics=batch)
-        except Exception as exc:
-            raise self._wrap(exc, "log_metrics", "mlflow run", run_id) from exc
+        stream = self._stream(run_id)
+        timestamp = _now_ms()
+        self._append([
+            {"stream_id": stream, "kind": "METRIC", "key": k, "value": v, "step": step_, "timestamp_ms": timestamp}
+            for k, v in checked
+        ])
 
     def log_param(self, run_id: str, key: str, value: Any) -> None:
         """Log one parameter (stored as ``str(value)``; parameters are immutable)."""
-        run_id = _check_str(run_id, "run_id")
-        key = _check_key(key)
-        text = _check_param_value(key, value, self._max_param_length)
-        try:
-            self._client.log_param(run_id, key, text)
-        except Exception as exc:
-            raise self._wrap(exc, f"log_param({key!r})", "mlflow run", run_id) from exc
+        self.log_params(run_id, {key: value})
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        """Log several parameters in batches (``log_batch``; MLflow sends 100 per request)."""
+        """Log several parameters in one outbox transaction.
+
+        A parameter already logged for the run with another value is refused at
+        once (MLflow keeps the first value); the same value again is accepted.
+        """
         run_id = _check_str(run_id, "run_id")
         if not isinstance(params, Mapping):
             raise MetricInputError(f"params must be a mapping of name to value, got {type(params).__name__}")
-        checked = [(_check_key(k), _check_param_value(k, v, self._max_param_length)) for k, v in params.items()]
+        checked: dict[str, str] = {}
+        for k, v in params.items():
+            key = _check_key(k)
+            text = _check_param_value(key, v, self._max_param_length)
+            if key in checked and checked[key] != text:
+                raise MetricInputError(
+                    f"log_params: param {key!r} is given twice with different values ({checked[key]!r}, {text!r})"
+                )
+            checked[key] = text
         if not checked:
             return
-        try:
-            from mlflow.entities import Param
+        stream = self._stream(run_id)
+        rows = []
+        for key, text in checked.items():
+            logged = self.db.metric_param_value(stream, key)
+            if logged is not None and logged != text:
+                raise MetricInputError(
+                    f"log_param({key!r}): Changing param values is not allowed. Param with key={key!r} was "
+                    f"already logged with value={logged!r} for run ID={run_id!r}; attempted value={text!r}"
+                )
+            if logged is None:
+                rows.append({"stream_id": stream, "kind": "PARAM", "key": key, "text_value": text,
+                             "timestamp_ms": _now_ms()})
+        if rows:
+            self._append(rows)
 
-            self._client.log_batch(run_id, params=[Param(k, v) for k, v in checked])
-        except Exception as exc:
-            raise self._wrap(exc, "log_params", "mlflow run", run_id) from exc
+    def set_tag(self, run_id: str, key: str, value: Any) -> None:
+        """Set tag ``key`` of the run to ``str(value)`` (through the outbox, in order with the metrics)."""
+        self.set_tags(run_id, {key: value})
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        """Set several tags in one outbox transaction."""
+        run_id = _check_str(run_id, "run_id")
+        if not isinstance(tags, Mapping):
+            raise MetricInputError(f"tags must be a mapping of name to value, got {type(tags).__name__}")
+        rows = []
+        for k, v in tags.items():
+            key = _check_key(k)
+            text = str(v)
+            if len(text) > _MAX_TAG_LENGTH:
+                raise MetricInputError(
+                    f"tag {key!r}: value is {len(text)} characters; MLflow stores at most {_MAX_TAG_LENGTH}"
+                )
+            rows.append({"stream_id": None, "kind": "TAG", "key": key, "text_value": text, "timestamp_ms": _now_ms()})
+        if not rows:
+            return
+        stream = self._stream(run_id)
+        for row in rows:
+            row["stream_id"] = stream
+        self._append(rows)
 
     def get_run_metrics(self, run_id: str) -> dict[str, list[tuple[int, float]]]:
         """Every metric of ``run_id`` with its full history: ``{key: [(step, value), ...]}``.
 
-        Histories are ordered by step, then by logging time.
+        Histories are ordered by step, then by logging time.  Pending outbox rows
+        are flushed first (at most :attr:`read_flush_seconds`), so a process reads
+        what it logged.
         """
         run_id = _check_str(run_id, "run_id")
+        self._flush_before_read()
         try:
             run = self._client.get_run(run_id)
             result: dict[str, list[tuple[int, float]]] = {}
@@ -818,12 +1162,27 @@ class MLflowManager:
             raise self._wrap(exc, "get_run_metrics", "mlflow run", run_id) from exc
 
     def get_run_params(self, run_id: str) -> dict[str, str]:
-        """The parameters of ``run_id`` (values are strings, as MLflow stores them)."""
+        """The parameters of ``run_id`` (values are strings, as MLflow stores them); flushes first."""
         run_id = _check_str(run_id, "run_id")
+        self._flush_before_read()
         try:
             return dict(self._client.get_run(run_id).data.params)
         except Exception as exc:
             raise self._wrap(exc, "get_run_params", "mlflow run", run_id) from exc
+
+    def get_run_tags(self, run_id: str) -> dict[str, str]:
+        """The tags of ``run_id`` (MLflow's own ``mlflow.*`` tags included); flushes first."""
+        run_id = _check_str(run_id, "run_id")
+        self._flush_before_read()
+        try:
+            return dict(self._client.get_run(run_id).data.tags)
+        except Exception as exc:
+            raise self._wrap(exc, "get_run_tags", "mlflow run", run_id) from exc
+
+    def _flush_before_read(self) -> None:
+        # rows logged by any manager of this store (this process or a dead one) go first
+        if self.pending():
+            self.flush(self.read_flush_seconds)
 
     # --- artifacts -------------------------------------------------------------------------------
 
@@ -863,6 +1222,10 @@ class MLflowManager:
 
 __all__ = [
     "MLflowManager",
+    "mlflow_status_for",
+    "MLFLOW_RUN_STATUS",
+    "sanitize_key",
+    "MAX_KEY_LENGTH",
     "MetricLoggingError",
     "MetricInputError",
     "MetricNotFoundError",

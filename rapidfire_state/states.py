@@ -1,8 +1,9 @@
-"""The three state machines as data: the single source of truth.
+"""The three state machines as data (the single source of truth), and how a
+run's status shows in MLflow.
 
 The database layer (every compare-and-set is built from these tables by
 ``rapidfire_state.db.store.status_change``), the API, the README's diagrams and
-the tests all read the tables below.  Nothing else lives here.
+the tests all read the tables below.
 """
 
 from __future__ import annotations
@@ -67,6 +68,49 @@ ENTRY_STATES: Mapping[str, frozenset] = MappingProxyType(
 INITIAL_STATES: Mapping[str, Enum] = MappingProxyType(
     {"experiment": E.NEW, "run": R.NEW, "task": T.SCHEDULED}
 )
+
+
+#: the MLflow run status that mirrors each run status (MLflow's own vocabulary):
+#: a stopped run is KILLED in MLflow until it is resumed (RUNNING again)
+MLFLOW_RUN_STATUS: Mapping[RunStatus, str] = MappingProxyType(
+    {
+        R.NEW: "SCHEDULED",
+        R.ONGOING: "RUNNING",
+        R.STOPPED: "KILLED",
+        R.COMPLETED: "FINISHED",
+        R.FAILED: "FAILED",
+        R.KILLED: "KILLED",
+    }
+)
+
+
+def mlflow_status_for(run_status: object) -> str:
+    """The MLflow run status for a RapidFire run status (:data:`MLFLOW_RUN_STATUS`).
+
+    ``run_status`` is a :class:`RunStatus` or its exact string value; anything
+    else raises :class:`ConfigError` naming the allowed values.
+    """
+    return MLFLOW_RUN_STATUS[coerce_status("run", run_status)]  # type: ignore[index]
+
+
+@functools.lru_cache(maxsize=None)
+def mlflow_status_may_follow(current: str, new: str) -> bool:
+    """Whether an MLflow run in ``current`` may be set to ``new`` to mirror the run machine.
+
+    True when some run status shown as ``current`` may move (by
+    :data:`RUN_TRANSITIONS`) to one shown as ``new``, or when they are equal.
+    So FINISHED (COMPLETED, terminal) and FAILED are never left, and KILLED may
+    become RUNNING again only because a STOPPED run may be resumed.  An MLflow
+    status no run status maps to (set by hand) is never changed.
+    """
+    if current == new:
+        return True
+    return any(
+        MLFLOW_RUN_STATUS[target] == new
+        for source, targets in RUN_TRANSITIONS.items()
+        if MLFLOW_RUN_STATUS[source] == current
+        for target in targets
+    )
 
 
 def _machine(machine: str) -> tuple[type[Enum], Mapping]:
@@ -159,4 +203,7 @@ __all__ = [
     "allowed_from",
     "terminal_states",
     "mermaid_diagram",
+    "MLFLOW_RUN_STATUS",
+    "mlflow_status_for",
+    "mlflow_status_may_follow",
 ]

@@ -301,13 +301,15 @@ class SQLitePreparedWriter:
         history_column: str,
         record: Optional[Callable[[Sequence[Any]], Any]] = None,
         prompt: bool = False,
+        follow_up: Optional[tuple[PreparedStatement, Callable[[Any], Mapping[str, Any]]]] = None,
     ) -> Optional[Any]:
         """Apply the UPDATE and its history row in one ``BEGIN IMMEDIATE`` unit.
 
         ``history_params(value)`` gives the history row's parameters from the
         updated row's ``history_column`` (a status change passes the column of
         the status it moved from; a claim, whose row is not known in advance,
-        its key).
+        its key).  ``follow_up`` is a further statement of the same unit, with
+        its parameters from the same value (a run's status for MLflow).
         Returns the updated row (processed like SQLAlchemy's; with ``record``,
         one of :meth:`PreparedStatement.loader`, the record of it), or None
         when the compare-and-set matched nothing (rolled back; nothing written).
@@ -318,21 +320,8 @@ class SQLitePreparedWriter:
         (:func:`~rapidfire_state.db.engine.writer_pause`); as patient as the
         engine's connections either way (the busy timeout plus the write-retry time).
         """
+        cursor = self._begin(prompt)
         try:
-            cursor = self._cursor()
-        except sqlite3.Error as exc:
-            if self._check_file is not None:
-                self._check_file()  # the usual cause: the file is gone; say so
-            raise DBException(f"cannot open {self._path}: {exc}") from exc
-        try:
-            cursor.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            if not is_retryable(exc):
-                raise DBException(f"cannot begin a write transaction on {self._path}: {exc}") from exc
-            self._wait_for_lock(cursor, exc, prompt_pause if prompt else writer_pause)
-        try:
-            if self._check_file is not None:
-                self._same_file()
             try:
                 values = cursor.execute(update.sql, update.arguments(params)).fetchone()
             except sqlite3.IntegrityError:
@@ -347,16 +336,56 @@ class SQLitePreparedWriter:
             # is held; the returned row is processed after COMMIT.
             key = values[update.columns.index(history_column)]
             cursor.execute(history.sql, history.arguments(history_params(key)))
+            if follow_up is not None:
+                statement, follow_up_params = follow_up
+                cursor.execute(statement.sql, statement.arguments(follow_up_params(key)))
             cursor.execute("COMMIT")
             self.commits += 1
         except BaseException as exc:
-            connection = cursor.connection
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise DBException(f"database error on {self._path}: {exc}") from exc
+            self._abandon(cursor, exc)
             raise
         return update.row(values) if record is None else record(values)
+
+    def insert_rows(self, statement: PreparedStatement, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Run the INSERT ``statement`` once per row of ``rows`` in one ``BEGIN IMMEDIATE`` unit."""
+        cursor = self._begin(False)
+        try:
+            cursor.executemany(statement.sql, [statement.arguments(row) for row in rows])
+            cursor.execute("COMMIT")
+            self.commits += 1
+        except BaseException as exc:
+            self._abandon(cursor, exc)
+            raise
+
+    def _begin(self, prompt: bool) -> sqlite3.Cursor:
+        """This thread's cursor inside ``BEGIN IMMEDIATE``, on the file this store opened."""
+        try:
+            cursor = self._cursor()
+        except sqlite3.Error as exc:
+            if self._check_file is not None:
+                self._check_file()  # the usual cause: the file is gone; say so
+            raise DBException(f"cannot open {self._path}: {exc}") from exc
+        try:
+            cursor.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            if not is_retryable(exc):
+                raise DBException(f"cannot begin a write transaction on {self._path}: {exc}") from exc
+            self._wait_for_lock(cursor, exc, prompt_pause if prompt else writer_pause)
+        if self._check_file is not None:
+            try:
+                self._same_file()
+            except BaseException as exc:
+                self._abandon(cursor, exc)
+                raise
+        return cursor
+
+    def _abandon(self, cursor: sqlite3.Cursor, exc: BaseException) -> None:
+        """Roll back the unit that ``exc`` interrupted; a driver error is raised as DBException."""
+        connection = cursor.connection
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise DBException(f"database error on {self._path}: {exc}") from exc
 
     def _wait_for_lock(self, cursor: sqlite3.Cursor, first: sqlite3.Error, pause: Callable[[int], None]) -> None:
         """``BEGIN IMMEDIATE`` again until it has the write lock (``first``: the busy error it met).

@@ -90,6 +90,7 @@ REVISIONS: tuple[str, ...] = (
     "0002_run_ended_by_check",
     "0003_task_claims",
     "0004_sql_reader_role",
+    "0005_metric_outbox",
 )
 HEAD_REVISION = REVISIONS[-1]
 UPGRADE_COMMAND = "rapidfire-state db upgrade"

@@ -180,6 +180,44 @@ class StateTransition(Base):
     reason: Mapped[Optional[str]]
 
 
+class MetricStream(Base):
+    """One MLflow run of one tracking store, fed by the metric outbox."""
+
+    __table__ = schema.metric_streams
+
+    stream_id: Mapped[int]
+    tracking_uri: Mapped[str]
+    metric_run_id: Mapped[str]
+    run_id: Mapped[Optional[int]]
+    experiment_id: Mapped[Optional[int]]
+    claim_token: Mapped[Optional[str]]
+    claim_pid: Mapped[Optional[int]]
+    claim_host: Mapped[Optional[str]]
+    claimed_at: Mapped[Optional[datetime]]
+    last_error: Mapped[Optional[str]]
+    created_at: Mapped[datetime]
+
+
+class MetricOutboxRow(Base):
+    """A metric point, parameter, tag or run status waiting for (or delivered to) MLflow."""
+
+    __table__ = schema.metric_outbox
+
+    outbox_id: Mapped[int]
+    stream_id: Mapped[int]
+    kind: Mapped[str]
+    key: Mapped[str]
+    value: Mapped[Optional[float]]
+    text_value: Mapped[Optional[str]]
+    step: Mapped[Optional[int]]
+    timestamp_ms: Mapped[int]
+    batch_token: Mapped[Optional[str]]
+    delivered_at: Mapped[Optional[datetime]]
+    failed_at: Mapped[Optional[datetime]]
+    error: Mapped[Optional[str]]
+    created_at: Mapped[datetime]
+
+
 #: ORM class of each table that carries a state-machine status
 STATUS_MODELS = (Experiment, Run, WorkerTaskRow, ControllerTaskRow)
 

@@ -41,6 +41,7 @@ from rapidfire_state.constants import (
     ControllerTask,
     ExperimentStatus,
     ExperimentTask,
+    MetricRowKind,
     RunEndedBy,
     RunSource,
     RunStatus,
@@ -351,6 +352,68 @@ state_transitions = Table(
     Index("ix_state_transitions_entity_entity_id", "entity", "entity_id", "transition_id"),
 )
 
+# --- the metric outbox (revision 0005) ---------------------------------------------
+#
+# What a process logs for MLflow is appended here and sent later by a flusher
+# (rapidfire_state.metric_manager), so that MLflow being slow or down never
+# stalls training.  A stream is one MLflow run of one tracking store; its rows
+# are delivered in outbox_id order, one batch in flight per stream at a time
+# (the stream's claim).  Delivery is recorded by columns, not by a state
+# machine: a row is pending while delivered_at and failed_at are both NULL.
+
+metric_streams = Table(
+    "metric_streams",
+    metadata,
+    _id("stream_id"),
+    Column("tracking_uri", Text, nullable=False),
+    Column("metric_run_id", String(64), nullable=False),
+    # the RapidFire run and experiment it tracks, when known (pending counts per experiment)
+    _run_fk(),
+    _experiment_fk(nullable=True),
+    # who holds the stream while a batch is in flight; NULL when nobody does
+    Column("claim_token", String(32)),
+    Column("claim_pid", Integer),
+    Column("claim_host", String(255)),
+    Column("claimed_at", UTCDateTime()),
+    Column("last_error", Text),
+    _created_at(),
+    Index("uq_metric_streams_tracking_uri_metric_run_id", "tracking_uri", "metric_run_id", unique=True),
+    Index("ix_metric_streams_run_id", "run_id"),
+    Index("ix_metric_streams_experiment_id", "experiment_id"),
+)
+
+#: a row the flusher has still to deliver
+OUTBOX_PENDING_WHERE = "delivered_at IS NULL AND failed_at IS NULL"
+
+metric_outbox = Table(
+    "metric_outbox",
+    metadata,
+    # the order of delivery within a stream
+    Column("outbox_id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("stream_id", ForeignKey("metric_streams.stream_id"), nullable=False),
+    Column("kind", String(8), nullable=False),
+    Column("key", String(250), nullable=False),
+    # METRIC: value, step, timestamp_ms; PARAM and TAG: text_value; STATUS: key is
+    # the RapidFire run status, text_value the MLflow status, timestamp_ms its time
+    Column("value", Float),
+    Column("text_value", Text),
+    Column("step", BigInteger),
+    Column("timestamp_ms", BigInteger, nullable=False),
+    # the batch this row was last sent in (a random token per batch): set while
+    # in flight, kept after delivery; pending with a token = sent, outcome unknown
+    Column("batch_token", String(32)),
+    Column("delivered_at", UTCDateTime()),
+    Column("failed_at", UTCDateTime()),
+    # why MLflow refused the row for good (failed_at), or why a status was not applied
+    Column("error", Text),
+    _created_at(),
+    _enum_check("kind", MetricRowKind),
+    Index(
+        "ix_metric_outbox_pending", "stream_id", "outbox_id",
+        sqlite_where=text(OUTBOX_PENDING_WHERE),  # PostgreSQL's: attach_postgresql_options
+    ),
+)
+
 _postgresql_attached = False
 
 
@@ -367,4 +430,7 @@ def attach_postgresql_options() -> None:
     for index in experiments.indexes:
         if index.name == ONE_RUNNING_INDEX:
             index.dialect_options["postgresql"]["where"] = text(ONE_RUNNING_WHERE)
+    for index in metric_outbox.indexes:
+        if index.name == "ix_metric_outbox_pending":
+            index.dialect_options["postgresql"]["where"] = text(OUTBOX_PENDING_WHERE)
     _postgresql_attached = True

@@ -13,6 +13,7 @@
 ``shm_objects``        shared-memory object metadata rows
 ``cleanup``            ending an experiment's state, cancelling its current task
 ``history``            reading ``state_transitions``
+``metric_outbox``      rows for MLflow: appending, claiming and settling batches
 =====================  ==========================================================
 
 Helpers that take a connection are named ``…_without_commit`` (writes) or
@@ -32,6 +33,7 @@ from rapidfire_state.db.store.experiments import (
     validate_experiment_name,
 )
 from rapidfire_state.db.store.history import HistoryStore
+from rapidfire_state.db.store.metric_outbox import MetricOutboxStore
 from rapidfire_state.db.store.runs import PROGRESS_COUNTERS, RunStore
 from rapidfire_state.db.store.shm_objects import SHMObjectStore
 from rapidfire_state.db.store.tasks import TaskStore
@@ -39,7 +41,8 @@ from rapidfire_state.db.store.workers import WorkerStore
 
 
 class StateDB(
-    ExperimentStore, RunStore, TaskStore, WorkerStore, SHMObjectStore, CleanupStore, HistoryStore, StoreCore
+    ExperimentStore, RunStore, TaskStore, WorkerStore, SHMObjectStore, CleanupStore, HistoryStore,
+    MetricOutboxStore, StoreCore,
 ):
     """The state database of one deployment (SQLite file or PostgreSQL).
 

@@ -17,6 +17,11 @@ Three shapes, one rule:
   meanwhile are simply not matched.
 * :func:`claim_statement` — the oldest SCHEDULED task of a filter (claims).
 
+A run's change also appends its MLflow status (:data:`states.MLFLOW_RUN_STATUS`)
+to the metric outbox of every MLflow run tracking it (none when untracked), in
+the same transaction: MLflow learns each status the database recorded, in order,
+and nothing the database did not record.
+
 :func:`change_one_prepared` and :func:`claim_prepared` apply the same
 statements on SQLite's prepared path (:mod:`rapidfire_state.db.fastpath`).
 Nothing here commits; the caller's unit of work does.
@@ -26,16 +31,17 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-from sqlalchemy import String, Table, bindparam, insert, literal_column, select, update
+from sqlalchemy import String, Table, bindparam, insert, literal, literal_column, select, update
 from sqlalchemy.engine import Connection
 
 from rapidfire_state import states
-from rapidfire_state.constants import TaskStatus
+from rapidfire_state.constants import MetricRowKind, TaskStatus
 from rapidfire_state.db import schema as tables
 from rapidfire_state.db.schema import db_now
 from rapidfire_state.db.store.lookups import one_row
@@ -84,6 +90,28 @@ INSERT_TRANSITION = insert(tables.state_transitions).values(
 )
 
 
+#: the MLflow status of a run's change, for each MLflow run tracking it (metric outbox)
+INSERT_RUN_STATUS_FOR_MLFLOW = insert(tables.metric_outbox).from_select(
+    ["stream_id", "kind", "key", "text_value", "timestamp_ms"],
+    select(
+        tables.metric_streams.c.stream_id,
+        literal(MetricRowKind.STATUS.value, String),
+        bindparam("rf_run_status", type_=String),
+        bindparam("rf_mlflow_status", type_=String),
+        bindparam("rf_timestamp_ms"),
+    ).where(tables.metric_streams.c.run_id == bindparam("rf_run_id")),
+)
+
+
+def run_status_for_mlflow_params(run_id: int, to_status: str) -> dict[str, Any]:
+    """The parameters of :data:`INSERT_RUN_STATUS_FOR_MLFLOW` for a change of run ``run_id``."""
+    return {
+        "rf_run_id": run_id, "rf_run_status": to_status,
+        "rf_mlflow_status": states.MLFLOW_RUN_STATUS[states.coerce_status("run", to_status)],
+        "rf_timestamp_ms": int(time.time() * 1000),
+    }
+
+
 def status_constant(status: Any) -> Any:
     """A status as an SQL string constant (our own enum values: letters and '_' only).
 
@@ -110,8 +138,10 @@ def record_transition_without_commit(
     conn: Connection, entity: Entity, entity_id: int, from_status: Optional[str], to_status: str,
     reason: Optional[str],
 ) -> None:
-    """One history row; a creation has ``from_status`` None."""
+    """One history row (and a run's status for MLflow); a creation has ``from_status`` None."""
     conn.execute(INSERT_TRANSITION, history_params(entity, entity_id, from_status, to_status, reason))
+    if entity is RUN and from_status is not None:
+        conn.execute(INSERT_RUN_STATUS_FOR_MLFLOW, run_status_for_mlflow_params(entity_id, to_status))
 
 
 def _as_set(statuses: Any) -> Iterable[Any]:
@@ -281,10 +311,17 @@ def change_one_prepared(
     entity = change.entity
     to_value = change.to_status.value
     update_statement = writer.prepare(change.statement)
+    follow_up = None
+    if entity is RUN:
+        follow_up = (
+            writer.prepare(INSERT_RUN_STATUS_FOR_MLFLOW),
+            lambda _previous: run_status_for_mlflow_params(entity_id, to_value),
+        )
     return writer.compare_and_set(
         update_statement, {"rf_entity_id": entity_id, **params}, writer.prepare(INSERT_TRANSITION),
         lambda previous_status: history_params(entity, entity_id, previous_status, to_value, reason),
         history_column="previous_status", record=update_statement.loader(record, **record_extra),
+        follow_up=follow_up,
     )
 
 
