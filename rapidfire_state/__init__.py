@@ -51,6 +51,7 @@ _LAZY = {
     "WorkerManager": "rapidfire_state.worker_manager",
     "run_worker": "rapidfire_state.worker_manager",
     "MLflowManager": "rapidfire_state.metric_manager",
+    "mlflow_status_for": "rapidfire_state.states",
 }
 
 

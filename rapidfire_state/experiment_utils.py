@@ -87,18 +87,24 @@ class ExperimentUtils:
     Args:
         db: the state database; ``None`` opens the default one (``$RF_DB_URL``, else
             ``$RF_HOME/db/rapidfire_state.db``).  A URL or path string is opened too.
+        metrics: an :class:`~rapidfire_state.metric_manager.MLflowManager` whose
+            outbox this instance flushes (at most its ``exit_flush_seconds``) after
+            ending an experiment, so the MLflow runs show how their runs ended
+            (:meth:`cleanup_experiment`, :meth:`end_experiment`, the signal handlers).
+            Without one, the statuses wait in the outbox for the next flush.
 
     Every method is safe to call from several processes at once: decisions that
     must be atomic (the unique name, the single RUNNING experiment, the cleanup) are
     made inside database transactions.
     """
 
-    def __init__(self, db: Union[StateDB, str, os.PathLike, None] = None) -> None:
+    def __init__(self, db: Union[StateDB, str, os.PathLike, None] = None, *, metrics: Any = None) -> None:
         if db is None or isinstance(db, (str, os.PathLike)):
             db = StateDB(db)
         if not isinstance(db, StateDB):
             raise ExperimentException(f"db {db!r} is not a StateDB, a database URL or None")
         self._db = db
+        self.metrics = metrics
         self._host = socket.gethostname()
         self._previous_handlers: dict[int, SignalHandler] = {}
         self._worker_processes: Any = None
@@ -437,9 +443,20 @@ class ExperimentUtils:
             experiment_id = running.experiment_id
         self.terminate_worker_processes(experiment_id, grace_seconds=grace_seconds)
         run_status = RunStatus.FAILED if final == ExperimentStatus.FAILED else RunStatus.KILLED
-        return self._db.cleanup_experiment_state(
+        report = self._db.cleanup_experiment_state(
             experiment_id, status=final, run_status=run_status, reason=reason, error=error
         )
+        self._flush_metrics()
+        return report
+
+    def _flush_metrics(self) -> None:
+        """Deliver the runs' final statuses (and last points) to MLflow, bounded; never raises."""
+        if self.metrics is None:
+            return
+        try:
+            self.metrics.flush(timeout=self.metrics.exit_flush_seconds)
+        except Exception as exc:  # noqa: BLE001 - MLflow trouble never fails the ending
+            _report(f"could not flush metrics to MLflow: {exc!r}; they stay in the outbox")
 
     def terminate_worker_processes(self, experiment_id: int, *, grace_seconds: float = 5.0) -> ProcessReport:
         """SIGTERM, then SIGKILL after ``grace_seconds``, the experiment's verified worker pids.

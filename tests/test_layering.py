@@ -100,6 +100,7 @@ LAYERS = Layers(
             "rapidfire_state.shm_manager",  # a module today, a package soon: both are covered
             "rapidfire_state.worker_manager",
             "rapidfire_state.metric_manager",
+            "rapidfire_state.metric_flusher",  # delivers metric_manager's outbox
             "rapidfire_state.metric_mlflow_manager",  # the spec's alias of metric_manager
         }
     ),

@@ -97,9 +97,16 @@ class MetricBatch:
     in_doubt: bool
 
 
+#: a metric's NaN is stored as value NULL and this text (SQLite stores a NaN REAL as NULL)
+NAN_TEXT = "NaN"
+
+
 def _row(mapping: Mapping[str, Any]) -> OutboxRow:
+    value = mapping["value"]
+    if value is None and mapping["kind"] == MetricRowKind.METRIC.value:
+        value = float("nan")
     return OutboxRow(
-        outbox_id=int(mapping["outbox_id"]), kind=mapping["kind"], key=mapping["key"], value=mapping["value"],
+        outbox_id=int(mapping["outbox_id"]), kind=mapping["kind"], key=mapping["key"], value=value,
         text_value=mapping["text_value"], step=mapping["step"], timestamp_ms=int(mapping["timestamp_ms"]),
     )
 
@@ -244,7 +251,11 @@ class MetricOutboxStore(StoreCore):
         for row in rows:
             if row["kind"] not in _KINDS:
                 raise ConfigError(f"kind={row['kind']!r} is not a metric row kind; allowed: {', '.join(sorted(_KINDS))}")
-            full.append({f"rf_{name}": row.get(name) for name in _APPENDED})
+            values = {f"rf_{name}": row.get(name) for name in _APPENDED}
+            number = values["rf_value"]
+            if number is not None and number != number:  # NaN
+                values["rf_value"], values["rf_text_value"] = None, NAN_TEXT
+            full.append(values)
         writer = self._prepared_writer
         if writer is not None:
             writer.insert_rows(writer.prepare(_INSERT_ROW), full)
@@ -414,7 +425,11 @@ class MetricOutboxStore(StoreCore):
         )
         if tracking_uri is not None:
             statement = statement.where(_streams.c.tracking_uri == tracking_uri)
-        return [dict(row) for row in self._read(lambda conn: conn.execute(statement).mappings().all())]
+        found = [dict(row) for row in self._read(lambda conn: conn.execute(statement).mappings().all())]
+        for row in found:
+            if row["kind"] == MetricRowKind.METRIC.value and row["value"] is None:
+                row["value"] = float("nan")
+        return found
 
     def metric_param_value(self, stream_id: int, key: str) -> Optional[str]:
         """The value parameter ``key`` was first logged with on ``stream_id`` (not failed), or None."""
