@@ -95,7 +95,7 @@ def demo_worker(
     torch.set_num_threads(1)
     _quiet_default_log_handler()
     shm = SharedMemoryManager("demo-shm", registry, lock, db)
-    metrics = MLflowManager()
+    metrics = MLflowManager(db=db)  # logs go to the outbox; this process's flusher sends them
     logger = RFLogger(experiment_name).create_logger(f"worker_{worker_id}")
 
     def train_chunk(task: Any) -> None:
@@ -123,6 +123,7 @@ def demo_worker(
         logger.info("trained chunk", run_id=run.run_id, chunk_id=task.chunk_id, loss=round(float(loss), 4))
 
     processed = run_worker(worker_id, db, train_chunk, shutdown_event, experiment_id=experiment_id)
+    metrics.close()  # bounded: what is not delivered stays in the outbox for the controller
     logger.info("worker stopping", tasks=processed)
 
 
@@ -132,16 +133,15 @@ class Controller:
     def __init__(self, db: StateDB, args: argparse.Namespace):
         self.db = db
         self.args = args
-        self.utils = ExperimentUtils(db)
+        self.metrics = MLflowManager(db=db)
+        # the experiment's ending flushes the runs' final statuses to MLflow
+        self.utils = ExperimentUtils(db, metrics=self.metrics)
         base = os.path.join(str(rf_home()), "experiments")
         self.experiment_id, self.name, messages = self.utils.create_experiment(args.name, base)
         self.logger = RFLogger(self.name).create_logger("controller")
         for message in messages:
             self.logger.info(message)
-        self.metrics = MLflowManager()
-        metric_experiment = self.metrics.get_experiment(self.name)
-        db.set_experiment_metric_id(self.experiment_id, metric_experiment.experiment_id)
-        self.metric_experiment_id = metric_experiment.experiment_id
+        self.metric_experiment_id = self.metrics.track_experiment(self.experiment_id)
         self.shm = SharedMemoryManager("demo-shm", db=db)
         self.workers: WorkerManager | None = None
         self.failures = 0
@@ -156,10 +156,9 @@ class Controller:
             warm_started_from=parent.run_id if parent else None,
             total_steps=(self.args.chunks - self.current_chunk) * STEPS_PER_CHUNK,
         )
-        metric_run_id = self.metrics.create_run(self.metric_experiment_id)
-        self.db.set_metric_run_id(run.run_id, metric_run_id)
-        for key, value in config.items():
-            self.metrics.log_param(metric_run_id, key, value)
+        # its MLflow run (run_<id>, tagged, config as params); from now on every
+        # status change of the run reaches MLflow through the outbox
+        self.metrics.create_run_for(run.run_id)
         if parent is None:
             torch.manual_seed(run.run_id)
             self.shm.store(model_key(run.run_id), build_model(config).state_dict(),
@@ -236,7 +235,6 @@ class Controller:
                 self.run_chunk(chunk_id)
             for run in self.db.list_runs(self.experiment_id, statuses=[RunStatus.ONGOING]):
                 self.db.transition_run(run.run_id, RunStatus.COMPLETED, reason="all chunks trained")
-                self.metrics.end_run(run.metric_run_id)
         finally:
             self.workers.shutdown_workers()
             self.utils.end_experiment()
@@ -260,6 +258,11 @@ def print_state(db: StateDB, experiment_id: int) -> None:
 
     table("experiment", "SELECT experiment_id, name, status, current_task, metric_experiment_id "
           "FROM experiments WHERE experiment_id = :e")
+    table("MLflow runs and their outbox (metric_streams, metric_outbox)",
+          "SELECT s.run_id, s.metric_run_id, COUNT(o.outbox_id) AS rows_logged, "
+          "SUM(CASE WHEN o.delivered_at IS NOT NULL THEN 1 ELSE 0 END) AS delivered "
+          "FROM metric_streams s LEFT JOIN metric_outbox o ON o.stream_id = s.stream_id "
+          "WHERE s.experiment_id = :e GROUP BY s.run_id, s.metric_run_id ORDER BY s.run_id")
     table("runs (SELECT … FROM run_overview)",
           "SELECT run_id, status, ended_by, source, warm_started_from AS warm_from, completed_steps AS steps, "
           "total_steps AS total, num_chunks_visited AS chunks, ROUND(progress, 2) AS progress "
@@ -297,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     for run in db.list_runs(controller.experiment_id):
         losses = controller.metrics.get_run_metrics(run.metric_run_id).get("train_loss", [])
         print(f"run {run.run_id}: " + "  ".join(f"{value:.4f}" for _, value in losses))
-    print(f"\ndone in {time.monotonic() - started:.1f} s; inspect with: rapidfire-state runs -e {controller.experiment_id}")
+    pending = controller.metrics.pending()
+    print(f"\nMLflow store: {controller.metrics.tracking_uri} (metric rows still pending: {pending})")
+    print(f"done in {time.monotonic() - started:.1f} s; inspect with: rapidfire-state runs -e {controller.experiment_id}")
+    controller.metrics.close()
     db.close()
     if controller.failures:
         print(f"{controller.failures} worker tasks failed; see the error column of worker_tasks", file=sys.stderr)

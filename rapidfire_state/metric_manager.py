@@ -1035,6 +1035,11 @@ class MLflowManager:
         flusher = self._flusher
         if flusher is None or self._flusher_pid != os.getpid():
             return 0
+        if self._db is not None and self._db.closed:
+            # the caller closed the state database first: nothing can be flushed
+            # from here; what is pending stays in the outbox for the next flusher
+            flusher.stop(timeout=wait)
+            return 0
         delivered = 0
         try:
             delivered = flusher.flush(wait)

@@ -73,6 +73,7 @@ class StoreCore:
         self._url = resolve_url(url)
         self._auto_upgrade = auto_upgrade
         self._read_only = bool(read_only)
+        self._closed = False
         self._prepared_writer: Optional[SQLitePreparedWriter] = None
         self._file_path: Optional[str] = None
         self._file_identity: Optional[tuple[int, int]] = None
@@ -147,6 +148,11 @@ class StoreCore:
         )
 
     @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    @property
     def read_only(self) -> bool:
         """True when opened with ``read_only=True``: writes raise :class:`ReadOnlyError`."""
         return self._read_only
@@ -189,6 +195,7 @@ class StoreCore:
 
     def close(self) -> None:
         """Close every pooled connection; the instance may not be used afterwards."""
+        self._closed = True
         self._engine.dispose()
         self._write_engine = None
         if self._prepared_writer is not None:
