@@ -28,8 +28,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 @pytest.fixture
-def paths(tmp_path):
-    return {"db": f"sqlite:///{tmp_path / 'state.db'}", "mlflow": f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"}
+def paths(tmp_path, db_url):
+    """The state database (the outbox; each backend under test) and an embedded MLflow store."""
+    return {"db": db_url, "mlflow": f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}", "dir": tmp_path}
 
 
 @pytest.fixture
@@ -336,7 +337,7 @@ def test_the_background_flusher_delivers_without_being_asked(paths):
 def tracked(manager, paths):
     """A RUNNING experiment and a helper making runs tracked in MLflow."""
     db = manager.db
-    record = db.create_experiment("parity", str(Path(paths["db"][len("sqlite:///"):]).parent / "experiments"))
+    record = db.create_experiment("parity", str(paths["dir"] / "experiments"))
     db.transition_experiment(record.experiment_id, "RUNNING")
 
     def make(config=None, **kwargs):

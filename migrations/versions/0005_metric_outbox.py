@@ -90,7 +90,7 @@ def upgrade() -> None:
         sa.Column("failed_at", sa.DateTime(timezone=False), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=False), server_default=_now(), nullable=False),
-        sa.CheckConstraint(_KINDS, name="ck_metric_outbox_kind"),
+        sa.CheckConstraint(_KINDS, name=op.f("ck_metric_outbox_kind")),
         sa.ForeignKeyConstraint(["stream_id"], ["metric_streams.stream_id"], name="fk_metric_outbox_stream_id_metric_streams"),
         sa.PrimaryKeyConstraint("outbox_id", name="pk_metric_outbox"),
     )

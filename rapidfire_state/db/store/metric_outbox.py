@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Mapping, Optional, Sequence
 
-from sqlalchemy import and_, bindparam, func, insert, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
 from rapidfire_state import states
@@ -185,6 +185,18 @@ class MetricOutboxStore(StoreCore):
                 )
             ).first()
             link_run, link_experiment = run_id, experiment_id
+            if link_run is not None:
+                owner_experiment = conn.execute(
+                    select(tables.runs.c.experiment_id).where(tables.runs.c.run_id == link_run)
+                ).scalar()
+                if owner_experiment is None:
+                    raise DBException(f"run_id={link_run} does not exist; cannot link metric run {metric_run_id!r} to it")
+                if link_experiment is not None and link_experiment != owner_experiment:
+                    raise ConfigError(
+                        f"experiment_id={link_experiment} does not hold run_id={link_run} (its experiment is "
+                        f"{owner_experiment}); give the run's experiment or none"
+                    )
+                link_experiment = owner_experiment
             if link_run is None:
                 owner = conn.execute(
                     select(tables.runs.c.run_id, tables.runs.c.experiment_id).where(
@@ -193,12 +205,6 @@ class MetricOutboxStore(StoreCore):
                 ).first()
                 if owner is not None:
                     link_run, link_experiment = owner.run_id, link_experiment or owner.experiment_id
-            if link_run is not None and link_experiment is None:
-                link_experiment = conn.execute(
-                    select(tables.runs.c.experiment_id).where(tables.runs.c.run_id == link_run)
-                ).scalar()
-                if link_experiment is None:
-                    raise DBException(f"run_id={link_run} does not exist; cannot link metric run {metric_run_id!r} to it")
             if found is not None:
                 values = {}
                 if found.run_id is None and link_run is not None:
@@ -286,13 +292,21 @@ class MetricOutboxStore(StoreCore):
 
         def unit(conn: Connection) -> Optional[MetricBatch]:
             first_pending = func.min(_outbox.c.outbox_id).label("first_pending")
+            now = conn.execute(select(db_now())).scalar_one()
+            # a claim of another host is judged by its age alone, so a live one is left
+            # out here; this host's claims are judged below by their process
+            claimable = or_(
+                _streams.c.claim_token.is_(None),
+                _streams.c.claimed_at < now - timedelta(seconds=stale),
+                _streams.c.claim_host == HOST,
+            )
             candidates = conn.execute(
                 select(
                     _streams.c.stream_id, _streams.c.metric_run_id, _streams.c.claim_token, _streams.c.claim_pid,
                     _streams.c.claim_host, _streams.c.claimed_at, first_pending,
                 )
                 .join(_outbox, and_(_outbox.c.stream_id == _streams.c.stream_id, _pending()))
-                .where(_streams.c.tracking_uri == tracking_uri)
+                .where(_streams.c.tracking_uri == tracking_uri, claimable)
                 .group_by(
                     _streams.c.stream_id, _streams.c.metric_run_id, _streams.c.claim_token, _streams.c.claim_pid,
                     _streams.c.claim_host, _streams.c.claimed_at,
@@ -302,13 +316,10 @@ class MetricOutboxStore(StoreCore):
             ).all()
             if not candidates:
                 return None
-            now = None
             for candidate in candidates:
                 if candidate.stream_id in skipped:
                     continue
                 if candidate.claim_token is not None:
-                    if now is None:
-                        now = conn.execute(select(db_now())).scalar_one()
                     expired = candidate.claimed_at is None or candidate.claimed_at < now - timedelta(seconds=stale)
                     if not expired and gone_here(candidate.claim_host, candidate.claim_pid, None) is None:
                         continue  # a live flusher has a batch of it in flight
