@@ -2,7 +2,8 @@
 
     rapidfire-state db upgrade            migrate the configured database to head
     rapidfire-state db current            show its revision and the library's head
-    rapidfire-state experiments           list experiments
+    rapidfire-state experiments           list experiments (with their metric rows not yet in MLflow)
+    rapidfire-state metrics [-e ID]       MLflow runs with rows pending in the metric outbox (--failed: refused rows)
     rapidfire-state runs [-e ID]          list runs
     rapidfire-state tasks [-e ID]         list open (or --all) worker/controller tasks
     rapidfire-state workers [-e ID]       list worker processes
@@ -39,7 +40,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NoReturn, Optional, Sequence
 
-from rapidfire_state.exceptions import DBException, RapidFireError, SQLRefusedError
+from rapidfire_state.exceptions import ConfigError, DBException, RapidFireError, SQLRefusedError
 
 #: exit status of an error (any RapidFireError) and of an unexpected failure
 EXIT_ERROR = 2
@@ -161,11 +162,109 @@ def cmd_db_current(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the revision that made the metric outbox; a database before it has none to count
+METRIC_OUTBOX_REVISION = "0005_metric_outbox"
+#: what the listings show where the database's schema has no metric outbox yet
+NO_OUTBOX = "-"
+
+
+def _has_outbox(database: Any) -> bool:
+    probe = database.probe  # readers always have one (read_only=True)
+    return probe is None or probe.at_least(METRIC_OUTBOX_REVISION)
+
+
 def cmd_experiments(args: argparse.Namespace) -> int:
-    columns = ["experiment_id", "name", "status", "current_task", "owner_pid", "created_at", "ended_at", "error"]
+    columns = [
+        "experiment_id", "name", "status", "current_task", "metrics_pending", "owner_pid", "created_at",
+        "ended_at", "error",
+    ]
     with _reader(args) as database:
         rows = _records(database.list_experiments())
+        # an older database is read as it is: no outbox there, so nothing is known to be pending
+        pending = database.pending_metric_rows_by_experiment() if _has_outbox(database) else None
+    for row in rows:
+        if pending is None:
+            row["metrics_pending"] = None if args.json else NO_OUTBOX
+        else:
+            row["metrics_pending"] = pending.get(row["experiment_id"], 0)
     _emit(rows, columns, args.json)
+    unlinked = (pending or {}).get(None, 0)
+    if unlinked and not args.json:
+        print(f"metric rows pending for MLflow runs of no experiment: {unlinked} (see `rapidfire-state metrics`)")
+    return 0
+
+
+def _metric_streams(database: Any, experiment_id: Optional[int], every: bool) -> list[dict]:
+    """One row per MLflow run of the outbox (a stream) with its pending count, in experiment/run order.
+
+    Only pending rows are joined, so the cost follows the backlog (the partial
+    index), not the delivered history.
+    """
+    from sqlalchemy import and_, func, select
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from rapidfire_state.db import schema as tables
+    from rapidfire_state.db.store.lookups import check_id
+
+    streams, outbox = tables.metric_streams, tables.metric_outbox
+    pending = func.count(outbox.c.outbox_id)
+    listed = (
+        streams.c.experiment_id, streams.c.run_id, streams.c.tracking_uri, streams.c.metric_run_id,
+        streams.c.claim_host, streams.c.claim_pid, streams.c.claimed_at, streams.c.last_error,
+    )
+    statement = (
+        select(streams.c.stream_id, *listed, pending.label("pending"))
+        .select_from(streams.outerjoin(outbox, and_(
+            outbox.c.stream_id == streams.c.stream_id, outbox.c.delivered_at.is_(None), outbox.c.failed_at.is_(None),
+        )))
+        .group_by(streams.c.stream_id, *listed)
+        # NULLs last on both backends: runs of no experiment after the others
+        .order_by(streams.c.experiment_id.is_(None), streams.c.experiment_id, streams.c.run_id.is_(None),
+                  streams.c.run_id, streams.c.stream_id)
+    )
+    if experiment_id is not None:
+        statement = statement.where(streams.c.experiment_id == check_id("experiment_id", experiment_id))
+    if not every:
+        statement = statement.having(pending > 0)
+    try:
+        with database.engine.connect() as connection:
+            found = [dict(row) for row in connection.execute(statement).mappings()]
+    except SQLAlchemyError as exc:
+        from rapidfire_state.db import migrate
+
+        raise DBException(f"cannot read the metric outbox of {database.url_text}: {migrate.driver_message(exc)}") from exc
+    for row in found:
+        row["claimed_by"] = f"{row['claim_host']}:{row['claim_pid']}" if row["claim_host"] else None
+    return found
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from rapidfire_state.db import migrate
+    from rapidfire_state.exceptions import SchemaOutOfDateError
+
+    if args.failed and args.experiment is not None:
+        raise ConfigError("metrics: --failed lists the refused rows of every experiment; -e does not apply to it")
+    with _reader(args) as database:
+        if not _has_outbox(database):
+            raise SchemaOutOfDateError(
+                migrate.behind_message(database.probe, METRIC_OUTBOX_REVISION, "`metrics` (the metric outbox)")
+            )
+        total = None
+        if args.failed:
+            columns = ["outbox_id", "tracking_uri", "metric_run_id", "kind", "key", "step", "error"]
+            rows = database.failed_metric_rows(limit=args.limit)
+        else:
+            columns = [
+                "experiment_id", "run_id", "tracking_uri", "metric_run_id", "pending", "claimed_by", "claimed_at",
+                "last_error",
+            ]
+            rows = _metric_streams(database, args.experiment, args.all)
+            if not args.json:
+                total = database.pending_metric_rows(experiment_id=args.experiment)
+    _emit(rows, columns, args.json)
+    if total is not None:
+        scope = "in all" if args.experiment is None else f"for experiment {args.experiment}"
+        print(f"rows pending {scope}: {total}")
     return 0
 
 
@@ -284,6 +383,16 @@ def _check_timeout(value: Any) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise argparse.ArgumentTypeError(f"--timeout {value!r} is not valid; a positive number of seconds is required")
     return seconds
+
+
+def _check_limit(value: Any) -> int:
+    try:
+        limit = int(value)
+    except (TypeError, ValueError):
+        limit = 0
+    if limit < 1:
+        raise argparse.ArgumentTypeError(f"--limit {value!r} is not valid; a positive whole number is required")
+    return limit
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
@@ -682,7 +791,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         return sub
 
-    listing("experiments", cmd_experiments, "list experiments", experiment=False)
+    listing("experiments", cmd_experiments, "list experiments and their metric rows not yet in MLflow", experiment=False)
+    metrics = listing("metrics", cmd_metrics, "MLflow runs with metric rows not yet delivered (the metric outbox)")
+    metrics.add_argument("--all", action="store_true", help="every MLflow run, also those with nothing pending")
+    metrics.add_argument("--failed", action="store_true", help="the rows MLflow refused for good, with the error")
+    metrics.add_argument("--limit", type=_check_limit, default=100, help="--failed: the newest N rows (default 100)")
     runs = listing("runs", cmd_runs, "list runs")
     runs.add_argument("--status", action="append", help="only runs with this status (repeatable)")
     tasks = listing("tasks", cmd_tasks, "list open worker and controller tasks")

@@ -16,6 +16,7 @@ import pytest
 from rapidfire_state.cli import main
 from rapidfire_state.db import migrate
 from rapidfire_state.db.engine import resolve_url
+from rapidfire_state.db.store.processes import HOST
 
 REPO = Path(__file__).resolve().parents[1]
 FIRST = "0001_initial"
@@ -140,7 +141,7 @@ def test_wheel_in_fresh_venv_runs_db_upgrade(tmp_path):
 
 READERS = [
     ["experiments"], ["runs"], ["runs", "--json"], ["tasks", "--all"], ["workers"], ["shm"],
-    ["history", "run", "1"], ["sql", "SELECT 1 AS one"], ["db", "current"],
+    ["history", "run", "1"], ["sql", "SELECT 1 AS one"], ["metrics"], ["metrics", "--failed"], ["db", "current"],
 ]
 
 
@@ -197,7 +198,7 @@ def read_everything(capsys, url: str, run_id: int, *, sql_ok: bool = True, unser
     assert [(r["run_id"], r["status"]) for r in json.loads(out)] == [(run_id, "ONGOING")]
     code, out, err = run_cli(capsys, "--url", url, "history", "run", str(run_id), "--json")
     assert code == 0 and [r["to_status"] for r in json.loads(out)] == ["NEW", "ONGOING"], err
-    for argv in (["experiments"], ["tasks", "--all"], ["workers"], ["shm"]):
+    for argv in (["experiments"], ["tasks", "--all"], ["workers"], ["shm"], ["metrics"]):
         code, _, err = run_cli(capsys, "--url", url, *argv)
         if argv[0] in unserved:
             line = one_error_line(err)
@@ -230,7 +231,8 @@ def test_readers_read_a_database_behind_head_and_never_upgrade_it(db_url, tmp_pa
         database.close()
     before = tree(tmp_path)
     # worker_tasks gained its claim columns in 0003_task_claims: at 0001 `tasks` cannot be served
-    read_everything(capsys, db_url, made["run_id"], sql_ok=db_url.startswith("sqlite"), unserved=("tasks",))
+    # ... and the metric outbox came in 0005: no `metrics` either
+    read_everything(capsys, db_url, made["run_id"], sql_ok=db_url.startswith("sqlite"), unserved=("tasks", "metrics"))
     code, out, _ = run_cli(capsys, "--url", db_url, "db", "current")
     assert code == 0 and f"revision: {FIRST} (behind: run `rapidfire-state db upgrade`)" in out
     assert migrate.probe_database(resolve_url(db_url)).revision == FIRST
@@ -553,6 +555,8 @@ def test_a_wal_database_in_a_read_only_directory_is_read_and_left_alone(tmp_path
             (["sql", "SELECT count(*) AS n FROM runs", "--json"], '[{"n": 1}]'),
             (["db", "current"], migrate.HEAD_REVISION),
             (["history", "run", "1", "--json"], '"to_status": "ONGOING"'),
+            (["experiments", "--json"], '"metrics_pending": 0'),
+            (["metrics", "--json"], "[]"),
         ]:
             result = subprocess.run(
                 [*prefix, EXECUTABLE, "--url", str(path), *argv], capture_output=True, text=True, timeout=120,
@@ -566,3 +570,136 @@ def test_a_wal_database_in_a_read_only_directory_is_read_and_left_alone(tmp_path
         for child in shared.iterdir():
             child.unlink()
         shared.rmdir()
+
+
+# --- the metric outbox in the listings (issue 10, item 6) -----------------------------------
+
+OUTBOX_URI = "file:///tmp/rf-test-mlruns"
+
+
+def outbox_state(db, tmp_path) -> dict:
+    """Beside ``populated``: a second experiment, 3 points of the run's MLflow run and one of an
+    MLflow run of no experiment pending, and one row MLflow refused."""
+    idle = db.create_experiment("idle_exp", str(tmp_path / "exps"))
+    run = db.list_runs()[0]
+    linked = db.metric_stream(OUTBOX_URI, "mlflow-run-1", run_id=run.run_id)
+    loose = db.metric_stream("http://127.0.0.1:5999", "mlflow-loose")
+    db.metric_stream(OUTBOX_URI, "mlflow-done", run_id=run.run_id)  # nothing pending
+    db.append_metric_rows(
+        [{"stream_id": linked, "kind": "METRIC", "key": "loss", "value": 0.5, "step": step, "timestamp_ms": 1000 + step}
+         for step in range(4)]
+        + [{"stream_id": loose, "kind": "TAG", "key": "team", "text_value": "rf", "timestamp_ms": 1}]
+    )
+    batch = db.claim_metric_batch(OUTBOX_URI, limit=1)
+    assert db.settle_metric_batch(batch, failed={batch.rows[0].outbox_id: "INVALID_PARAMETER_VALUE: step"})
+    return {"idle": idle.experiment_id, "run_id": run.run_id, "linked": linked, "loose": loose}
+
+
+def test_experiments_show_their_metric_rows_pending(populated, tmp_path, capsys):
+    db, experiment, run = populated
+    url = db.url.render_as_string(hide_password=False)
+    code, out, _ = run_cli(capsys, "--url", url, "experiments", "--json")
+    assert code == 0 and [r["metrics_pending"] for r in json.loads(out)] == [0]  # an outbox, nothing in it
+    state = outbox_state(db, tmp_path)
+    code, out, err = run_cli(capsys, "--url", url, "experiments", "--json")
+    assert code == 0, err
+    pending = {r["experiment_id"]: r["metrics_pending"] for r in json.loads(out)}
+    assert pending == {experiment.experiment_id: 3, state["idle"]: 0}
+    code, out, _ = run_cli(capsys, "--url", url, "experiments")
+    lines = out.splitlines()
+    assert code == 0 and "metrics_pending" in lines[0].split()
+    column = lines[0].split().index("metrics_pending")
+    assert [line.split()[column] for line in lines[1:3]] == ["3", "0"]
+    assert lines[-1] == "metric rows pending for MLflow runs of no experiment: 1 (see `rapidfire-state metrics`)"
+    # delivered rows leave the count; a status change of the run is a pending row of its experiment
+    while (batch := db.claim_metric_batch(OUTBOX_URI)) is not None:
+        assert db.settle_metric_batch(batch, delivered=[row.outbox_id for row in batch.rows])
+    db.transition_run(run.run_id, "COMPLETED")  # one STATUS row for each of the run's two MLflow runs
+    code, out, _ = run_cli(capsys, "--url", url, "experiments", "--json")
+    assert {r["experiment_id"]: r["metrics_pending"] for r in json.loads(out)} == {
+        experiment.experiment_id: 2, state["idle"]: 0}
+
+
+def test_metrics_lists_mlflow_runs_with_rows_pending_and_refused_rows(populated, tmp_path, capsys):
+    db, experiment, run = populated
+    url = db.url.render_as_string(hide_password=False)
+    state = outbox_state(db, tmp_path)
+    code, out, err = run_cli(capsys, "--url", url, "metrics", "--json")
+    assert code == 0, err
+    assert [(r["experiment_id"], r["run_id"], r["metric_run_id"], r["pending"], r["claimed_by"]) for r in json.loads(out)] == [
+        (experiment.experiment_id, run.run_id, "mlflow-run-1", 3, None),
+        (None, None, "mlflow-loose", 1, None),  # runs of no experiment come last
+    ]
+    code, out, _ = run_cli(capsys, "--url", url, "metrics", "--all", "--json")
+    assert [r["metric_run_id"] for r in json.loads(out)] == ["mlflow-run-1", "mlflow-done", "mlflow-loose"]
+    code, out, _ = run_cli(capsys, "--url", url, "metrics", "-e", str(experiment.experiment_id))
+    assert code == 0 and "mlflow-run-1" in out and "mlflow-loose" not in out
+    assert out.splitlines()[-1] == f"rows pending for experiment {experiment.experiment_id}: 3"
+    code, out, _ = run_cli(capsys, "--url", url, "metrics", "-e", str(state["idle"]), "--json")
+    assert code == 0 and json.loads(out) == []
+    # a batch in flight shows who holds it
+    held = db.claim_metric_batch(OUTBOX_URI)
+    code, out, _ = run_cli(capsys, "--url", url, "metrics", "--json")
+    claimed = json.loads(out)[0]
+    assert claimed["claimed_by"] == f"{HOST}:{os.getpid()}" and claimed["claimed_at"]
+    assert db.settle_metric_batch(held, resend=[row.outbox_id for row in held.rows], error="server down")
+    code, out, _ = run_cli(capsys, "--url", url, "metrics")
+    assert "server down" in out and out.splitlines()[-1] == "rows pending in all: 4"
+
+    code, out, _ = run_cli(capsys, "--url", url, "metrics", "--failed", "--json")
+    assert code == 0
+    assert [(r["metric_run_id"], r["kind"], r["key"], r["step"], r["error"]) for r in json.loads(out)] == [
+        ("mlflow-run-1", "METRIC", "loss", 0, "INVALID_PARAMETER_VALUE: step")]
+    code, out, _ = run_cli(capsys, "--url", url, "metrics", "--failed", "--limit", "1")
+    assert code == 0 and "INVALID_PARAMETER_VALUE: step" in out
+    code, out, err = run_cli(capsys, "--url", url, "metrics", "--failed", "-e", "1")
+    assert code == 2 and out == "" and "-e does not apply" in one_error_line(err)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["metrics", "--limit", "0"], "--limit '0'"),
+    (["metrics", "--limit", "many"], "--limit 'many'"),
+    (["metrics", "-e", "x"], "invalid int value: 'x'"),
+])
+def test_metrics_bad_arguments_are_one_line(argv, needle, tmp_path):
+    result = run_exe("--url", str(tmp_path / "x.db"), *argv, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert needle in one_error_line(result.stderr)
+
+
+def test_a_database_one_revision_before_the_outbox_is_listed_as_it_is(db_url, tmp_path, capsys):
+    made = writer_database(db_url, tmp_path)
+    database = made["database"]
+    previous = migrate.REVISIONS[migrate.REVISIONS.index("0005_metric_outbox") - 1]
+    try:
+        database.downgrade(previous)
+    finally:
+        database.close()
+    before = tree(tmp_path)
+    code, out, err = run_cli(capsys, "--url", db_url, "experiments")
+    assert code == 0, err
+    header, row = out.splitlines()[:2]
+    assert row.split()[header.split().index("metrics_pending")] == "-"  # unknown, not 0
+    code, out, _ = run_cli(capsys, "--url", db_url, "experiments", "--json")
+    assert code == 0 and json.loads(out)[0]["metrics_pending"] is None and json.loads(out)[0]["name"] == "kept"
+    for argv in (["metrics"], ["metrics", "--failed"], ["metrics", "--json"]):
+        code, out, err = run_cli(capsys, "--url", db_url, *argv)
+        line = one_error_line(err)
+        assert code == 2 and out == ""
+        assert f"revision {previous}" in line and "0005_metric_outbox" in line and "rapidfire-state db upgrade" in line
+    assert migrate.probe_database(resolve_url(db_url)).revision == previous  # never upgraded
+    assert tree(tmp_path) == before
+
+
+def test_metrics_commands_import_neither_torch_nor_mlflow(tmp_path):
+    path = tmp_path / "s.db"
+    writer_database(str(path), tmp_path)["database"].close()
+    code = (
+        "import sys\n"
+        "from rapidfire_state.cli import main\n"
+        f"assert main(['--url', {str(path)!r}, 'experiments']) == 0\n"
+        f"assert main(['--url', {str(path)!r}, 'metrics', '--all']) == 0\n"
+        "print('LOADED', [m for m in ('torch', 'mlflow', 'alembic') if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "LOADED []" in out
