@@ -1032,9 +1032,13 @@ class MLflowManager:
         in the outbox for any later flusher.
         """
         wait = self.exit_flush_seconds if timeout is None else timeout
+        with _EXIT_LOCK:
+            _EXIT_FLUSH.discard(self)  # closed: the exit hook has nothing left to do for it
         flusher = self._flusher
         if flusher is None or self._flusher_pid != os.getpid():
             return 0
+        # a manager used again after close() gets a new flusher (and exit hook)
+        self._flusher = None
         if self._db is not None and self._db.closed:
             # the caller closed the state database first: nothing can be flushed
             # from here; what is pending stays in the outbox for the next flusher

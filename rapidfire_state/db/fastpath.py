@@ -346,9 +346,14 @@ class SQLitePreparedWriter:
             raise
         return update.row(values) if record is None else record(values)
 
-    def insert_rows(self, statement: PreparedStatement, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Run the INSERT ``statement`` once per row of ``rows`` in one ``BEGIN IMMEDIATE`` unit."""
-        cursor = self._begin(False)
+    def insert_rows(
+        self, statement: PreparedStatement, rows: Sequence[Mapping[str, Any]], *, prompt: bool = False
+    ) -> None:
+        """Run the INSERT ``statement`` once per row of ``rows`` in one ``BEGIN IMMEDIATE`` unit.
+
+        ``prompt``: wait for the write lock in short steps, as a claim does.
+        """
+        cursor = self._begin(prompt)
         try:
             cursor.executemany(statement.sql, [statement.arguments(row) for row in rows])
             cursor.execute("COMMIT")

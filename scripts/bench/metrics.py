@@ -251,12 +251,7 @@ def _new_manager(tmp: Path, uri: str, name: str) -> Any:
 
 
 def _close(manager: Any) -> None:
-    from rapidfire_state import metric_manager
-
     manager.close(timeout=5)
-    # close() leaves the manager in the exit hook's set, which then flushes it again
-    # on a closed database and logs a warning after the JSON line; take it out
-    metric_manager._EXIT_FLUSH.discard(manager)
     manager.db.close()
 
 
