@@ -10,16 +10,16 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
-from typing import Iterator
+
 
 import pytest
+
+from mlflow_server import mlflow_server_factory  # noqa: F401  (a fixture)
 
 from rapidfire_state.exceptions import ConfigError, NotFoundError, RapidFireError
 from rapidfire_state.metric_manager import (
@@ -465,119 +465,15 @@ def test_bad_uri_is_refused_before_importing_mlflow():
 # --- a real MLflow server -------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
-def mlflow_server(tmp_path) -> Iterator[str]:
-    """``mlflow server --workers 1`` on a free port with a SQLite backend in tmp_path."""
-    mlflow_cli = Path(sys.executable).with_name("mlflow")
-    if not mlflow_cli.exists():
-        pytest.skip("the mlflow command is not installed next to this Python")
-    port = _free_port()
-    env = dict(os.environ)
-    # The job runner (huey) is not needed here, and it is what makes the server
-    # create a temporary directory in /dev/shm that it never removes.
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    log = (tmp_path / "server.log").open("w")
-    process = subprocess.Popen(
-        [
-            str(mlflow_cli),
-            "server",
-            "--workers",
-            "1",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=tmp_path,
-    )
-    url = f"http://127.0.0.1:{port}"
-    huey_dirs: set[str] = set()
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"mlflow server exited early:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy within 60 s:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        huey_dirs = _huey_dirs(process.pid)
-        yield url
-    finally:
-        _stop_tree(process)
-        log.close()
-        # Should the job runner be on anyway (an MLflow that ignores the variable),
-        # remove the /dev/shm directory named in this server's own environment.
-        for path in huey_dirs:
-            if path.startswith("/dev/shm/"):
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def _huey_dirs(pid: int) -> set[str]:
-    import psutil
-
-    found: set[str] = set()
-    try:
-        processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        return found
-    for proc in processes:
-        try:
-            value = proc.environ().get("_MLFLOW_HUEY_STORAGE_PATH")
-        except psutil.Error:
-            continue
-        if value:
-            found.add(value)
-    return found
-
-
-def _stop_tree(process: subprocess.Popen) -> None:
-    import psutil
-
-    try:
-        children = psutil.Process(process.pid).children(recursive=True)
-    except psutil.Error:
-        children = []
-    process.terminate()
-    try:
-        process.wait(15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    for child in children:  # by pid: only the processes this server started
-        try:
-            child.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(children, timeout=5)
-    for child in alive:
-        try:
-            child.kill()
-        except psutil.Error:
-            pass
+def mlflow_server(mlflow_server_factory):  # noqa: F811  (the imported fixture, used here)
+    """A real ``mlflow server --workers 1`` (see tests/mlflow_server.py)."""
+    return mlflow_server_factory()
 
 
 @pytest.mark.slow
 def test_against_a_real_server(mlflow_server, tmp_path):
-    manager = MLflowManager(mlflow_server)
+    manager = MLflowManager(mlflow_server.url)
     assert manager.is_server
     manager.check_server()
     experiment = manager.get_experiment("served")
@@ -594,7 +490,7 @@ def test_against_a_real_server(mlflow_server, tmp_path):
     assert manager.get_run_params(run) == {"lr": "0.01"}
     assert manager.list_artifacts(run) == ["model.txt"]
     assert manager.get_run_status(run) == "FINISHED"
-    assert list((tmp_path / "server-artifacts").rglob("model.txt"))
+    assert list((mlflow_server.directory / "server-artifacts").rglob("model.txt"))
     with pytest.raises(MetricNotFoundError):
         manager.log_metric(UNKNOWN_RUN, "loss", 1.0)
     # a name MLflow refuses is sanitised, not refused (see sanitize_key)
