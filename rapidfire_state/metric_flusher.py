@@ -106,6 +106,8 @@ class RunView:
 
     status: str
     tags: Mapping[str, str]
+    #: MLflow's ``lifecycle_stage``: ``active``, or ``deleted`` (a run that takes no more data)
+    lifecycle_stage: str = "active"
 
 
 # --- transports ----------------------------------------------------------------------------------
@@ -130,7 +132,7 @@ class StoreTransport:
 
     def get_run(self, run_id: str) -> RunView:
         run = self._client.get_run(run_id)
-        return RunView(str(run.info.status), dict(run.data.tags))
+        return RunView(str(run.info.status), dict(run.data.tags), str(run.info.lifecycle_stage))
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, int, float]]:
         return [(int(m.timestamp), int(m.step), float(m.value)) for m in self._client.get_metric_history(run_id, key)]
@@ -195,7 +197,7 @@ class RestTransport:
     def get_run(self, run_id: str) -> RunView:
         run = self._call("/api/2.0/mlflow/runs/get", "GET", {"run_id": run_id})["run"]
         tags = {tag["key"]: tag.get("value", "") for tag in run.get("data", {}).get("tags", [])}
-        return RunView(str(run["info"]["status"]), tags)
+        return RunView(str(run["info"]["status"]), tags, str(run["info"].get("lifecycle_stage", "active")))
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, int, float]]:
         found: list[tuple[int, int, float]] = []
@@ -368,6 +370,10 @@ class Flusher:
                 except _Transient as exc:
                     self._failed(exc)
                     return delivered
+                except Exception as exc:  # the state database itself failed: the rows stay, retried later
+                    self._failed(exc)
+                    _log.warning("metric flusher: %s; the outbox rows stay for the next pass", _short(exc))
+                    return delivered
                 self._succeeded()
             return delivered
 
@@ -405,6 +411,11 @@ class Flusher:
             _log.warning("MLflow refused %d outbox row(s) of run %s for good: %s", len(batch.rows), batch.metric_run_id, message)
             self._settled(batch, failed={r.outbox_id: message for r in batch.rows}, error=message)
             return 0
+        if is_permanent(exc) and self._run_is_deleted(batch.metric_run_id):
+            # a deleted run takes nothing: every row would be refused alike
+            _log.warning("MLflow run %s is deleted; %d outbox row(s) for it failed", batch.metric_run_id, len(batch.rows))
+            self._settled(batch, failed={r.outbox_id: message for r in batch.rows}, error=message)
+            return 0
         if is_permanent(exc):
             # one row of the batch is refused: find it by sending the batch's rows one at a
             # time; first learn what (if anything) of the refused call was stored
@@ -414,6 +425,12 @@ class Flusher:
         # no answer, or an answer that may pass: the rows stay in doubt (their token is kept)
         self._settled(batch, error=message)
         raise _Transient(message) from exc
+
+    def _run_is_deleted(self, run_id: str) -> bool:
+        try:
+            return self.transport.get_run(run_id).lifecycle_stage == "deleted"
+        except Exception:  # unknown: isolate rows one by one, as for any refusal
+            return False
 
     def _settled(self, batch: Any, **outcome: Any) -> int:
         delivered = outcome.get("delivered", ())

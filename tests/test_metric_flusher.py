@@ -301,6 +301,43 @@ def test_rows_of_a_process_that_died_are_delivered_by_another(paths):
     assert _history(paths["mlflow"], run, "loss") == [(s, 0.5) for s in range(20)]
 
 
+def test_a_deleted_run_fails_its_backlog_in_one_call(manager):
+    run = manager.create_run(manager.get_experiment("deleted").experiment_id)
+    manager.client.delete_run(run)  # behind the manager's back: rows are already queued below
+    for step in range(500):
+        manager.log_metric(run, "loss", 0.5, step=step)
+    calls = []
+    transport = manager.flusher.transport
+    original = transport.log_batch
+    transport.log_batch = lambda *a, **k: (calls.append(a), original(*a, **k))[1]
+    manager.flush(timeout=30)
+    assert len(calls) == 1  # not one call per row
+    assert manager.pending() == 0 and len(manager.failed(limit=1000)) == 500
+    assert all("active" in row["error"] for row in manager.failed(limit=1000))
+
+
+def test_a_claim_left_by_this_process_is_taken_over(manager, monkeypatch):
+    run = manager.create_run(manager.get_experiment("own claim").experiment_id)
+    manager.log_metric(run, "loss", 0.5, step=1)
+    flusher = manager.flusher
+    db = flusher.db
+    real_settle = db.settle_metric_batch
+
+    def settle_fails_once(*args, **kwargs):  # e.g. the database went away for a moment
+        monkeypatch.setattr(db, "settle_metric_batch", real_settle)
+        from rapidfire_state.db.store import metric_outbox
+
+        metric_outbox._IN_FLIGHT.discard(args[0].claim_token)
+        raise OSError("settle failed")
+
+    monkeypatch.setattr(db, "settle_metric_batch", settle_fails_once)
+    manager.flush()  # sent; the settle failed: the rows are in doubt, the claim still ours
+    assert manager.pending() == 1
+    assert manager.flush(timeout=30) == 1  # our own abandoned claim is taken over, the doubt resolved
+    assert flusher.stats.resolved_in_doubt == 1 and flusher.stats.resent_after_doubt == 0
+    assert _history(manager.tracking_uri, run, "loss") == [(1, 0.5)]
+
+
 def test_interpreter_exit_flushes(paths):
     exited = _child(f"""
         manager = MLflowManager({paths['mlflow']!r}, db={paths['db']!r}, background=False)

@@ -59,6 +59,7 @@ def upgrade() -> None:
         sa.Column("claim_token", sa.String(length=32), nullable=True),
         sa.Column("claim_pid", sa.Integer(), nullable=True),
         sa.Column("claim_host", sa.String(length=255), nullable=True),
+        sa.Column("claim_process_started_at", sa.Float(), nullable=True),
         sa.Column("claimed_at", sa.DateTime(timezone=False), nullable=True),
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=False), server_default=_now(), nullable=False),

@@ -193,6 +193,7 @@ class MetricStream(Base):
     claim_token: Mapped[Optional[str]]
     claim_pid: Mapped[Optional[int]]
     claim_host: Mapped[Optional[str]]
+    claim_process_started_at: Mapped[Optional[float]]
     claimed_at: Mapped[Optional[datetime]]
     last_error: Mapped[Optional[str]]
     created_at: Mapped[datetime]

@@ -374,6 +374,8 @@ metric_streams = Table(
     Column("claim_token", String(32)),
     Column("claim_pid", Integer),
     Column("claim_host", String(255)),
+    # the OS start time of the claiming process, so a recycled pid is not taken for it
+    Column("claim_process_started_at", Float),
     Column("claimed_at", UTCDateTime()),
     Column("last_error", Text),
     _created_at(),

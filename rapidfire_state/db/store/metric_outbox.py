@@ -42,7 +42,7 @@ from rapidfire_state.db import schema as tables
 from rapidfire_state.db.schema import OUTBOX_PENDING_WHERE, db_now
 from rapidfire_state.db.store.core import StoreCore
 from rapidfire_state.db.store.lookups import check_id, optional_str
-from rapidfire_state.db.store.processes import HOST, gone_here
+from rapidfire_state.db.store.processes import HOST, gone_here, own_process
 from rapidfire_state.exceptions import ConfigError, DBException
 from rapidfire_state.validation import check_name, check_number, check_positive_int
 
@@ -59,6 +59,26 @@ MAX_ROWS_PER_BATCH = 999
 _CANDIDATES = 32
 
 _KINDS = frozenset(kind.value for kind in MetricRowKind)
+
+#: claim tokens of the batches this process has in flight (claimed, not settled yet)
+_IN_FLIGHT: set[str] = set()
+
+
+def _abandoned(claim: Any, now: Any, stale_after_seconds: float) -> bool:
+    """Whether a stream's claim may be taken over: nobody is delivering under it any more.
+
+    A claim older than ``stale_after_seconds`` (database clock, any host); one
+    whose process is gone from this host (a recycled pid is told apart by its
+    start time); or one of this very process that no batch is in flight under
+    (its settling failed).
+    """
+    if claim.claimed_at is None or claim.claimed_at < now - timedelta(seconds=stale_after_seconds):
+        return True
+    if claim.claim_host != HOST:
+        return False
+    if claim.claim_pid == os.getpid():
+        return claim.claim_token not in _IN_FLIGHT
+    return gone_here(claim.claim_host, claim.claim_pid, claim.claim_process_started_at) is not None
 
 
 def _pending() -> Any:
@@ -291,6 +311,8 @@ class MetricOutboxStore(StoreCore):
         stale = check_number("stale_after_seconds", stale_after_seconds)
         skipped = frozenset(skip)
 
+        pid, started = own_process()
+
         def unit(conn: Connection) -> Optional[MetricBatch]:
             now = conn.execute(select(db_now())).scalar_one()
             # a claim of another host is judged by its age alone, so a live one is left
@@ -313,7 +335,7 @@ class MetricOutboxStore(StoreCore):
             ranked = (
                 select(
                     _streams.c.stream_id, _streams.c.metric_run_id, _streams.c.claim_token, _streams.c.claim_pid,
-                    _streams.c.claim_host, _streams.c.claimed_at, first_pending,
+                    _streams.c.claim_host, _streams.c.claim_process_started_at, _streams.c.claimed_at, first_pending,
                 )
                 .where(_streams.c.tracking_uri == tracking_uri, claimable)
                 .subquery()
@@ -330,8 +352,7 @@ class MetricOutboxStore(StoreCore):
                 if candidate.stream_id in skipped:
                     continue
                 if candidate.claim_token is not None:
-                    expired = candidate.claimed_at is None or candidate.claimed_at < now - timedelta(seconds=stale)
-                    if not expired and gone_here(candidate.claim_host, candidate.claim_pid, None) is None:
+                    if not _abandoned(candidate, now, stale):
                         continue  # a live flusher has a batch of it in flight
                 token = uuid.uuid4().hex
                 taken = conn.execute(
@@ -341,10 +362,12 @@ class MetricOutboxStore(StoreCore):
                         _streams.c.claim_token.is_(None) if candidate.claim_token is None
                         else _streams.c.claim_token == candidate.claim_token,
                     )
-                    .values(claim_token=token, claim_pid=os.getpid(), claim_host=HOST, claimed_at=db_now())
+                    .values(claim_token=token, claim_pid=pid, claim_host=HOST, claim_process_started_at=started,
+                            claimed_at=db_now())
                 ).rowcount
                 if taken != 1:
                     continue  # another flusher took it first
+                _IN_FLIGHT.add(token)
                 return _batch_of(conn, candidate, tracking_uri, token, limits.get(candidate.stream_id, limit))
             return None
 
@@ -391,11 +414,17 @@ class MetricOutboxStore(StoreCore):
             released = conn.execute(
                 update(_streams)
                 .where(_streams.c.stream_id == batch.stream_id, _streams.c.claim_token == batch.claim_token)
-                .values(claim_token=None, claim_pid=None, claim_host=None, claimed_at=None, last_error=error)
+                .values(claim_token=None, claim_pid=None, claim_host=None, claim_process_started_at=None,
+                        claimed_at=None, last_error=error)
             ).rowcount
             return released == 1
 
-        return self._write(unit)
+        try:
+            return self._write(unit)
+        finally:
+            # settled or not, this process has no batch in flight under the claim any
+            # more: should the unit have failed, the claim is free for the next pass
+            _IN_FLIGHT.discard(batch.claim_token)
 
     # --- reading ------------------------------------------------------------------------------
 
