@@ -922,12 +922,7 @@ class MLflowManager:
 
     def get_run_status(self, run_id: str) -> str:
         """The MLflow status of ``run_id``: RUNNING, SCHEDULED, FINISHED, FAILED or KILLED; flushes first."""
-        run_id = _check_str(run_id, "run_id")
-        self._flush_before_read()
-        try:
-            return str(self._client.get_run(run_id).info.status)
-        except Exception as exc:
-            raise self._wrap(exc, "get_run_status", "mlflow run", run_id) from exc
+        return self._read_run(run_id, "get_run_status", lambda run: str(run.info.status))
 
     # --- the outbox -------------------------------------------------------------------------
 
@@ -1172,21 +1167,20 @@ class MLflowManager:
 
     def get_run_params(self, run_id: str) -> dict[str, str]:
         """The parameters of ``run_id`` (values are strings, as MLflow stores them); flushes first."""
-        run_id = _check_str(run_id, "run_id")
-        self._flush_before_read()
-        try:
-            return dict(self._client.get_run(run_id).data.params)
-        except Exception as exc:
-            raise self._wrap(exc, "get_run_params", "mlflow run", run_id) from exc
+        return self._read_run(run_id, "get_run_params", lambda run: dict(run.data.params))
 
     def get_run_tags(self, run_id: str) -> dict[str, str]:
         """The tags of ``run_id`` (MLflow's own ``mlflow.*`` tags included); flushes first."""
+        return self._read_run(run_id, "get_run_tags", lambda run: dict(run.data.tags))
+
+    def _read_run(self, run_id: str, action: str, read: Any) -> Any:
+        """``read(run)`` of MLflow's run ``run_id``, after the pending rows went out."""
         run_id = _check_str(run_id, "run_id")
         self._flush_before_read()
         try:
-            return dict(self._client.get_run(run_id).data.tags)
+            return read(self._client.get_run(run_id))
         except Exception as exc:
-            raise self._wrap(exc, "get_run_tags", "mlflow run", run_id) from exc
+            raise self._wrap(exc, action, "mlflow run", run_id) from exc
 
     def _flush_before_read(self) -> None:
         # rows logged by any manager of this store (this process or a dead one) go first

@@ -488,3 +488,45 @@ def test_untracked_runs_write_no_status_rows(manager, tracked):
     db.transition_run(run.run_id, RunStatus.ONGOING)
     db.transition_run(run.run_id, RunStatus.COMPLETED)
     assert _status_rows(db) == [] and manager.pending() == 0
+
+
+def test_a_signal_ends_the_mlflow_runs_killed(paths):
+    # A controller with a tracked ONGOING run and the signal handlers installed,
+    # idling; SIGTERM makes the handler clean up, and its flush tells MLflow.
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from rapidfire_state import StateDB
+            from rapidfire_state.experiment_utils import ExperimentUtils
+            from rapidfire_state.metric_manager import MLflowManager
+            db = StateDB({paths['db']!r})
+            manager = MLflowManager({paths['mlflow']!r}, db=db, background=False)
+            utils = ExperimentUtils(db, metrics=manager)
+            experiment_id, _, _ = utils.create_experiment("signalled", {str(paths['dir'] / 'exps')!r})
+            run = db.create_run(experiment_id, {{"lr": 1}})
+            metric_run = manager.create_run_for(run.run_id)
+            db.transition_run(run.run_id, "ONGOING")
+            manager.flush(timeout=30)
+            utils.setup_signal_handlers([])
+            print(metric_run, run.run_id, flush=True)
+            time.sleep(120)
+            sys.exit(3)
+        """)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    try:
+        metric_run, run_id = child.stdout.readline().split()
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=paths["mlflow"])
+        assert client.get_run(metric_run).info.status == "RUNNING"
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) == 0, child.stderr.read()[-2000:]
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert client.get_run(metric_run).info.status == "KILLED"  # delivered by the handler itself
+    with StateDB(paths["db"]) as db:
+        assert db.get_run(int(run_id)).status == RunStatus.KILLED
+        assert db.pending_metric_rows() == 0
