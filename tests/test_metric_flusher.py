@@ -530,3 +530,36 @@ def test_a_signal_ends_the_mlflow_runs_killed(paths):
     with StateDB(paths["db"]) as db:
         assert db.get_run(int(run_id)).status == RunStatus.KILLED
         assert db.pending_metric_rows() == 0
+
+
+def test_the_collector_pause_nests_and_restores_the_previous_state():
+    import gc
+    import threading
+
+    from rapidfire_state.metric_flusher import _collector_paused
+
+    assert gc.isenabled()
+    inside = threading.Event()
+    release = threading.Event()
+
+    def other_flusher():
+        with _collector_paused():
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=other_flusher)
+    thread.start()
+    inside.wait(10)
+    with _collector_paused():
+        assert not gc.isenabled()
+    assert not gc.isenabled()  # the other thread's pause is still on
+    release.set()
+    thread.join()
+    assert gc.isenabled()
+    gc.disable()  # a caller that turned the collector off keeps it off
+    try:
+        with _collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
