@@ -424,6 +424,11 @@ class Flusher:
                 self._succeeded()
             return delivered
 
+    @property
+    def backing_off(self) -> bool:
+        """True while waiting after a failed pass (MLflow unreachable, or refusing for now)."""
+        return self._retry_at > time.monotonic()
+
     def _failed(self, exc: BaseException) -> None:
         self.stats.errors += 1
         self.stats.last_error = str(exc)

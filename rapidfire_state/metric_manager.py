@@ -891,7 +891,8 @@ class MLflowManager:
         """End run ``run_id`` with ``status``: FINISHED (alias COMPLETED), FAILED or KILLED.
 
         Goes through the outbox after everything logged before it, then waits
-        (at most :attr:`read_flush_seconds`) for delivery.  A run MLflow already
+        (at most :attr:`read_flush_seconds`; one attempt while MLflow is failing)
+        for delivery.  A run MLflow already
         shows FINISHED or FAILED is left so (a late stop never reopens or
         clobbers a finished run); MLflow being down is not raised: the status is
         delivered when it is back.
@@ -909,7 +910,7 @@ class MLflowManager:
         stream = self._stream(run_id)
         self._append([{"stream_id": stream, "kind": "STATUS", "key": "end_run", "text_value": wanted,
                        "timestamp_ms": _now_ms()}])
-        self.flush(self.read_flush_seconds)
+        self._flush_waiting()
 
     def delete_run(self, run_id: str) -> None:
         """Delete run ``run_id`` (MLflow's soft delete: hidden, restorable, data kept); flushes first."""
@@ -950,7 +951,6 @@ class MLflowManager:
                     transport = StoreTransport(self._client)
                 self._flusher = Flusher(self.db, self.tracking_uri, transport, interval=self.flush_interval)
                 self._flusher_pid = os.getpid()
-                self._streams = {}
                 _register_at_exit(self)
             flusher = self._flusher
         if self.background:
@@ -1185,7 +1185,18 @@ class MLflowManager:
     def _flush_before_read(self) -> None:
         # rows logged by any manager of this store (this process or a dead one) go first
         if self.pending():
-            self.flush(self.read_flush_seconds)
+            self._flush_waiting()
+
+    def _flush_waiting(self) -> None:
+        """Flush for at most :attr:`read_flush_seconds`; one pass only while MLflow is failing.
+
+        During an outage a bounded wait would cost every read and ``end_run`` its
+        whole length: the flusher, backing off after a failure, makes one attempt.
+        """
+        flusher = self.flusher
+        self.flush()  # one pass: learns whether MLflow answers
+        if not flusher.backing_off and self.pending():
+            self.flush(self.read_flush_seconds)  # rows another process has in flight
 
     # --- artifacts -------------------------------------------------------------------------------
 

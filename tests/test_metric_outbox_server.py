@@ -218,7 +218,7 @@ def test_status_parity_and_outage(mlflow_server_factory, tmp_path):  # noqa: F81
         assert db.get_run(clone.run_id).status.value == "COMPLETED"
         started = time.monotonic()
         manager.end_run(mlflow_run, "KILLED")            # late, and MLflow cannot even be asked
-        assert time.monotonic() - started < manager.read_flush_seconds + 5
+        assert time.monotonic() - started < 3            # one attempt, not the whole bounded wait
         assert manager.flush() == 0                      # a lookup that fails writes nothing
         assert manager.pending(clone_run) == 3
         assert manager.pending(other_run) == 1
