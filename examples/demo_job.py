@@ -1,20 +1,26 @@
-"""The main job: a small hyper-parallel training experiment on the embedded defaults.
+"""The main job: hyper-parallel training of a small classifier grid, every fact in the database.
 
 A controller (this process) and N worker processes train several configurations
-of a tiny torch model side by side, chunk by chunk, swapping the models through
-shared memory after every chunk, with every fact in the state database:
+of an MLP side by side on a synthetic but non-trivial classification task
+(three interleaved spirals in 16 dimensions, a train/validation split):
 
-* the configurations come from a ``GridSearch``; each becomes a run (``runs``),
-  with an MLflow run in the embedded tracking store;
-* the controller schedules one TRAIN_VAL worker task per live run and chunk;
-  workers claim them exactly once (``run_worker``), load the run's model from
-  shared memory (zero-copy), train on the chunk, store it back in place and
-  record progress and metrics;
-* a person's interventions arrive as controller tasks, as a dispatcher would
-  queue them: stop a run, resume it, clone-modify another with a warm start
-  from its parent's weights;
-* at the end the experiment is cleaned up (one transaction) and the state is
-  printed with SQL through the inspection views.
+* the configurations come from a ``GridSearch``; each becomes a run with its own
+  MLflow run (``run_<id>``, tagged, its config as params) in the embedded store;
+* a scheduler over the database: each run keeps its own position (chunks
+  visited, epochs completed); whenever a worker is free, the run furthest behind
+  gets a TRAIN_VAL task for *its* next chunk (no lockstep); the worker loads the
+  run's model from shared memory, trains on that chunk, evaluates on the
+  validation set, stores the model back and records progress and metrics;
+  a run is COMPLETED only once it visited every chunk of every epoch;
+* interventions are controller tasks queued through the database, as
+  ``rapidfire-state ic`` queues them from any terminal: by default the job
+  stops one run, resumes it later, and clone-modifies the best run so far with
+  a warm start; ``--interactive`` leaves them to a person;
+* SIGINT/SIGTERM at any moment end the experiment truthfully (FAILED,
+  "interrupted", unless every run had completed), kill the live runs, stop every
+  child process and exit 130/143 with one line;
+* at the end: a leaderboard by validation accuracy, the database state, and the
+  commands to look further.
 
 Run it with ``./scripts/demo`` (``--help`` for the knobs).
 """
@@ -23,12 +29,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 from rapidfire_state import (
     ControllerTask,
+    ExperimentStatus,
     ExperimentTask,
     RunSource,
     RunStatus,
@@ -38,15 +46,32 @@ from rapidfire_state import (
 )
 from rapidfire_state.automl_utils import GridSearch, List, get_runs
 from rapidfire_state.constants import rf_home
-from rapidfire_state.experiment_utils import ExperimentUtils
 from rapidfire_state.logging import RFLogger
-from rapidfire_state.metric_manager import MLflowManager
-from rapidfire_state.shm_manager import SharedMemoryManager
-from rapidfire_state.worker_manager import WorkerManager, run_worker
 
 FEATURES = 16
-SAMPLES_PER_CHUNK = 256
-STEPS_PER_CHUNK = 8
+CLASSES = 3
+TRAIN_SAMPLES = 2400
+VAL_SAMPLES = 600
+BATCH_SIZE = 50
+#: the grid the runs are taken from, in an order where the first few differ meaningfully
+GRID = {"hidden": List([64, 4, 16]), "lr": List([0.3, 0.03, 0.003])}
+OPEN = (TaskStatus.PENDING, TaskStatus.SCHEDULED, TaskStatus.IN_PROGRESS)
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; raised in the main thread so every transaction unwinds first."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    # only raise: the clean-up runs at the top of the stack, after every open
+    # transaction and context manager has been left (never inside one)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Interrupted(signum)
 
 
 def model_key(run_id: int) -> str:
@@ -59,19 +84,31 @@ def build_model(config: dict) -> Any:
     return torch.nn.Sequential(
         torch.nn.Linear(FEATURES, config["hidden"]),
         torch.nn.ReLU(),
-        torch.nn.Linear(config["hidden"], 1),
+        torch.nn.Linear(config["hidden"], config["hidden"]),
+        torch.nn.ReLU(),
+        torch.nn.Linear(config["hidden"], CLASSES),
     )
 
 
-def chunk_data(chunk_id: int) -> tuple[Any, Any]:
-    """A deterministic synthetic regression chunk (the 'dataset' is y = x·w + noise)."""
+def dataset() -> tuple[Any, Any, Any, Any]:
+    """Three interleaved noisy spirals, embedded in 16 dimensions by a fixed random rotation.
+
+    Linear models reach about a third; the grid's configurations separate clearly.
+    """
     import torch
 
-    generator = torch.Generator().manual_seed(1000 + chunk_id)
-    weights = torch.linspace(-1.0, 1.0, FEATURES).unsqueeze(1)
-    features = torch.randn(SAMPLES_PER_CHUNK, FEATURES, generator=generator)
-    targets = features @ weights + 0.05 * torch.randn(SAMPLES_PER_CHUNK, 1, generator=generator)
-    return features, targets
+    generator = torch.Generator().manual_seed(7)
+    total = TRAIN_SAMPLES + VAL_SAMPLES
+    labels = torch.arange(total) % CLASSES
+    radius = torch.rand(total, generator=generator)
+    angle = labels * (2 * torch.pi / CLASSES) + radius * 3.0 + 0.25 * torch.randn(total, generator=generator)
+    plane = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
+    noise = 0.3 * torch.randn(total, FEATURES - 2, generator=generator)
+    rotation, _ = torch.linalg.qr(torch.randn(FEATURES, FEATURES, generator=generator))
+    features = torch.cat([plane * 3.0, noise], dim=1) @ rotation
+    order = torch.randperm(total, generator=generator)
+    features, labels = features[order], labels[order]
+    return features[:TRAIN_SAMPLES], labels[:TRAIN_SAMPLES], features[TRAIN_SAMPLES:], labels[TRAIN_SAMPLES:]
 
 
 def _quiet_default_log_handler() -> None:
@@ -90,37 +127,69 @@ def demo_worker(
     registry: Any, lock: Any, shutdown_event: Any, **_: Any,
 ) -> None:
     """A worker process: claim TRAIN_VAL tasks and train one chunk of one run each."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)  # torch's, once per process, not twice
     import torch
+
+    from rapidfire_state.metric_manager import MLflowManager
+    from rapidfire_state.shm_manager import SharedMemoryManager
+    from rapidfire_state.worker_manager import run_worker
 
     torch.set_num_threads(1)
     _quiet_default_log_handler()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller decides; a terminal's Ctrl-C reaches us too
     shm = SharedMemoryManager("demo-shm", registry, lock, db)
     metrics = MLflowManager(db=db)  # logs go to the outbox; this process's flusher sends them
-    logger = RFLogger(experiment_name).create_logger(f"worker_{worker_id}")
+    logger = RFLogger(experiment_name, console=False).create_logger(f"worker_{worker_id}")  # the table owns the terminal
+    schedule = db.get_experiment(experiment_id).config_options or {}
+    chunks, epochs = int(schedule["chunks"]), int(schedule["epochs"])
+    train_x, train_y, val_x, val_y = dataset()
+    chunk_size = TRAIN_SAMPLES // chunks
 
     def train_chunk(task: Any) -> None:
         run = db.get_run(task.run_id)
+        expected = run.num_chunks_visited % chunks
+        if task.chunk_id != expected or run.num_chunks_visited >= chunks * epochs:
+            raise RuntimeError(f"run {run.run_id} is at chunk {expected} (visited {run.num_chunks_visited}); "
+                               f"task {task.task_id} is for chunk {task.chunk_id}")
         config = run.config
         model = build_model(config)
         model.load_state_dict(shm.load(model_key(run.run_id)))
-        optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"])
-        features, targets = chunk_data(task.chunk_id)
-        loss = torch.tensor(0.0)
-        for _ in range(STEPS_PER_CHUNK):
+        optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9)
+        start = task.chunk_id * chunk_size
+        features, labels = train_x[start:start + chunk_size], train_y[start:start + chunk_size]
+        generator = torch.Generator().manual_seed(run.run_id * 1000 + run.num_chunks_visited)
+        order = torch.randperm(chunk_size, generator=generator)
+        train_loss = torch.tensor(0.0)
+        model.train()
+        for first in range(0, chunk_size, BATCH_SIZE):
+            batch = order[first:first + BATCH_SIZE]
             optimizer.zero_grad()
-            loss = torch.nn.functional.mse_loss(model(features), targets)
-            loss.backward()
+            train_loss = torch.nn.functional.cross_entropy(model(features[batch]), labels[batch])
+            train_loss.backward()
             optimizer.step()
-        # The chunk-boundary swap: same shapes, so an in-place copy into shared memory.
+        model.eval()
+        with torch.no_grad():
+            logits = model(val_x)
+            val_loss = float(torch.nn.functional.cross_entropy(logits, val_y))
+            val_accuracy = float((logits.argmax(dim=1) == val_y).float().mean())
+        # the chunk-boundary swap: same shapes, so an in-place copy into shared memory
         shm.store(model_key(run.run_id), model.state_dict(), experiment_id=experiment_id,
                   run_id=run.run_id, chunk_id=task.chunk_id, object_type=SHMObjectType.MODEL)
-        completed = run.completed_steps + STEPS_PER_CHUNK
+        visited = run.num_chunks_visited + 1
+        steps = run.completed_steps + (chunk_size + BATCH_SIZE - 1) // BATCH_SIZE
         db.update_run_progress(
-            run.run_id, completed_steps=completed, num_chunks_visited=run.num_chunks_visited + 1,
-            progress=min(1.0, completed / max(run.total_steps, 1)),
+            run.run_id, completed_steps=steps, num_chunks_visited=visited,
+            num_epochs_completed=visited // chunks, progress=visited / (chunks * epochs),
         )
-        metrics.log_metric(run.metric_run_id, "train_loss", float(loss), step=completed)
-        logger.info("trained chunk", run_id=run.run_id, chunk_id=task.chunk_id, loss=round(float(loss), 4))
+        metrics.log_metrics(
+            run.metric_run_id,
+            {"train_loss": float(train_loss), "val_loss": val_loss, "val_accuracy": val_accuracy},
+            step=visited,
+        )
+        logger.info("trained chunk", run_id=run.run_id, chunk_id=task.chunk_id, epoch=run.num_chunks_visited // chunks,
+                    val_accuracy=round(val_accuracy, 3))
 
     processed = run_worker(worker_id, db, train_chunk, shutdown_event, experiment_id=experiment_id)
     metrics.close()  # bounded: what is not delivered stays in the outbox for the controller
@@ -128,182 +197,377 @@ def demo_worker(
 
 
 class Controller:
-    """Schedules chunks, applies interactive-control requests, tracks everything in the DB."""
+    """Schedules each run's next chunk, applies interactive control, tracks everything in the DB."""
 
-    def __init__(self, db: StateDB, args: argparse.Namespace):
+    def __init__(self, db: StateDB, args: argparse.Namespace, say: Any):
         self.db = db
         self.args = args
-        self.metrics = MLflowManager(db=db)
-        # the experiment's ending flushes the runs' final statuses to MLflow
-        self.utils = ExperimentUtils(db, metrics=self.metrics)
+        self.say = say
+        self.experiment_id: Optional[int] = None
+        self.name = args.name
+        self.metrics: Any = None
+        self.utils: Any = None
+        self.shm: Any = None
+        self.workers: Any = None
+        self.logger: Any = None
+        self.failures = 0
+        self.deferred: list[Any] = []  # control requests waiting for their run's task to finish
+        self.plan_done: set[str] = set()
+
+    # --- set-up ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        from rapidfire_state.experiment_utils import ExperimentUtils
+
+        self.utils = ExperimentUtils(self.db)
         base = os.path.join(str(rf_home()), "experiments")
-        self.experiment_id, self.name, messages = self.utils.create_experiment(args.name, base)
-        self.logger = RFLogger(self.name).create_logger("controller")
+        self.experiment_id, self.name, messages = self.utils.create_experiment(self.args.name, base)
+        self.db.set_experiment_config(self.experiment_id, {"chunks": self.args.chunks, "epochs": self.args.epochs})
+        self.logger = RFLogger(self.name, console=False).create_logger("controller")
         for message in messages:
             self.logger.info(message)
-        self.metric_experiment_id = self.metrics.track_experiment(self.experiment_id)
-        self.shm = SharedMemoryManager("demo-shm", db=db)
-        self.workers: WorkerManager | None = None
-        self.failures = 0
-        self.current_chunk = 0
+        self.say(f"experiment {self.experiment_id} ({self.name}): {self.args.runs} runs, {self.args.workers} workers, "
+                 f"{self.args.chunks} chunks x {self.args.epochs} epochs")
+        from rapidfire_state.metric_manager import MLflowManager  # seconds: imports MLflow
 
-    def add_run(self, config: dict, *, source: Any = RunSource.USER, parent: Any = None) -> int:
+        self.metrics = MLflowManager(db=self.db)
+        self.utils.metrics = self.metrics  # the experiment's ending flushes the runs' last statuses
+        self.metrics.track_experiment(self.experiment_id)
+        from rapidfire_state.shm_manager import SharedMemoryManager
+
+        self.shm = SharedMemoryManager("demo-shm", db=self.db)
+        configs = get_runs(GridSearch(GRID), seed=0)[: self.args.runs]
+        for config in configs:
+            self.add_run(config)
+        from rapidfire_state.worker_manager import WorkerManager
+
+        registry, lock = self.shm.get_shm_objects()
+        self.workers = WorkerManager(self.args.workers, registry, lock, target=demo_worker, db=self.db)
+        self.workers.spawn_workers(self.experiment_id, self.name)
+        self.db.set_experiment_task(self.experiment_id, ExperimentTask.RUN_FIT)
+
+    def add_run(self, config: dict, *, parent: Any = None, warm: bool = False) -> int:
         import torch
 
         run = self.db.create_run(
-            self.experiment_id, config, source=source,
+            self.experiment_id, config, source=RunSource.CLONE_MODIFY if parent else RunSource.USER,
             cloned_from=parent.run_id if parent else None,
-            warm_started_from=parent.run_id if parent else None,
-            total_steps=(self.args.chunks - self.current_chunk) * STEPS_PER_CHUNK,
+            warm_started_from=parent.run_id if parent and warm else None,
+            total_steps=self.args.chunks * self.args.epochs * ((TRAIN_SAMPLES // self.args.chunks + BATCH_SIZE - 1) // BATCH_SIZE),
         )
-        # its MLflow run (run_<id>, tagged, config as params); from now on every
-        # status change of the run reaches MLflow through the outbox
         self.metrics.create_run_for(run.run_id)
-        if parent is None:
+        if parent is not None and warm:
+            self.shm.create_warm_start(model_key(parent.run_id), model_key(run.run_id), run_id=run.run_id)
+        else:
             torch.manual_seed(run.run_id)
             self.shm.store(model_key(run.run_id), build_model(config).state_dict(),
-                           experiment_id=self.experiment_id, run_id=run.run_id,
-                           object_type=SHMObjectType.MODEL)
-        else:  # warm start: a copy of the parent's current weights
-            self.shm.create_warm_start(model_key(parent.run_id), model_key(run.run_id), run_id=run.run_id)
+                           experiment_id=self.experiment_id, run_id=run.run_id, object_type=SHMObjectType.MODEL)
         self.db.transition_run(run.run_id, RunStatus.ONGOING, reason="scheduled")
         self.logger.info("run created", run_id=run.run_id, config=config)
         return run.run_id
 
-    def apply_control_requests(self) -> None:
-        """Interactive control: what a person asked for through the dispatcher."""
-        while (task := self.db.claim_controller_task(self.experiment_id)) is not None:
-            try:
-                if task.task_type == ControllerTask.IC_STOP:
-                    self.db.transition_run(task.run_id, RunStatus.STOPPED, reason="stopped by user")
-                elif task.task_type == ControllerTask.IC_RESUME:
-                    self.db.transition_run(task.run_id, RunStatus.ONGOING, reason="resumed by user")
-                elif task.task_type == ControllerTask.IC_CLONE_MODIFY_WARM:
-                    parent = self.db.get_run(task.run_id)
-                    self.add_run(task.config, source=RunSource.CLONE_MODIFY, parent=parent)
-                self.db.finish_controller_task(task.task_id, ok=True)
-            except Exception as exc:  # a bad request fails its task, not the experiment
-                self.db.finish_controller_task(task.task_id, ok=False, error=repr(exc))
-            self.logger.info("control request handled", task_type=task.task_type.value, run_id=task.run_id)
+    # --- the scheduler ---------------------------------------------------------------------
 
-    def run_chunk(self, chunk_id: int) -> None:
-        live = self.db.list_runs(self.experiment_id, statuses=[RunStatus.ONGOING])
-        tasks = [
-            self.db.create_worker_task(self.experiment_id, run.run_id, index % self.args.workers, chunk_id)
-            for index, run in enumerate(live)
-        ]
-        pending = {task.task_id for task in tasks}
-        deadline = time.monotonic() + 300
-        while pending:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"chunk {chunk_id} did not finish: tasks {sorted(pending)}")
-            self.db.fail_stale_workers(grace_seconds=60, experiment_id=self.experiment_id)
-            finished = self.db.list_tasks(
-                "worker", experiment_id=self.experiment_id,
-                statuses=[TaskStatus.COMPLETED, TaskStatus.FAILED],
-            )
-            pending -= {task.task_id for task in finished}
+    @property
+    def target_chunks(self) -> int:
+        return self.args.chunks * self.args.epochs
+
+    def run(self, progress: Any) -> None:
+        while True:
+            runs = self.db.list_runs(self.experiment_id)
+            open_tasks = self.db.list_tasks("worker", experiment_id=self.experiment_id, statuses=OPEN)
+            busy_runs = {task.run_id for task in open_tasks}
+            self.fail_runs_of_failed_tasks()
+            self.apply_control_requests(busy_runs)
+            if not self.args.interactive:
+                self.scripted_interventions(runs)
+            runs = self.db.list_runs(self.experiment_id)
+            for run in runs:
+                if run.status == RunStatus.ONGOING and run.run_id not in busy_runs and run.num_chunks_visited >= self.target_chunks:
+                    self.db.transition_run(run.run_id, RunStatus.COMPLETED, reason="every chunk of every epoch trained")
+            self.dispatch(busy_runs, {task.worker_id for task in open_tasks})
+            progress.update(self.snapshot())
+            runs = self.db.list_runs(self.experiment_id)
+            live = [r for r in runs if r.status in (RunStatus.NEW, RunStatus.ONGOING)]
+            stopped = [r for r in runs if r.status == RunStatus.STOPPED]
+            requests = self.db.list_tasks("controller", experiment_id=self.experiment_id, statuses=OPEN)
+            # done when nothing can move any more; interactively, a stopped run waits for a
+            # person (resume or kill it), scripted, the plan has already resumed its run
+            if not live and not requests and not self.deferred and not (stopped and self.args.interactive):
+                return
             time.sleep(0.05)
+
+    def dispatch(self, busy_runs: set[int], busy_workers: set[int]) -> None:
+        free = [worker for worker in range(self.args.workers) if worker not in busy_workers]
+        if not free:
+            return
+        waiting = sorted(
+            (r for r in self.db.list_runs(self.experiment_id, statuses=[RunStatus.ONGOING])
+             if r.run_id not in busy_runs and r.num_chunks_visited < self.target_chunks),
+            key=lambda r: (r.num_chunks_visited, r.run_id),  # the run furthest behind first
+        )
+        for worker, run in zip(free, waiting):
+            self.db.create_worker_task(self.experiment_id, run.run_id, worker, run.num_chunks_visited % self.args.chunks)
+
+    def fail_runs_of_failed_tasks(self) -> None:
+        self.db.fail_stale_workers(grace_seconds=60, experiment_id=self.experiment_id)
         for task in self.db.list_tasks("worker", experiment_id=self.experiment_id, statuses=[TaskStatus.FAILED]):
-            if task.task_id in {t.task_id for t in tasks}:
+            run = self.db.get_run(task.run_id)
+            if run.status in (RunStatus.NEW, RunStatus.ONGOING, RunStatus.STOPPED):
                 self.failures += 1
                 self.logger.error("task failed; failing its run", run_id=task.run_id, task_id=task.task_id)
                 self.db.transition_run(task.run_id, RunStatus.FAILED, error=task.error, reason="chunk failed")
-        self.logger.info("chunk finished", chunk_id=chunk_id, runs=len(live))
 
-    def run(self) -> None:
-        configs = get_runs(GridSearch({"lr": List([0.02, 0.1]), "hidden": List([8, 32])}), seed=0)
-        run_ids = [self.add_run(config) for config in configs]
-        registry, lock = self.shm.get_shm_objects()
-        self.workers = WorkerManager(self.args.workers, registry, lock, target=demo_worker, db=self.db)
-        self.workers.spawn_workers(self.experiment_id, self.name)
-        self.utils.setup_signal_handlers(self.workers)
-        self.db.set_experiment_task(self.experiment_id, ExperimentTask.RUN_FIT)
+    # --- interactive control ---------------------------------------------------------------
+
+    def apply_control_requests(self, busy_runs: set[int]) -> None:
+        """Apply queued requests at their run's task boundary (a run with a chunk in flight waits)."""
+        while (task := self.db.claim_controller_task(self.experiment_id)) is not None:
+            self.deferred.append(task)
+        still = []
+        for task in self.deferred:
+            if task.run_id in busy_runs:
+                still.append(task)
+                continue
+            self.apply(task)
+        self.deferred = still
+
+    def apply(self, task: Any) -> None:
         try:
-            for chunk_id in range(self.args.chunks):
-                self.current_chunk = chunk_id
-                # What a person would do from the dashboard, queued as the dispatcher would.
-                if chunk_id == 1:
-                    self.db.create_controller_task(self.experiment_id, ControllerTask.IC_STOP, run_id=run_ids[1])
-                    self.db.create_controller_task(
-                        self.experiment_id, ControllerTask.IC_CLONE_MODIFY_WARM, run_id=run_ids[0],
-                        config_leaf={**configs[0], "lr": configs[0]["lr"] / 2},
-                    )
-                if chunk_id == 2:
-                    self.db.create_controller_task(self.experiment_id, ControllerTask.IC_RESUME, run_id=run_ids[1])
-                self.apply_control_requests()
-                self.run_chunk(chunk_id)
-            for run in self.db.list_runs(self.experiment_id, statuses=[RunStatus.ONGOING]):
-                self.db.transition_run(run.run_id, RunStatus.COMPLETED, reason="all chunks trained")
-        finally:
-            self.workers.shutdown_workers()
-            self.utils.end_experiment()
-            self.shm.close()
-            RFLogger.close_all()
+            kind = task.task_type
+            if kind == ControllerTask.IC_STOP:
+                self.db.transition_run(task.run_id, RunStatus.STOPPED, reason="stopped by request")
+            elif kind == ControllerTask.IC_RESUME:
+                self.db.transition_run(task.run_id, RunStatus.ONGOING, reason="resumed by request")
+            elif kind == ControllerTask.IC_DELETE:
+                self.db.transition_run(task.run_id, RunStatus.KILLED, reason="killed by request")
+            elif kind in (ControllerTask.IC_CLONE_MODIFY, ControllerTask.IC_CLONE_MODIFY_WARM):
+                parent = self.db.get_run(task.run_id)
+                warm = kind == ControllerTask.IC_CLONE_MODIFY_WARM
+                self.add_run({**parent.config, **(task.config or {})}, parent=parent, warm=warm)
+            else:
+                raise ValueError(f"{kind} is not an interactive-control request")
+            self.db.finish_controller_task(task.task_id, ok=True)
+            self.logger.info("control request applied", task_type=kind.value, run_id=task.run_id)
+        except Exception as exc:  # a request that cannot apply fails its task, not the experiment
+            self.db.finish_controller_task(task.task_id, ok=False, error=f"{type(exc).__name__}: {exc}")
+            self.logger.warning("control request failed", task_type=task.task_type.value, error=str(exc))
+
+    def scripted_interventions(self, runs: list[Any]) -> None:
+        """What a person would do, queued through the database as `rapidfire-state ic` does."""
+        originals = [r for r in runs if r.source == RunSource.USER]
+        if len(originals) < 2:
+            return
+        second = originals[1]
+        if "stop" not in self.plan_done and second.num_chunks_visited >= 1:
+            self.db.create_controller_task(self.experiment_id, ControllerTask.IC_STOP, run_id=second.run_id)
+            self.plan_done.add("stop")
+        others = [r for r in originals if r.run_id != second.run_id]
+        if "stop" in self.plan_done and "resume" not in self.plan_done and second.status == RunStatus.STOPPED and \
+                all(r.num_chunks_visited >= self.args.chunks or r.status != RunStatus.ONGOING for r in others):
+            self.db.create_controller_task(self.experiment_id, ControllerTask.IC_RESUME, run_id=second.run_id)
+            self.plan_done.add("resume")
+        if "clone" not in self.plan_done and all(r.num_chunks_visited >= 2 for r in others):
+            best = self.best_run(others)
+            if best is not None:
+                config = {**best.config, "lr": best.config["lr"] / 2}
+                self.db.create_controller_task(
+                    self.experiment_id, ControllerTask.IC_CLONE_MODIFY_WARM, run_id=best.run_id, config_leaf=config
+                )
+                self.plan_done.add("clone")
+
+    def best_run(self, runs: list[Any]) -> Any:
+        scores = self.db.latest_metric_values([r.run_id for r in runs], ["val_accuracy"])
+        scored = [(scores.get(r.run_id, {}).get("val_accuracy", -1.0), r.run_id, r) for r in runs]
+        return max(scored, key=lambda item: (item[0], -item[1]))[2] if scored else None
+
+    # --- reporting ---------------------------------------------------------------------------
+
+    def snapshot(self) -> list[dict]:
+        runs = self.db.list_runs(self.experiment_id)
+        values = self.db.latest_metric_values([r.run_id for r in runs], ["train_loss", "val_accuracy"])
+        return [
+            {"run_id": r.run_id, "status": r.status.value, "visited": r.num_chunks_visited,
+             "epoch": min(r.num_chunks_visited // self.args.chunks + 1, self.args.epochs),
+             "chunk": r.num_chunks_visited % self.args.chunks, "progress": r.progress,
+             "train_loss": values.get(r.run_id, {}).get("train_loss"),
+             "val_accuracy": values.get(r.run_id, {}).get("val_accuracy"),
+             "config": ", ".join(f"{k}={v}" for k, v in sorted(r.config.items()))}
+            for r in runs
+        ]
 
 
-def print_state(db: StateDB, experiment_id: int) -> None:
-    from sqlalchemy import text
+# --- progress display ----------------------------------------------------------------------------
 
-    def table(title: str, sql: str) -> None:
-        with db.session() as session:
-            result = session.execute(text(sql), {"e": experiment_id})
-            columns = list(result.keys())
-            rows = [[("" if v is None else str(v)) for v in row] for row in result]
-        widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
-        print(f"\n{title}")
-        print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+
+class Progress:
+    """A live table of runs on a terminal (rich), plain lines when stdout is not one."""
+
+    def __init__(self, total_chunks: int):
+        from rich.console import Console
+
+        self.console = Console()
+        self.total = total_chunks
+        self.live: Any = None
+        self.last_lines: dict[int, tuple] = {}
+        self.interactive = self.console.is_terminal
+
+    def __enter__(self) -> "Progress":
+        if self.interactive:
+            from rich.live import Live
+
+            self.live = Live(console=self.console, refresh_per_second=4, transient=False)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live is not None:
+            self.live.__exit__(*exc)
+            self.live = None
+
+    def say(self, text: str) -> None:
+        self.console.print(text, highlight=False, soft_wrap=True)
+
+    def update(self, rows: list[dict]) -> None:
+        if self.live is not None:
+            self.live.update(self.table(rows))
+            return
+        for row in rows:  # a pipe or CI: one line per change of a run
+            key = (row["status"], row["visited"])
+            if self.last_lines.get(row["run_id"]) != key:
+                self.last_lines[row["run_id"]] = key
+                self.say(self.line(row))
+
+    def line(self, row: dict) -> str:
+        return (f"run {row['run_id']}: {row['status']:<9} epoch {row['epoch']} chunk {row['chunk']} "
+                f"{row['visited']}/{self.total} chunks  train_loss {_fmt(row['train_loss'])}  "
+                f"val_acc {_fmt(row['val_accuracy'])}")
+
+    def table(self, rows: list[dict]) -> Any:
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+
+        table = Table(title="runs", expand=False)
+        for column in ("run", "status", "epoch", "chunk", "progress", "train loss", "val acc", "config"):
+            table.add_column(column)
         for row in rows:
-            print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+            bar = ProgressBar(total=self.total, completed=row["visited"], width=20)
+            table.add_row(str(row["run_id"]), row["status"], str(row["epoch"]), str(row["chunk"]), bar,
+                          _fmt(row["train_loss"]), _fmt(row["val_accuracy"]), row["config"])
+        return table
 
-    table("experiment", "SELECT experiment_id, name, status, current_task, metric_experiment_id "
-          "FROM experiments WHERE experiment_id = :e")
-    table("MLflow runs and their outbox (metric_streams, metric_outbox)",
-          "SELECT s.run_id, s.metric_run_id, COUNT(o.outbox_id) AS rows_logged, "
-          "SUM(CASE WHEN o.delivered_at IS NOT NULL THEN 1 ELSE 0 END) AS delivered "
-          "FROM metric_streams s LEFT JOIN metric_outbox o ON o.stream_id = s.stream_id "
-          "WHERE s.experiment_id = :e GROUP BY s.run_id, s.metric_run_id ORDER BY s.run_id")
-    table("runs (SELECT … FROM run_overview)",
-          "SELECT run_id, status, ended_by, source, warm_started_from AS warm_from, completed_steps AS steps, "
-          "total_steps AS total, num_chunks_visited AS chunks, ROUND(progress, 2) AS progress "
-          "FROM run_overview WHERE experiment_id = :e ORDER BY run_id")
-    table("status history of every run (state_transitions)",
-          "SELECT t.entity_id AS run_id, t.from_status, t.to_status, t.reason FROM state_transitions t "
-          "JOIN runs r ON r.run_id = t.entity_id WHERE t.entity = 'run' AND r.experiment_id = :e "
-          "ORDER BY t.transition_id")
-    table("tasks", "SELECT 'worker' AS kind, task_type, status, COUNT(*) AS n FROM worker_tasks "
-          "WHERE experiment_id = :e GROUP BY task_type, status UNION ALL "
-          "SELECT 'controller', task_type, status, COUNT(*) FROM controller_tasks "
-          "WHERE experiment_id = :e GROUP BY task_type, status")
-    table("workers", "SELECT worker_id, pid, exited_at IS NOT NULL AS exited, exit_code FROM workers "
-          "WHERE experiment_id = :e ORDER BY worker_id")
+
+def _fmt(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+# --- the end --------------------------------------------------------------------------------------
+
+
+def print_summary(controller: Controller, progress: Progress) -> None:
+    db, experiment_id = controller.db, controller.experiment_id
+    rows = controller.snapshot()
+    say = progress.say
+    say("\nleaderboard (validation accuracy after the run's last chunk)")
+    ranked = sorted(rows, key=lambda r: -(r["val_accuracy"] if r["val_accuracy"] is not None else -1))
+    for place, row in enumerate(ranked, 1):
+        run = db.get_run(row["run_id"])
+        origin = f"  (clone of run {run.cloned_from}, warm)" if run.cloned_from else ""
+        say(f"  {place}. run {row['run_id']}: val_acc {_fmt(row['val_accuracy'])}  {row['status']:<9} "
+            f"{row['visited']}/{controller.target_chunks} chunks  {row['config']}{origin}")
+    experiment = db.get_experiment(experiment_id)
+    say(f"\nexperiment {experiment_id} ({experiment.name}): {experiment.status.value}; "
+        f"MLflow rows still pending: {controller.metrics.pending()}")
+    say(f"logs: {RFLogger(experiment.name, console=False).log_file('controller').parent}")
+    say("\nlook further:")
+    say(f"  rapidfire-state runs -e {experiment_id}")
+    say("  rapidfire-state watch            # while an experiment runs")
+    store = controller.metrics.tracking_uri
+    say(f"  mlflow ui --backend-store-uri {store}")
+
+
+def end_interrupted(controller: Controller, signum: int, progress: Progress) -> int:
+    """The truth after SIGINT/SIGTERM: what had completed stays so, the rest is ended, children gone."""
+    import psutil
+
+    name = signal.Signals(signum).name
+    db = controller.db
+    if controller.workers is not None:
+        try:
+            controller.workers.terminate_workers(term_timeout=1.0, kill_timeout=3.0)
+        except Exception as exc:  # noqa: BLE001 - the clean-up goes on
+            controller.say(f"could not stop the workers: {exc}")
+    children = psutil.Process().children(recursive=True)  # a half-made spawn, the shm registry
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=3)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    outcome = "before the experiment existed"
+    if controller.experiment_id is not None:
+        runs = db.list_runs(controller.experiment_id)
+        all_completed = bool(runs) and all(r.status == RunStatus.COMPLETED for r in runs)
+        final = ExperimentStatus.COMPLETED if all_completed else ExperimentStatus.FAILED
+        reason = f"interrupted by {name}"
+        db.cleanup_experiment_state(
+            controller.experiment_id, status=final, run_status=RunStatus.KILLED, reason=reason,
+            error=None if all_completed else reason,
+        )
+        if controller.metrics is not None:
+            controller.metrics.flush(timeout=3)
+            controller.metrics.close(timeout=1)
+        outcome = f"experiment {controller.experiment_id} {final.value}"
+    if controller.shm is not None:
+        try:
+            controller.shm.close()
+        except Exception:  # noqa: BLE001 - its manager process is gone already
+            pass
+    progress.__exit__(None, None, None)
+    print(f"interrupted by {name}: {outcome}; live runs killed, workers stopped", file=sys.stderr)
+    return 128 + signum
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGINT, _raise_interrupted)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", default="demo", help="experiment name (made unique)")
+    parser.add_argument("--runs", type=int, default=4, help="configurations from the grid (1-9, default 4)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
-    parser.add_argument("--chunks", type=int, default=4, help="chunks per run (default 4)")
+    parser.add_argument("--chunks", type=int, default=4, help="chunks per epoch (default 4)")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs (default 2)")
+    parser.add_argument("--interactive", action="store_true",
+                        help="no scripted interventions: use `rapidfire-state ic …` from another terminal")
     args = parser.parse_args(argv)
-    if args.workers < 1 or args.chunks < 3:
-        parser.error("--workers must be >= 1 and --chunks >= 3 (the interventions happen at chunks 1 and 2)")
+    if not 1 <= args.runs <= 9 or args.workers < 1 or args.chunks < 1 or args.epochs < 1:
+        parser.error("--runs must be 1-9; --workers, --chunks and --epochs at least 1")
     started = time.monotonic()
     _quiet_default_log_handler()
+    progress = Progress(args.chunks * args.epochs)
     db = StateDB()
-    controller = Controller(db, args)
-    print(f"database: {db.url_text}")
-    print(f"experiment {controller.experiment_id} ({controller.name}): "
-          f"{args.workers} workers, {args.chunks} chunks")
-    controller.run()
-    print_state(db, controller.experiment_id)
-    print("\ntrain_loss per chunk (MLflow)")
-    for run in db.list_runs(controller.experiment_id):
-        losses = controller.metrics.get_run_metrics(run.metric_run_id).get("train_loss", [])
-        print(f"run {run.run_id}: " + "  ".join(f"{value:.4f}" for _, value in losses))
-    pending = controller.metrics.pending()
-    print(f"\nMLflow store: {controller.metrics.tracking_uri} (metric rows still pending: {pending})")
-    print(f"done in {time.monotonic() - started:.1f} s; inspect with: rapidfire-state runs -e {controller.experiment_id}")
-    controller.metrics.close()
+    controller = Controller(db, args, progress.say)
+    try:
+        progress.say(f"database: {db.url_text}")
+        controller.start()
+        if args.interactive:
+            progress.say(f"interactive: e.g. rapidfire-state ic stop 2 -e {controller.experiment_id}")
+        with progress:
+            controller.run(progress)
+        controller.workers.shutdown_workers()
+        controller.utils.end_experiment()  # COMPLETED; flushes the runs' last statuses to MLflow
+        print_summary(controller, progress)
+        controller.shm.close()
+        controller.metrics.close()
+        RFLogger.close_all()
+    except Interrupted as interrupted:
+        return end_interrupted(controller, interrupted.signum, progress)
+    progress.say(f"done in {time.monotonic() - started:.1f} s")
     db.close()
     if controller.failures:
         print(f"{controller.failures} worker tasks failed; see the error column of worker_tasks", file=sys.stderr)

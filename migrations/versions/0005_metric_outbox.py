@@ -95,6 +95,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["stream_id"], ["metric_streams.stream_id"], name="fk_metric_outbox_stream_id_metric_streams"),
         sa.PrimaryKeyConstraint("outbox_id", name="pk_metric_outbox"),
     )
+    op.create_index("ix_metric_outbox_stream_id_key", "metric_outbox", ["stream_id", "key", "outbox_id"])
     op.create_index(
         "ix_metric_outbox_pending", "metric_outbox", ["stream_id", "outbox_id"],
         sqlite_where=sa.text(_PENDING), postgresql_where=sa.text(_PENDING),
@@ -116,6 +117,7 @@ def downgrade() -> None:
                 table="metric_outbox", row_count=int(pending), revision=revision,
             )
     op.drop_index("ix_metric_outbox_pending", table_name="metric_outbox")
+    op.drop_index("ix_metric_outbox_stream_id_key", table_name="metric_outbox")
     op.drop_table("metric_outbox")
     op.drop_index("ix_metric_streams_experiment_id", table_name="metric_streams")
     op.drop_index("ix_metric_streams_run_id", table_name="metric_streams")

@@ -410,6 +410,8 @@ metric_outbox = Table(
     Column("error", Text),
     _created_at(),
     _enum_check("kind", MetricRowKind),
+    # per-key reads: a metric's latest value, a parameter's first one
+    Index("ix_metric_outbox_stream_id_key", "stream_id", "key", "outbox_id"),
     Index(
         "ix_metric_outbox_pending", "stream_id", "outbox_id",
         sqlite_where=text(OUTBOX_PENDING_WHERE),  # PostgreSQL's: attach_postgresql_options

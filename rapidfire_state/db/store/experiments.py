@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 from types import MappingProxyType
@@ -275,6 +276,18 @@ class ExperimentStore(StoreCore):
         check_id("experiment_id", experiment_id)
         task_value = enum_value(ExperimentTask, task, "experiment task")
         return self._set_columns(EXPERIMENT, experiment_id, load_experiment, current_task=task_value)
+
+    def set_experiment_config(self, experiment_id: int, config_options: Optional[dict]) -> ExperimentRecord:
+        """Replace the experiment's ``config_options`` (a JSON object, or None)."""
+        check_id("experiment_id", experiment_id)
+        if config_options is not None:
+            if not isinstance(config_options, dict):
+                raise ConfigError(f"config_options {config_options!r} is not a dict")
+            try:
+                json.dumps(config_options)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"config_options {config_options!r} is not JSON: {exc}") from None
+        return self._set_columns(EXPERIMENT, experiment_id, load_experiment, config_options=config_options)
 
     def set_experiment_metric_id(self, experiment_id: int, metric_experiment_id: Optional[str]) -> ExperimentRecord:
         """Record the metric store's (MLflow's) experiment id."""
