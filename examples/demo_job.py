@@ -66,11 +66,18 @@ class Interrupted(Exception):
         self.signum = signum
 
 
+#: the signal that interrupted the job, once one did
+_received: list[int] = []
+
+
 def _raise_interrupted(signum: int, frame: Any) -> None:
     # only raise: the clean-up runs at the top of the stack, after every open
-    # transaction and context manager has been left (never inside one)
+    # transaction and context manager has been left (never inside one).  Recorded
+    # first: a library may catch the exception and raise its own (MLflow wraps
+    # what interrupts its store set-up in an MlflowException)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _received.append(signum)
     raise Interrupted(signum)
 
 
@@ -486,18 +493,15 @@ def print_summary(controller: Controller, progress: Progress) -> None:
     say(f"  mlflow ui --backend-store-uri {store}")
 
 
-def end_interrupted(controller: Controller, signum: int, progress: Progress) -> int:
-    """The truth after SIGINT/SIGTERM: what had completed stays so, the rest is ended, children gone."""
+def _stop_children() -> None:
+    """What is left of this process's children (a spawn cut short): SIGTERM, then SIGKILL.
+
+    torch's ``torch_shm_manager`` and multiprocessing's resource tracker are left
+    alone: they serve this process until it exits and then leave by themselves.
+    """
     import psutil
 
-    name = signal.Signals(signum).name
-    db = controller.db
-    if controller.workers is not None:
-        try:
-            controller.workers.terminate_workers(term_timeout=1.0, kill_timeout=3.0)
-        except Exception as exc:  # noqa: BLE001 - the clean-up goes on
-            controller.say(f"could not stop the workers: {exc}")
-    children = psutil.Process().children(recursive=True)  # a half-made spawn, the shm registry
+    children = [c for c in psutil.Process().children(recursive=True) if not _daemon_of_ours(c)]
     for child in children:
         try:
             child.terminate()
@@ -509,8 +513,43 @@ def end_interrupted(controller: Controller, signum: int, progress: Progress) -> 
             child.kill()
         except psutil.Error:
             pass
+
+
+def _daemon_of_ours(process: Any) -> bool:
+    """torch's shared-memory daemon and multiprocessing's resource tracker: they end with us."""
+    try:
+        return process.name() == "torch_shm_manager" or "resource_tracker" in " ".join(process.cmdline())
+    except Exception:  # noqa: BLE001 - gone meanwhile
+        return True
+
+
+def end_interrupted(controller: Optional[Controller], signum: int, progress: Progress) -> int:
+    """The truth after SIGINT/SIGTERM: what had completed stays so, the rest is ended, children gone."""
+    import logging
+
+    name = signal.Signals(signum).name
+    if controller is None:  # not even the database was open
+        _stop_children()
+        print(f"interrupted by {name}: before the experiment existed; nothing to end", file=sys.stderr)
+        return 128 + signum
+    db = controller.db
+    logging.getLogger("rapidfire_state").setLevel(logging.ERROR)  # one line is printed, below
+    if controller.workers is not None:
+        try:
+            # a chunk takes a fraction of a second: let each worker finish its own and
+            # exit cleanly, escalating within 4 s in all
+            controller.workers.shutdown_workers(1.5, term_timeout=1.0, kill_timeout=1.0)
+        except Exception as exc:  # noqa: BLE001 - the clean-up goes on
+            controller.say(f"could not stop the workers: {exc}")
     outcome = "before the experiment existed"
-    if controller.experiment_id is not None:
+    if controller.experiment_id is None:  # interrupted inside create_experiment, after its commit?
+        running = db.get_running_experiment()
+        if running is not None and running.owner_pid == os.getpid():
+            controller.experiment_id = running.experiment_id
+    experiment = db.get_experiment(controller.experiment_id) if controller.experiment_id is not None else None
+    if experiment is not None and experiment.status != ExperimentStatus.RUNNING:
+        outcome = f"experiment {experiment.experiment_id} had already ended {experiment.status.value}"
+    elif experiment is not None:
         runs = db.list_runs(controller.experiment_id)
         all_completed = bool(runs) and all(r.status == RunStatus.COMPLETED for r in runs)
         final = ExperimentStatus.COMPLETED if all_completed else ExperimentStatus.FAILED
@@ -525,9 +564,10 @@ def end_interrupted(controller: Controller, signum: int, progress: Progress) -> 
         outcome = f"experiment {controller.experiment_id} {final.value}"
     if controller.shm is not None:
         try:
-            controller.shm.close()
-        except Exception:  # noqa: BLE001 - its manager process is gone already
+            controller.shm.close()  # its registry process ends with it
+        except Exception:  # noqa: BLE001 - the clean-up goes on
             pass
+    _stop_children()
     progress.__exit__(None, None, None)
     print(f"interrupted by {name}: {outcome}; live runs killed, workers stopped", file=sys.stderr)
     return 128 + signum
@@ -550,9 +590,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     _quiet_default_log_handler()
     progress = Progress(args.chunks * args.epochs)
-    db = StateDB()
-    controller = Controller(db, args, progress.say)
+    controller: Optional[Controller] = None
     try:
+        db = StateDB()
+        controller = Controller(db, args, progress.say)
         progress.say(f"database: {db.url_text}")
         controller.start()
         if args.interactive:
@@ -565,8 +606,10 @@ def main(argv: list[str] | None = None) -> int:
         controller.shm.close()
         controller.metrics.close()
         RFLogger.close_all()
-    except Interrupted as interrupted:
-        return end_interrupted(controller, interrupted.signum, progress)
+    except BaseException:
+        if not _received:
+            raise
+        return end_interrupted(controller, _received[0], progress)
     progress.say(f"done in {time.monotonic() - started:.1f} s")
     db.close()
     if controller.failures:
