@@ -110,23 +110,32 @@ def cmd_ic(args: argparse.Namespace, writer: Callable[[argparse.Namespace], Any]
         if args.no_wait:
             print(f"{label}: queued ({where})")
             return 0
-        deadline = time.monotonic() + args.timeout
-        while True:
-            current = database.get_task("controller", task.task_id)
-            if current.status.value == "COMPLETED":
-                print(f"{label}: done ({_completed_outcome(database, task.task_id)})")
-                return 0
-            if current.status.value == "FAILED":
-                print(f"{label}: failed: {current.error or 'no error recorded'}", file=sys.stderr)
-                return EXIT_REFUSED_BY_CONTROLLER
-            if time.monotonic() >= deadline:
-                print(
-                    f"{label}: not applied within {args.timeout:g} s; still {current.status.value} as {where} "
-                    f"(it stays queued: the controller applies it when it next reaches the run)",
-                    file=sys.stderr,
-                )
-                return EXIT_NOT_APPLIED_IN_TIME
-            time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+        try:
+            return _wait(database, task.task_id, label, where, args.timeout)
+        except KeyboardInterrupt:
+            print(f"{label}: interrupted; the request stays queued as {where}", file=sys.stderr)
+            return 130
+
+
+def _wait(database: Any, task_id: int, label: str, where: str, timeout: float) -> int:
+    """Poll the task until the controller finished it or ``timeout`` passed; print the outcome."""
+    deadline = time.monotonic() + timeout
+    while True:
+        current = database.get_task("controller", task_id)
+        if current.status.value == "COMPLETED":
+            print(f"{label}: done ({_completed_outcome(database, task_id)})")
+            return 0
+        if current.status.value == "FAILED":
+            print(f"{label}: failed: {current.error or 'no error recorded'}", file=sys.stderr)
+            return EXIT_REFUSED_BY_CONTROLLER
+        if time.monotonic() >= deadline:
+            print(
+                f"{label}: not applied within {timeout:g} s; still {current.status.value} as {where} "
+                f"(it stays queued: the controller applies it when it next reaches the run)",
+                file=sys.stderr,
+            )
+            return EXIT_NOT_APPLIED_IN_TIME
+        time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
 
 
 def _completed_outcome(database: Any, task_id: int) -> str:

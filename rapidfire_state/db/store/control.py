@@ -133,7 +133,10 @@ def _listed(statuses: frozenset) -> str:
 
 
 def check_clone_config(config: Any) -> dict:
-    """``config`` if it is a JSON object (a dict with str keys that JSON can write), else :class:`ControlRequestError`."""
+    """``config`` if it is a JSON object (a dict with str keys that JSON can write).
+
+    Anything else raises :class:`ControlRequestError` saying what it is.
+    """
     if not isinstance(config, dict):
         what = "nothing" if config is None else f"a {type(config).__name__} ({config!r:.60})"
         raise ControlRequestError(
@@ -204,7 +207,9 @@ def _open_requests(conn: Connection, run_id: int, task_types: tuple[ControllerTa
 
 def _status_refusal(run: RunRecord, action: str, conn: Connection) -> ControlRequestError:
     allowed = needed_statuses(action)
-    message = f"cannot {action} run {run.run_id}: it is {run.status.value}; {action} needs a run that is {_listed(allowed)}"
+    message = (
+        f"cannot {action} run {run.run_id}: it is {run.status.value}; {action} needs a run that is {_listed(allowed)}"
+    )
     pending = _open_requests(conn, run.run_id, tuple(TASK_ACTIONS))
     if pending:
         shown = ", ".join(f"{TASK_ACTIONS[ControllerTask(r['task_type'])]} (task {r['task_id']})" for r in pending)
@@ -291,7 +296,9 @@ class ControlStore(StoreCore):
         """
         check_id("task_id", task_id)
         if claim_token is not None and not isinstance(claim_token, str):
-            raise ConfigError(f"claim_token={claim_token!r} is not valid; the str of TaskRecord.claim_token is required")
+            raise ConfigError(
+                f"claim_token={claim_token!r} is not valid; the str of TaskRecord.claim_token is required"
+            )
 
         def unit(conn: Connection) -> tuple[bool, str]:
             task = load_task(conn, "controller", task_id)
