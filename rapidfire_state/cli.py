@@ -821,6 +821,11 @@ def build_parser() -> argparse.ArgumentParser:
     stale.add_argument("--grace", type=float, default=30.0, help="heartbeat age in seconds (default 30)")
     stale.add_argument("-e", "--experiment", type=int, default=None)
     stale.set_defaults(func=cmd_fail_stale)
+
+    # interactive control: ic stop|resume|kill|clone (rapidfire_state/cli_ic.py)
+    from rapidfire_state.cli_ic import add_ic_parser
+
+    add_ic_parser(commands, _writer, _check_timeout)
     return parser
 
 

@@ -102,9 +102,10 @@ LAYERS = Layers(
             "rapidfire_state.metric_manager",
             "rapidfire_state.metric_flusher",  # delivers metric_manager's outbox
             "rapidfire_state.metric_mlflow_manager",  # the spec's alias of metric_manager
+            "rapidfire_state.interactive",  # applies interactive-control requests in the controller
         }
     ),
-    cli=frozenset({"rapidfire_state.cli"}),
+    cli=frozenset({"rapidfire_state.cli", "rapidfire_state.cli_ic"}),
 )
 
 

@@ -14,6 +14,7 @@
 ``cleanup``            ending an experiment's state, cancelling its current task
 ``history``            reading ``state_transitions``
 ``metric_outbox``      rows for MLflow: appending, claiming and settling batches
+``control``            interactive-control requests: checked and queued, applied
 =====================  ==========================================================
 
 Helpers that take a connection are named ``…_without_commit`` (writes) or
@@ -25,6 +26,7 @@ from __future__ import annotations
 from typing import Optional
 
 from rapidfire_state.db.store.cleanup import CleanupStore
+from rapidfire_state.db.store.control import ControlRequestError, ControlStore
 from rapidfire_state.db.store.core import StoreCore
 from rapidfire_state.db.store.experiments import (
     DEFAULT_EXPERIMENT_NAME,
@@ -42,7 +44,7 @@ from rapidfire_state.db.store.workers import WorkerStore
 
 class StateDB(
     ExperimentStore, RunStore, TaskStore, WorkerStore, SHMObjectStore, CleanupStore, HistoryStore,
-    MetricOutboxStore, StoreCore,
+    MetricOutboxStore, ControlStore, StoreCore,
 ):
     """The state database of one deployment (SQLite file or PostgreSQL).
 
@@ -76,6 +78,7 @@ def _reopen(url: str, auto_upgrade: Optional[bool], read_only: bool = False) -> 
 
 __all__ = [
     "StateDB",
+    "ControlRequestError",
     "validate_experiment_name",
     "PROGRESS_COUNTERS",
     "DEFAULT_EXPERIMENT_NAME",
