@@ -253,22 +253,24 @@ class Controller:
         self.workers.spawn_workers(self.experiment_id, self.name)
         self.db.set_experiment_task(self.experiment_id, ExperimentTask.RUN_FIT)
 
-    def add_run(self, config: dict, *, parent: Any = None, warm: bool = False) -> int:
+    def init_model(self, run: Any, warm_from: Any) -> None:
+        """The run's model in shared memory: a copy of ``warm_from``'s current weights, or a fresh one."""
         import torch
 
+        if warm_from is not None:
+            self.shm.create_warm_start(model_key(warm_from.run_id), model_key(run.run_id), run_id=run.run_id)
+            return
+        torch.manual_seed(run.run_id)
+        self.shm.store(model_key(run.run_id), build_model(run.config).state_dict(),
+                       experiment_id=self.experiment_id, run_id=run.run_id, object_type=SHMObjectType.MODEL)
+
+    def add_run(self, config: dict) -> int:
         run = self.db.create_run(
-            self.experiment_id, config, source=RunSource.CLONE_MODIFY if parent else RunSource.USER,
-            cloned_from=parent.run_id if parent else None,
-            warm_started_from=parent.run_id if parent and warm else None,
+            self.experiment_id, config, source=RunSource.USER,
             total_steps=self.args.chunks * self.args.epochs * ((TRAIN_SAMPLES // self.args.chunks + BATCH_SIZE - 1) // BATCH_SIZE),
         )
         self.metrics.create_run_for(run.run_id)
-        if parent is not None and warm:
-            self.shm.create_warm_start(model_key(parent.run_id), model_key(run.run_id), run_id=run.run_id)
-        else:
-            torch.manual_seed(run.run_id)
-            self.shm.store(model_key(run.run_id), build_model(config).state_dict(),
-                           experiment_id=self.experiment_id, run_id=run.run_id, object_type=SHMObjectType.MODEL)
+        self.init_model(run, None)
         self.db.transition_run(run.run_id, RunStatus.ONGOING, reason="scheduled")
         self.logger.info("run created", run_id=run.run_id, config=config)
         return run.run_id
@@ -340,25 +342,16 @@ class Controller:
         self.deferred = still
 
     def apply(self, task: Any) -> None:
-        try:
-            kind = task.task_type
-            if kind == ControllerTask.IC_STOP:
-                self.db.transition_run(task.run_id, RunStatus.STOPPED, reason="stopped by request")
-            elif kind == ControllerTask.IC_RESUME:
-                self.db.transition_run(task.run_id, RunStatus.ONGOING, reason="resumed by request")
-            elif kind == ControllerTask.IC_DELETE:
-                self.db.transition_run(task.run_id, RunStatus.KILLED, reason="killed by request")
-            elif kind in (ControllerTask.IC_CLONE_MODIFY, ControllerTask.IC_CLONE_MODIFY_WARM):
-                parent = self.db.get_run(task.run_id)
-                warm = kind == ControllerTask.IC_CLONE_MODIFY_WARM
-                self.add_run({**parent.config, **(task.config or {})}, parent=parent, warm=warm)
-            else:
-                raise ValueError(f"{kind} is not an interactive-control request")
-            self.db.finish_controller_task(task.task_id, ok=True)
-            self.logger.info("control request applied", task_type=kind.value, run_id=task.run_id)
-        except Exception as exc:  # a request that cannot apply fails its task, not the experiment
-            self.db.finish_controller_task(task.task_id, ok=False, error=f"{type(exc).__name__}: {exc}")
-            self.logger.warning("control request failed", task_type=task.task_type.value, error=str(exc))
+        from rapidfire_state.interactive import apply_control_request
+
+        outcome = apply_control_request(self.db, task, clone_hook=self.prepare_clone)
+        log = self.logger.info if outcome.ok else self.logger.warning
+        log("control request", task_type=task.task_type.value, run_id=task.run_id, outcome=outcome.message)
+
+    def prepare_clone(self, run: Any, parent: Any, warm: bool) -> None:
+        """A clone-modify run: its MLflow run, and its model (the parent's weights when warm)."""
+        self.metrics.create_run_for(run.run_id)
+        self.init_model(run, parent if warm else None)
 
     def scripted_interventions(self, runs: list[Any]) -> None:
         """What a person would do, queued through the database as `rapidfire-state ic` does."""
@@ -367,19 +360,19 @@ class Controller:
             return
         second = originals[1]
         if "stop" not in self.plan_done and second.num_chunks_visited >= 1:
-            self.db.create_controller_task(self.experiment_id, ControllerTask.IC_STOP, run_id=second.run_id)
+            self.db.request_run_control(second.run_id, "stop", experiment_id=self.experiment_id)
             self.plan_done.add("stop")
         others = [r for r in originals if r.run_id != second.run_id]
         if "stop" in self.plan_done and "resume" not in self.plan_done and second.status == RunStatus.STOPPED and \
                 all(r.num_chunks_visited >= self.args.chunks or r.status != RunStatus.ONGOING for r in others):
-            self.db.create_controller_task(self.experiment_id, ControllerTask.IC_RESUME, run_id=second.run_id)
+            self.db.request_run_control(second.run_id, "resume", experiment_id=self.experiment_id)
             self.plan_done.add("resume")
         if "clone" not in self.plan_done and all(r.num_chunks_visited >= 2 for r in others):
             best = self.best_run(others)
             if best is not None:
-                config = {**best.config, "lr": best.config["lr"] / 2}
-                self.db.create_controller_task(
-                    self.experiment_id, ControllerTask.IC_CLONE_MODIFY_WARM, run_id=best.run_id, config_leaf=config
+                self.db.request_run_control(
+                    best.run_id, "clone", experiment_id=self.experiment_id, config={"lr": best.config["lr"] / 2},
+                    warm=True,
                 )
                 self.plan_done.add("clone")
 
