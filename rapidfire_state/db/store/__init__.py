@@ -14,6 +14,8 @@
 ``cleanup``            ending an experiment's state, cancelling its current task
 ``history``            reading ``state_transitions``
 ``metric_outbox``      rows for MLflow: appending, claiming and settling batches
+``reports``            read-only reports of the console: counts, limited listings,
+                       last metric values, the doctor's checks
 =====================  ==========================================================
 
 Helpers that take a connection are named ``…_without_commit`` (writes) or
@@ -34,6 +36,7 @@ from rapidfire_state.db.store.experiments import (
 )
 from rapidfire_state.db.store.history import HistoryStore
 from rapidfire_state.db.store.metric_outbox import MetricOutboxStore
+from rapidfire_state.db.store.reports import ReportStore
 from rapidfire_state.db.store.runs import PROGRESS_COUNTERS, RunStore
 from rapidfire_state.db.store.shm_objects import SHMObjectStore
 from rapidfire_state.db.store.tasks import TaskStore
@@ -42,7 +45,7 @@ from rapidfire_state.db.store.workers import WorkerStore
 
 class StateDB(
     ExperimentStore, RunStore, TaskStore, WorkerStore, SHMObjectStore, CleanupStore, HistoryStore,
-    MetricOutboxStore, StoreCore,
+    MetricOutboxStore, ReportStore, StoreCore,
 ):
     """The state database of one deployment (SQLite file or PostgreSQL).
 
