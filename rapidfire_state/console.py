@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 #: the revision that made the metric outbox; before it nothing is known of metrics
 METRIC_OUTBOX_REVISION = "0005_metric_outbox"
-#: metric keys read as a run's training loss / validation accuracy, first found wins
+#: metric keys read as a run's training loss / validation accuracy (the one logged last wins)
 TRAIN_LOSS_KEYS = ("train_loss", "loss", "training_loss")
 VAL_ACCURACY_KEYS = ("val_accuracy", "val_acc", "eval_accuracy", "validation_accuracy")
 #: the heartbeat age after which a worker counts as stale (``rapidfire-state fail-stale``'s default)
@@ -201,14 +201,12 @@ class Snapshot:
         return self.experiment.status != ExperimentStatus.RUNNING
 
     def metric(self, run_id: int, keys: Sequence[str]) -> Optional[float]:
-        """The run's last value of the first of ``keys`` it has, or None."""
+        """The run's value logged last under any of ``keys`` (by outbox order), or None."""
         if self.metrics is None:
             return None
         found = self.metrics.values.get(run_id, {})
-        for key in keys:
-            if key in found:
-                return found[key][1]
-        return None
+        logged = [found[key] for key in keys if key in found]
+        return max(logged)[1] if logged else None
 
     def train_loss(self, run_id: int) -> Optional[float]:
         return self.metric(run_id, TRAIN_LOSS_KEYS)
