@@ -468,6 +468,16 @@ def _check_timeout(value: Any) -> float:
 DEFAULT_LIMIT = 1000
 
 
+def _check_interval(value: Any) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"--interval {value!r} is not valid; a positive number of seconds is required")
+    return seconds
+
+
 def _check_grace(value: Any) -> float:
     try:
         seconds = float(value)
@@ -906,7 +916,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="heartbeat age in seconds after which a worker is stale (default 30)")
     watch = commands.add_parser("watch", help="a live table of the running experiment's runs, until it ends")
     watch.add_argument("-e", "--experiment", type=int, default=None, help="experiment id (default: the running one)")
-    watch.add_argument("--interval", type=_check_timeout, default=1.0, help="seconds between refreshes (default 1)")
+    watch.add_argument("--interval", type=_check_interval, default=1.0, help="seconds between refreshes (default 1)")
     watch.add_argument("--limit", type=_check_limit, default=200, help="show at most N runs (default 200)")
     watch.set_defaults(func=cmd_watch)
     doctor = listing("doctor", cmd_doctor, "check the database and the experiments' files; exit 3 when something is wrong")

@@ -91,16 +91,20 @@ def status_report(
 ) -> dict[str, Any]:
     """What ``rapidfire-state status`` shows, as plain data (what ``--json`` prints).
 
-    The experiment is ``experiment_id``'s, else the RUNNING one, else the latest
-    (``running`` is False then).  On a database before the metric outbox,
+    The experiment is ``experiment_id``'s (``shown`` "given"), else the RUNNING
+    one ("running"), else the latest ("latest").  On a database before the metric outbox,
     ``metrics_pending`` is None (unknown, not 0).
     """
     from rapidfire_state.db.store.reports import owner_gone
 
-    running = db.get_running_experiment()
-    experiment = db.get_experiment(experiment_id) if experiment_id is not None else running or db.latest_experiment()
+    if experiment_id is not None:
+        experiment, shown = db.get_experiment(experiment_id), "given"
+    else:
+        experiment, shown = db.get_running_experiment(), "running"
+        if experiment is None:
+            experiment, shown = db.latest_experiment(), "latest"
     if experiment is None:
-        return {"database": db.url_text, "running": False, "experiment": None}
+        return {"database": db.url_text, "shown": None, "running": False, "experiment": None}
     counts = db.status_counts(experiment.experiment_id, grace_seconds=grace_seconds)
     owner = None
     if experiment.status == ExperimentStatus.RUNNING:
@@ -118,6 +122,8 @@ def status_report(
     pending = db.pending_metric_rows(experiment_id=experiment.experiment_id) if has_metric_outbox(db) else None
     return {
         "database": db.url_text,
+        #: how the experiment was chosen: "given" (-e), "running", or "latest" (none is running)
+        "shown": shown,
         "running": experiment.status == ExperimentStatus.RUNNING,
         "experiment": {
             "experiment_id": experiment.experiment_id, "name": experiment.name, "status": experiment.status.value,
@@ -141,8 +147,8 @@ def status_lines(report: dict[str, Any]) -> list[str]:
     if experiment is None:
         return [f"no experiments in {report['database']}"]
     lines = []
-    if not report["running"]:
-        lines.append("no experiment is running; the latest:" if experiment["status"] != "RUNNING" else "")
+    if report["shown"] == "latest":
+        lines.append("no experiment is running; the latest:")
     head = f"experiment {experiment['experiment_id']} {experiment['name']!r}: {experiment['status']}"
     if experiment["status"] == "RUNNING":
         head += f", current task {experiment['current_task']}"
@@ -174,7 +180,7 @@ def status_lines(report: dict[str, Any]) -> list[str]:
     lines.append(f"  shared memory: {usage or 'none'}")
     pending = report["metrics_pending"]
     lines.append(f"  metric rows pending: {UNKNOWN if pending is None else pending}")
-    return [line for line in lines if line]
+    return lines
 
 
 # --- the live table ---------------------------------------------------------------------------

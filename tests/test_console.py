@@ -520,3 +520,51 @@ def test_console_commands_import_neither_torch_nor_mlflow(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "LOADED []" in out
+
+
+def test_status_of_a_given_experiment_while_another_runs(db, tmp_path, capsys):
+    first, _ = running_experiment(db, tmp_path, "first", runs=1)
+    db.cleanup_experiment_state(first.experiment_id)
+    running_experiment(db, tmp_path, "second", runs=1)
+    code, out, _ = run_cli(capsys, "--url", url_of(db), "status", "-e", str(first.experiment_id))
+    assert code == 0 and out.splitlines()[0].startswith(f"experiment {first.experiment_id} 'first': COMPLETED")
+    code, out, _ = run_cli(capsys, "--url", url_of(db), "status", "--json")
+    assert code == 0 and json.loads(out)["shown"] == "running" and json.loads(out)["experiment"]["name"] == "second"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["watch", "--interval", "0"], "--interval '0' is not valid"),
+    (["status", "--grace", "-1"], "--grace '-1' is not valid"),
+    (["doctor", "--grace", "soon"], "--grace 'soon' is not valid"),
+    (["runs", "--limit", "0"], "--limit '0' is not valid"),
+    (["shm", "--limit", "x"], "--limit 'x' is not valid"),
+])
+def test_console_bad_arguments_are_one_line(argv, needle, tmp_path):
+    result = subprocess.run(cli_command(str(tmp_path / "x.db"), *argv), capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and needle in result.stderr
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_console_readers_on_a_missing_database_create_nothing(tmp_path, capsys):
+    missing = tmp_path / "none.db"
+    for argv in (["status"], ["watch"], ["doctor"]):
+        code, out, err = run_cli(capsys, "--url", str(missing), *argv)
+        assert code == 2 and out == "" and "no database at" in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == [tmp_path / "rf_home"]
+
+
+def test_console_readers_leave_a_sqlite_database_byte_for_byte(tmp_path, capsys):
+    from rapidfire_state import StateDB
+
+    path = tmp_path / "kept.db"
+    database = StateDB(str(path))
+    experiment, runs = running_experiment(database, tmp_path, runs=2)
+    log_metrics(database, runs[0], {"train_loss": 0.1}, 1)
+    database.cleanup_experiment_state(experiment.experiment_id)
+    database.close()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    for argv in (["status"], ["status", "--json"], ["doctor"], ["watch"], ["runs", "--limit", "1"]):
+        code, _, err = run_cli(capsys, "--url", str(path), *argv)
+        assert code == 0, (argv, err)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # no -wal, -shm, backup
