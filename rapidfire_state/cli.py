@@ -4,7 +4,10 @@
     rapidfire-state db current            show its revision and the library's head
     rapidfire-state experiments           list experiments (with their metric rows not yet in MLflow)
     rapidfire-state metrics [-e ID]       MLflow runs with rows pending in the metric outbox (--failed: refused rows)
-    rapidfire-state runs [-e ID]          list runs
+    rapidfire-state status [-e ID]        the running experiment: task, runs, workers, shared memory, metrics
+    rapidfire-state watch [-e ID]         a live table of its runs until it ends (plain lines in a pipe)
+    rapidfire-state doctor [-e ID]        check the database and files; each problem with its repair (exit 3)
+    rapidfire-state runs [-e ID]          list runs with their config and progress (--limit N, default 1000)
     rapidfire-state tasks [-e ID]         list open (or --all) worker/controller tasks
     rapidfire-state workers [-e ID]       list worker processes
     rapidfire-state history ENTITY ID     status changes of one row
@@ -268,33 +271,60 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cut(args: argparse.Namespace, more: bool, shown: int, what: str) -> None:
+    """Say that a listing stopped at ``--limit`` (on stderr under --json, so the JSON stays one array)."""
+    if more:
+        note = f"(listing cut at --limit {args.limit}: {shown} {what} shown, more exist)"
+        print(note, file=sys.stderr if args.json else sys.stdout)
+
+
+def _config_text(config: Any) -> Optional[str]:
+    if not config:
+        return None
+    return " ".join(f"{key}={json.dumps(value) if not isinstance(value, str) else value}" for key, value in config.items())
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     columns = [
-        "run_id", "experiment_id", "status", "source", "ended_by", "completed_steps", "total_steps",
-        "num_chunks_visited", "num_epochs_completed", "metric_run_id", "error",
+        "run_id", "experiment_id", "status", "source", "ended_by", "progress", "completed_steps", "total_steps",
+        "num_chunks_visited", "num_epochs_completed", "metric_run_id", "config", "error",
     ]
     with _reader(args) as database:
-        rows = _records(database.list_runs(args.experiment, statuses=args.status or None))
+        rows, more = database.runs_page(args.experiment, statuses=args.status or None, limit=args.limit)
+    for row in rows:
+        config = row.get("flattened_config")
+        row["config"] = config if args.json else _config_text(config)
+        if not args.json:
+            row["progress"] = f"{float(row['progress'] or 0.0):.3f}"
     _emit(rows, columns, args.json)
+    _cut(args, more, len(rows), "runs")
     return 0
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
     statuses = None if args.all else ["PENDING", "SCHEDULED", "IN_PROGRESS"]
     rows = []
+    more = False
     with _reader(args) as database:
         for kind in ("worker", "controller"):
-            rows += _records(database.list_tasks(kind, experiment_id=args.experiment, statuses=statuses))
+            found, cut = database.tasks_page(kind, experiment_id=args.experiment, statuses=statuses, limit=args.limit)
+            rows += _records(found)
+            more = more or cut
+    if len(rows) > args.limit:
+        rows, more = rows[: args.limit], True
     columns = ["kind", "task_id", "experiment_id", "run_id", "worker_id", "chunk_id", "task_type", "status", "error"]
     _emit(rows, columns, args.json)
+    _cut(args, more, len(rows), "tasks")
     return 0
 
 
 def cmd_workers(args: argparse.Namespace) -> int:
     columns = ["experiment_id", "worker_id", "pid", "host", "started_at", "heartbeat_at", "exited_at", "exit_code"]
     with _reader(args) as database:
-        rows = _records(database.list_workers(args.experiment, alive_only=args.alive))
+        found, more = database.workers_page(args.experiment, alive_only=args.alive, limit=args.limit)
+    rows = _records(found)
     _emit(rows, columns, args.json)
+    _cut(args, more, len(rows), "workers")
     return 0
 
 
@@ -309,9 +339,58 @@ def cmd_history(args: argparse.Namespace) -> int:
 def cmd_shm(args: argparse.Namespace) -> int:
     columns = ["key", "experiment_id", "run_id", "chunk_id", "object_type", "location", "num_bytes", "tensor_count", "disk_path"]
     with _reader(args) as database:
-        rows = _records(database.list_shm_objects(experiment_id=args.experiment))
+        found, more = database.shm_page(experiment_id=args.experiment, limit=args.limit)
+    rows = _records(found)
     _emit(rows, columns, args.json)
+    _cut(args, more, len(rows), "shm_objects rows")
     return 0
+
+
+# --- the console: status, watch, doctor ----------------------------------------------
+
+#: exit status of ``doctor`` when it found something wrong (1 and 2 keep their meanings)
+EXIT_DOCTOR_FOUND = 3
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rapidfire_state import console
+
+    with _reader(args) as database:
+        report = console.status_report(database, args.experiment, grace_seconds=args.grace)
+    if args.json:
+        json.dump(report, sys.stdout, default=str)
+        sys.stdout.write("\n")
+    else:
+        for line in console.status_lines(report):
+            print(line)
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from rapidfire_state import console
+
+    with _reader(args) as database:
+        return console.watch(database, args.experiment, interval=args.interval, limit=args.limit)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from rapidfire_state import console
+
+    with _reader(args) as database:
+        findings = console.doctor(database, args.experiment, grace_seconds=args.grace)
+        where = database.url_text
+    if args.json:
+        json.dump({"database": where, "ok": not findings, "checks": list(console.DOCTOR_CHECKS),
+                   "findings": [f.to_dict() for f in findings]}, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        for finding in findings:
+            print(finding.line())
+        if findings:
+            print(f"{len(findings)} problem{'s' if len(findings) != 1 else ''} found in {where}")
+        else:
+            print(f"no problems found in {where} ({', '.join(console.DOCTOR_CHECKS)})")
+    return EXIT_DOCTOR_FOUND if findings else 0
 
 
 # --- sql: one read-only statement ----------------------------------------------------
@@ -382,6 +461,30 @@ def _check_timeout(value: Any) -> float:
         seconds = float("nan")
     if not math.isfinite(seconds) or seconds <= 0:
         raise argparse.ArgumentTypeError(f"--timeout {value!r} is not valid; a positive number of seconds is required")
+    return seconds
+
+
+#: rows a listing shows unless --limit says otherwise
+DEFAULT_LIMIT = 1000
+
+
+def _check_interval(value: Any) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"--interval {value!r} is not valid; a positive number of seconds is required")
+    return seconds
+
+
+def _check_grace(value: Any) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(f"--grace {value!r} is not valid; a number of seconds >= 0 is required")
     return seconds
 
 
@@ -796,13 +899,29 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--all", action="store_true", help="every MLflow run, also those with nothing pending")
     metrics.add_argument("--failed", action="store_true", help="the rows MLflow refused for good, with the error")
     metrics.add_argument("--limit", type=_check_limit, default=100, help="--failed: the newest N rows (default 100)")
-    runs = listing("runs", cmd_runs, "list runs")
+    def limited(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--limit", type=_check_limit, default=DEFAULT_LIMIT,
+                         help=f"show at most N rows (default {DEFAULT_LIMIT}; a note says when more exist)")
+        return sub
+
+    runs = limited(listing("runs", cmd_runs, "list runs with their config and progress"))
     runs.add_argument("--status", action="append", help="only runs with this status (repeatable)")
-    tasks = listing("tasks", cmd_tasks, "list open worker and controller tasks")
+    tasks = limited(listing("tasks", cmd_tasks, "list open worker and controller tasks"))
     tasks.add_argument("--all", action="store_true", help="include finished tasks")
-    workers = listing("workers", cmd_workers, "list worker processes")
+    workers = limited(listing("workers", cmd_workers, "list worker processes"))
     workers.add_argument("--alive", action="store_true", help="only workers not marked exited")
-    listing("shm", cmd_shm, "list shared-memory objects")
+    limited(listing("shm", cmd_shm, "list shared-memory objects"))
+    status = listing("status", cmd_status, "the running (else the latest) experiment at a glance")
+    status.add_argument("--grace", type=_check_grace, default=30.0,
+                        help="heartbeat age in seconds after which a worker is stale (default 30)")
+    watch = commands.add_parser("watch", help="a live table of the running experiment's runs, until it ends")
+    watch.add_argument("-e", "--experiment", type=int, default=None, help="experiment id (default: the running one)")
+    watch.add_argument("--interval", type=_check_interval, default=1.0, help="seconds between refreshes (default 1)")
+    watch.add_argument("--limit", type=_check_limit, default=200, help="show at most N runs (default 200)")
+    watch.set_defaults(func=cmd_watch)
+    doctor = listing("doctor", cmd_doctor, "check the database and the experiments' files; exit 3 when something is wrong")
+    doctor.add_argument("--grace", type=_check_grace, default=30.0,
+                        help="heartbeat age in seconds after which a worker is stale (default 30)")
     history = listing("history", cmd_history, "status changes of one row", experiment=False)
     history.add_argument("entity", choices=["experiment", "run", "worker_task", "controller_task"])
     history.add_argument("entity_id", type=int)

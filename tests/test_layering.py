@@ -103,6 +103,7 @@ LAYERS = Layers(
             "rapidfire_state.metric_flusher",  # delivers metric_manager's outbox
             "rapidfire_state.metric_mlflow_manager",  # the spec's alias of metric_manager
             "rapidfire_state.interactive",  # applies interactive-control requests in the controller
+            "rapidfire_state.console",  # status, watch and doctor on the report methods; the live table
         }
     ),
     cli=frozenset({"rapidfire_state.cli", "rapidfire_state.cli_ic"}),

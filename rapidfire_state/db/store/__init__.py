@@ -15,6 +15,8 @@
 ``history``            reading ``state_transitions``
 ``metric_outbox``      rows for MLflow: appending, claiming and settling batches
 ``control``            interactive-control requests: checked and queued, applied
+``reports``            read-only reports of the console: counts, limited listings,
+                       last metric values, the doctor's checks
 =====================  ==========================================================
 
 Helpers that take a connection are named ``…_without_commit`` (writes) or
@@ -36,6 +38,7 @@ from rapidfire_state.db.store.experiments import (
 )
 from rapidfire_state.db.store.history import HistoryStore
 from rapidfire_state.db.store.metric_outbox import MetricOutboxStore
+from rapidfire_state.db.store.reports import ReportStore
 from rapidfire_state.db.store.runs import PROGRESS_COUNTERS, RunStore
 from rapidfire_state.db.store.shm_objects import SHMObjectStore
 from rapidfire_state.db.store.tasks import TaskStore
@@ -44,7 +47,7 @@ from rapidfire_state.db.store.workers import WorkerStore
 
 class StateDB(
     ExperimentStore, RunStore, TaskStore, WorkerStore, SHMObjectStore, CleanupStore, HistoryStore,
-    MetricOutboxStore, ControlStore, StoreCore,
+    MetricOutboxStore, ControlStore, ReportStore, StoreCore,
 ):
     """The state database of one deployment (SQLite file or PostgreSQL).
 
