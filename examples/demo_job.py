@@ -150,7 +150,7 @@ def demo_worker(
     metrics = MLflowManager(db=db)  # logs go to the outbox; this process's flusher sends them
     logger = RFLogger(experiment_name, console=False).create_logger(f"worker_{worker_id}")  # the table owns the terminal
     schedule = db.get_experiment(experiment_id).config_options or {}
-    chunks, epochs = int(schedule["chunks"]), int(schedule["epochs"])
+    chunks, epochs = int(schedule["num_chunks"]), int(schedule["num_epochs"])
     train_x, train_y, val_x, val_y = dataset()
     chunk_size = TRAIN_SAMPLES // chunks
 
@@ -229,7 +229,10 @@ class Controller:
         self.utils = ExperimentUtils(self.db)
         base = os.path.join(str(rf_home()), "experiments")
         self.experiment_id, self.name, messages = self.utils.create_experiment(self.args.name, base)
-        self.db.set_experiment_config(self.experiment_id, {"chunks": self.args.chunks, "epochs": self.args.epochs})
+        # the schedule, for the workers and for every reader of the database (watch, status)
+        self.db.set_experiment_config(
+            self.experiment_id, {"num_chunks": self.args.chunks, "num_epochs": self.args.epochs}
+        )
         self.logger = RFLogger(self.name, console=False).create_logger("controller")
         for message in messages:
             self.logger.info(message)
@@ -287,22 +290,24 @@ class Controller:
             open_tasks = self.db.list_tasks("worker", experiment_id=self.experiment_id, statuses=OPEN)
             busy_runs = {task.run_id for task in open_tasks}
             self.fail_runs_of_failed_tasks()
-            self.apply_control_requests(busy_runs)
-            if not self.args.interactive:
-                self.scripted_interventions(runs)
-            runs = self.db.list_runs(self.experiment_id)
+            # a run that visited its last chunk is COMPLETED at that boundary, before any
+            # request for it is applied (a stop arriving after that is refused)
             for run in runs:
                 if run.status == RunStatus.ONGOING and run.run_id not in busy_runs and run.num_chunks_visited >= self.target_chunks:
                     self.db.transition_run(run.run_id, RunStatus.COMPLETED, reason="every chunk of every epoch trained")
+            self.apply_control_requests(busy_runs)
+            if not self.args.interactive:
+                self.scripted_interventions(self.db.list_runs(self.experiment_id))
             self.dispatch(busy_runs, {task.worker_id for task in open_tasks})
             progress.update(self.snapshot())
             runs = self.db.list_runs(self.experiment_id)
             live = [r for r in runs if r.status in (RunStatus.NEW, RunStatus.ONGOING)]
             stopped = [r for r in runs if r.status == RunStatus.STOPPED]
             requests = self.db.list_tasks("controller", experiment_id=self.experiment_id, statuses=OPEN)
-            # done when nothing can move any more; interactively, a stopped run waits for a
-            # person (resume or kill it), scripted, the plan has already resumed its run
-            if not live and not requests and not self.deferred and not (stopped and self.args.interactive):
+            # done when nothing can move any more; a stopped run waits for a person
+            # (interactive: resume or kill it) or for the plan's resume
+            waiting_for_resume = stopped and (self.args.interactive or "resume" not in self.plan_done)
+            if not live and not requests and not self.deferred and not waiting_for_resume:
                 return
             time.sleep(0.05)
 
@@ -360,56 +365,54 @@ class Controller:
             return
         second = originals[1]
         if "stop" not in self.plan_done and second.num_chunks_visited >= 1:
-            self.db.request_run_control(second.run_id, "stop", experiment_id=self.experiment_id)
+            self.request(second.run_id, "stop")
             self.plan_done.add("stop")
         others = [r for r in originals if r.run_id != second.run_id]
         if "stop" in self.plan_done and "resume" not in self.plan_done and second.status == RunStatus.STOPPED and \
                 all(r.num_chunks_visited >= self.args.chunks or r.status != RunStatus.ONGOING for r in others):
-            self.db.request_run_control(second.run_id, "resume", experiment_id=self.experiment_id)
+            self.request(second.run_id, "resume")
             self.plan_done.add("resume")
         if "clone" not in self.plan_done and all(r.num_chunks_visited >= 2 for r in others):
             best = self.best_run(others)
             if best is not None:
-                self.db.request_run_control(
-                    best.run_id, "clone", experiment_id=self.experiment_id, config={"lr": best.config["lr"] / 2},
-                    warm=True,
-                )
+                self.request(best.run_id, "clone", config={"lr": best.config["lr"] / 2}, warm=True)
                 self.plan_done.add("clone")
 
+    def request(self, run_id: int, action: str, **options: Any) -> None:
+        """Queue a request as ``rapidfire-state ic`` would; one the database refuses is logged, not fatal."""
+        from rapidfire_state.db.store import ControlRequestError
+
+        try:
+            self.db.request_run_control(run_id, action, experiment_id=self.experiment_id, **options)
+        except ControlRequestError as exc:  # e.g. the run completed before the plan got to it
+            self.logger.info("scripted request refused", action=action, run_id=run_id, reason=str(exc))
+
     def best_run(self, runs: list[Any]) -> Any:
-        scores = self.db.latest_metric_values([r.run_id for r in runs], ["val_accuracy"])
-        scored = [(scores.get(r.run_id, {}).get("val_accuracy", -1.0), r.run_id, r) for r in runs]
+        snap = self.snapshot()
+        scored = [(snap.val_accuracy(r.run_id) or -1.0, r.run_id, r) for r in runs]
         return max(scored, key=lambda item: (item[0], -item[1]))[2] if scored else None
 
     # --- reporting ---------------------------------------------------------------------------
 
-    def snapshot(self) -> list[dict]:
-        runs = self.db.list_runs(self.experiment_id)
-        values = self.db.latest_metric_values([r.run_id for r in runs], ["train_loss", "val_accuracy"])
-        return [
-            {"run_id": r.run_id, "status": r.status.value, "visited": r.num_chunks_visited,
-             "epoch": min(r.num_chunks_visited // self.args.chunks + 1, self.args.epochs),
-             "chunk": r.num_chunks_visited % self.args.chunks, "progress": r.progress,
-             "train_loss": values.get(r.run_id, {}).get("train_loss"),
-             "val_accuracy": values.get(r.run_id, {}).get("val_accuracy"),
-             "config": ", ".join(f"{k}={v}" for k, v in sorted(r.config.items()))}
-            for r in runs
-        ]
+    def snapshot(self) -> Any:
+        from rapidfire_state.console import snapshot
+
+        self._snapshot = snapshot(self.db, self.experiment_id, previous=getattr(self, "_snapshot", None))
+        return self._snapshot
 
 
 # --- progress display ----------------------------------------------------------------------------
 
 
 class Progress:
-    """A live table of runs on a terminal (rich), plain lines when stdout is not one."""
+    """The live run table of ``rapidfire-state watch`` on a terminal (rich), plain lines in a pipe."""
 
-    def __init__(self, total_chunks: int):
+    def __init__(self) -> None:
         from rich.console import Console
 
         self.console = Console()
-        self.total = total_chunks
         self.live: Any = None
-        self.last_lines: dict[int, tuple] = {}
+        self.last_lines: dict[int, str] = {}
         self.interactive = self.console.is_terminal
 
     def __enter__(self) -> "Progress":
@@ -428,33 +431,17 @@ class Progress:
     def say(self, text: str) -> None:
         self.console.print(text, highlight=False, soft_wrap=True)
 
-    def update(self, rows: list[dict]) -> None:
+    def update(self, snap: Any) -> None:
+        from rapidfire_state.console import run_line, run_table
+
         if self.live is not None:
-            self.live.update(self.table(rows))
+            self.live.update(run_table(snap))
             return
-        for row in rows:  # a pipe or CI: one line per change of a run
-            key = (row["status"], row["visited"])
-            if self.last_lines.get(row["run_id"]) != key:
-                self.last_lines[row["run_id"]] = key
-                self.say(self.line(row))
-
-    def line(self, row: dict) -> str:
-        return (f"run {row['run_id']}: {row['status']:<9} epoch {row['epoch']} chunk {row['chunk']} "
-                f"{row['visited']}/{self.total} chunks  train_loss {_fmt(row['train_loss'])}  "
-                f"val_acc {_fmt(row['val_accuracy'])}")
-
-    def table(self, rows: list[dict]) -> Any:
-        from rich.progress_bar import ProgressBar
-        from rich.table import Table
-
-        table = Table(title="runs", expand=False)
-        for column in ("run", "status", "epoch", "chunk", "progress", "train loss", "val acc", "config"):
-            table.add_column(column)
-        for row in rows:
-            bar = ProgressBar(total=self.total, completed=row["visited"], width=20)
-            table.add_row(str(row["run_id"]), row["status"], str(row["epoch"]), str(row["chunk"]), bar,
-                          _fmt(row["train_loss"]), _fmt(row["val_accuracy"]), row["config"])
-        return table
+        for run in snap.runs:  # a pipe or CI: one line per change of a run
+            line = run_line(run, snap)
+            if self.last_lines.get(run["run_id"]) != line:
+                self.last_lines[run["run_id"]] = line
+                self.say(line)
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -466,15 +453,16 @@ def _fmt(value: Optional[float]) -> str:
 
 def print_summary(controller: Controller, progress: Progress) -> None:
     db, experiment_id = controller.db, controller.experiment_id
-    rows = controller.snapshot()
+    snap = controller.snapshot()
     say = progress.say
     say("\nleaderboard (validation accuracy after the run's last chunk)")
-    ranked = sorted(rows, key=lambda r: -(r["val_accuracy"] if r["val_accuracy"] is not None else -1))
-    for place, row in enumerate(ranked, 1):
-        run = db.get_run(row["run_id"])
-        origin = f"  (clone of run {run.cloned_from}, warm)" if run.cloned_from else ""
-        say(f"  {place}. run {row['run_id']}: val_acc {_fmt(row['val_accuracy'])}  {row['status']:<9} "
-            f"{row['visited']}/{controller.target_chunks} chunks  {row['config']}{origin}")
+    runs = db.list_runs(experiment_id)
+    ranked = sorted(runs, key=lambda r: -(snap.val_accuracy(r.run_id) or -1.0))
+    for place, run in enumerate(ranked, 1):
+        origin = f"  (clone of run {run.cloned_from}{', warm' if run.warm_started_from else ''})" if run.cloned_from else ""
+        config = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(run.config.items()))
+        say(f"  {place}. run {run.run_id}: val_acc {_fmt(snap.val_accuracy(run.run_id))}  {run.status.value:<9} "
+            f"{run.num_chunks_visited}/{controller.target_chunks} chunks  {config}{origin}")
     experiment = db.get_experiment(experiment_id)
     say(f"\nexperiment {experiment_id} ({experiment.name}): {experiment.status.value}; "
         f"MLflow rows still pending: {controller.metrics.pending()}")
@@ -582,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs must be 1-9; --workers, --chunks and --epochs at least 1")
     started = time.monotonic()
     _quiet_default_log_handler()
-    progress = Progress(args.chunks * args.epochs)
+    progress = Progress()
     controller: Optional[Controller] = None
     try:
         db = StateDB()

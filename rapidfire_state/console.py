@@ -252,6 +252,17 @@ def _of_total(done: int, key: str, experiment: "ExperimentRecord") -> str:
     return f"{done}/{total}" if isinstance(total, int) and not isinstance(total, bool) else str(done)
 
 
+def _chunk_of_epoch(visited: int, experiment: "ExperimentRecord") -> str:
+    """Chunks visited in the current epoch, of the epoch's (``num_chunks``), or all visited when unknown."""
+    total = (experiment.config_options or {}).get("num_chunks")
+    if not isinstance(total, int) or isinstance(total, bool) or total < 1:
+        return str(visited)
+    epochs = (experiment.config_options or {}).get("num_epochs")
+    if isinstance(epochs, int) and visited >= total * epochs:
+        return f"{total}/{total}"  # the last epoch is done
+    return f"{visited % total}/{total}"
+
+
 def _config_text(config: Optional[dict], width: int = 40) -> str:
     if not config:
         return UNKNOWN
@@ -303,7 +314,7 @@ def run_table(snap: Snapshot) -> "Table":
             Text(status, style=_STATUS_STYLE.get(status, "")),
             _config_text(run.get("flattened_config")),
             _of_total(run["num_epochs_completed"], "num_epochs", snap.experiment),
-            _of_total(run["num_chunks_visited"], "num_chunks", snap.experiment),
+            _chunk_of_epoch(run["num_chunks_visited"], snap.experiment),
             ProgressBar(total=1.0, completed=progress, width=20),
             f"{progress * 100:.0f}%",
             _number(snap.train_loss(run["run_id"])),
@@ -328,7 +339,7 @@ def run_line(run: dict[str, Any], snap: Snapshot) -> str:
     progress = float(run["progress"] or 0.0)
     return (
         f"run {run['run_id']} {run['status']} epoch {_of_total(run['num_epochs_completed'], 'num_epochs', snap.experiment)}"
-        f" chunk {_of_total(run['num_chunks_visited'], 'num_chunks', snap.experiment)} {progress * 100:.0f}%"
+        f" chunk {_chunk_of_epoch(run['num_chunks_visited'], snap.experiment)} {progress * 100:.0f}%"
         f" train_loss {_number(snap.train_loss(run['run_id']))} val_acc {_number(snap.val_accuracy(run['run_id']))}"
     )
 

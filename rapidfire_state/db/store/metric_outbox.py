@@ -481,34 +481,6 @@ class MetricOutboxStore(StoreCore):
                 row["value"] = float("nan")
         return found
 
-    def latest_metric_values(self, run_ids: Sequence[int], keys: Sequence[str]) -> dict[int, dict[str, float]]:
-        """The last value logged (delivered or not) of each metric ``keys`` of each RapidFire run.
-
-        Read from the outbox, so it needs neither MLflow nor its import:
-        ``{run_id: {key: value}}``, a run or key with nothing logged left out.
-        """
-        ids = [check_id("run_id", run_id) for run_id in run_ids]
-        names = [check_name("key", key) for key in keys]
-        if not ids or not names:
-            return {}
-        last = (
-            select(_outbox.c.stream_id, _outbox.c.key, func.max(_outbox.c.outbox_id).label("outbox_id"))
-            .join(_streams, _streams.c.stream_id == _outbox.c.stream_id)
-            .where(_streams.c.run_id.in_(ids), _outbox.c.kind == MetricRowKind.METRIC.value, _outbox.c.key.in_(names))
-            .group_by(_outbox.c.stream_id, _outbox.c.key)
-            .subquery()
-        )
-        statement = (
-            select(_streams.c.run_id, _outbox.c.key, _outbox.c.value)
-            .select_from(last)
-            .join(_outbox, _outbox.c.outbox_id == last.c.outbox_id)
-            .join(_streams, _streams.c.stream_id == _outbox.c.stream_id)
-        )
-        found: dict[int, dict[str, float]] = {}
-        for run_id, key, value in self._read(lambda conn: conn.execute(statement).all()):
-            found.setdefault(int(run_id), {})[key] = float("nan") if value is None else float(value)
-        return found
-
     def metric_param_value(self, stream_id: int, key: str) -> Optional[str]:
         """The value parameter ``key`` was first logged with on ``stream_id`` (not failed), or None."""
         statement = (
