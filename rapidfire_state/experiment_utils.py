@@ -267,6 +267,16 @@ class ExperimentUtils:
             f"owner process {running.owner_pid} on {running.owner_host} is no longer running "
             "(crashed or killed without cleanup)"
         )
+        runs = self._db.list_runs(running.experiment_id)
+        if runs and all(run.status == RunStatus.COMPLETED for run in runs):
+            # the truth: the work was done, then the owner died before ending the experiment
+            done = f"every run had completed, then the {why}"
+            report = self._end(running, ExperimentStatus.COMPLETED, reason=done)
+            if report is not None:
+                messages.append(
+                    f"Recovered experiment {running.name!r} (id {running.experiment_id}) as COMPLETED: {done}."
+                )
+                return
         report = self._end(running, ExperimentStatus.FAILED, reason=why, error=why)
         if report is None:
             messages.append(

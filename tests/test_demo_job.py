@@ -191,3 +191,45 @@ def test_a_signal_before_the_experiment_exists(tmp_path):
     assert "Traceback" not in err
     rows = _query(home, "SELECT status, error FROM experiments")
     assert all(status in ("FAILED", "COMPLETED") for status, _ in rows), rows
+
+
+def _ic(home: Path, *args: str) -> subprocess.CompletedProcess:
+    cli = Path(sys.executable).with_name("rapidfire-state")
+    env = {**os.environ, "RF_HOME": str(home), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([str(cli), "ic", *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_interactive_control_from_a_second_terminal(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("RF_HOME", str(home))  # the demo's payload key signs the runs' configs
+    demo = _start(home, "--interactive", "--runs", "2", "--chunks", "3", "--epochs", "2", "--workers", "1")
+    try:
+        _wait_for(home, demo, "SELECT COUNT(*) FROM runs WHERE run_id = 2 AND num_chunks_visited >= 1")
+        refused = _ic(home, "resume", "2")  # an ONGOING run cannot be resumed: one line, nothing queued
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused
+        assert _query(home, "SELECT COUNT(*) FROM controller_tasks")[0][0] == 0
+        assert _ic(home, "clone", "9", "--config", '{"lr": 0.1}').returncode == 2  # no such run
+        assert _ic(home, "clone", "1", "--config", "{not json").returncode == 2
+        stopped = _ic(home, "stop", "2")
+        assert stopped.returncode == 0 and "STOPPED" in stopped.stdout, stopped
+        visited_when_stopped = _query(home, "SELECT num_chunks_visited FROM runs WHERE run_id = 2")[0][0]
+        cloned = _ic(home, "clone", "1", "--config", '{"lr": 0.1}', "--warm")
+        assert cloned.returncode == 0 and "created" in cloned.stdout, cloned
+        time.sleep(1)
+        assert _query(home, "SELECT num_chunks_visited FROM runs WHERE run_id = 2")[0][0] == visited_when_stopped
+        resumed = _ic(home, "resume", "2")
+        assert resumed.returncode == 0, resumed
+        out, err = demo.communicate(timeout=240)  # ends once every run has ended
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert demo.returncode == 0, err[-3000:]
+    _check_final_state(home, interrupted=False)
+    with StateDB(_state_url(home), read_only=True) as db:
+        runs = {r.run_id: r for r in db.list_runs(1)}
+        assert len(runs) == 3 and runs[3].warm_started_from == 1 and runs[3].config["lr"] == 0.1
+        assert all(r.status == RunStatus.COMPLETED for r in runs.values())
+        chunks = [t.chunk_id for t in sorted(db.list_tasks("worker", run_id=2, statuses=[TaskStatus.COMPLETED]),
+                                             key=lambda t: t.task_id)]
+        assert chunks == [0, 1, 2, 0, 1, 2]  # it continued from its own next chunk

@@ -363,6 +363,26 @@ def test_dead_owner_recovered_as_failed(utils, db, exps):
     assert name == "crashed_1" and db.get_running_experiment().experiment_id == experiment_id
 
 
+def test_dead_owner_after_every_run_completed_is_recovered_as_completed(utils, db, exps):
+    # the truth was "completed, then the process died before ending the experiment"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    record = db.create_experiment("done", str(exps), owner_pid=gone.pid, owner_host=HOST)
+    db.transition_experiment(record.experiment_id, ExperimentStatus.RUNNING)
+    for _ in range(2):
+        run = db.create_run(record.experiment_id, {"lr": 1})
+        db.transition_run(run.run_id, RunStatus.ONGOING)
+        db.transition_run(run.run_id, RunStatus.COMPLETED)
+
+    _, _, messages = utils.create_experiment("done", exps)
+
+    old = db.get_experiment(record.experiment_id)
+    assert old.status == ExperimentStatus.COMPLETED and old.error is None
+    assert "every run had completed" in db.history("experiment", record.experiment_id)[-1].reason
+    assert messages[0].startswith("Recovered experiment 'done'") and "as COMPLETED" in messages[0]
+    assert {r.status for r in db.list_runs(record.experiment_id)} == {RunStatus.COMPLETED}
+
+
 def test_reused_pid_counts_as_dead_owner(utils, db, exps):
     # A live process whose pid is recorded as owner but which started long after
     # the experiment was created: the pid was reused, the owner is gone.
