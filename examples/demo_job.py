@@ -35,7 +35,6 @@ import time
 from typing import Any, Optional
 
 from rapidfire_state import (
-    ControllerTask,
     ExperimentStatus,
     ExperimentTask,
     RunSource,
@@ -79,6 +78,16 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _received.append(signum)
     raise Interrupted(signum)
+
+
+def check_interrupted() -> None:
+    """Raise again for a signal whose exception some library code caught and dropped.
+
+    Called at the job's checkpoints (each pass of the scheduler, after set-up,
+    before the summary): a signal is never lost, only noticed a moment later.
+    """
+    if _received:
+        raise Interrupted(_received[0])
 
 
 def model_key(run_id: int) -> str:
@@ -243,6 +252,7 @@ class Controller:
         self.metrics = MLflowManager(db=self.db)
         self.utils.metrics = self.metrics  # the experiment's ending flushes the runs' last statuses
         self.metrics.track_experiment(self.experiment_id)
+        check_interrupted()  # MLflow's set-up may have swallowed the exception
         from rapidfire_state.shm_manager import SharedMemoryManager
 
         self.shm = SharedMemoryManager("demo-shm", db=self.db)
@@ -286,6 +296,7 @@ class Controller:
 
     def run(self, progress: Any) -> None:
         while True:
+            check_interrupted()
             runs = self.db.list_runs(self.experiment_id)
             open_tasks = self.db.list_tasks("worker", experiment_id=self.experiment_id, statuses=OPEN)
             busy_runs = {task.run_id for task in open_tasks}
@@ -577,11 +588,13 @@ def main(argv: list[str] | None = None) -> int:
         controller = Controller(db, args, progress.say)
         progress.say(f"database: {db.url_text}")
         controller.start()
+        check_interrupted()
         if args.interactive:
             progress.say(f"interactive: e.g. rapidfire-state ic stop 2 -e {controller.experiment_id}")
         with progress:
             controller.run(progress)
         controller.workers.shutdown_workers()
+        check_interrupted()
         controller.utils.end_experiment()  # COMPLETED; flushes the runs' last statuses to MLflow
         print_summary(controller, progress)
         controller.shm.close()
