@@ -95,6 +95,11 @@ def _limit(limit: Optional[int]) -> Optional[int]:
     return None if limit is None else check_positive_int("limit", limit)
 
 
+def _one_more(limit: Optional[int]) -> Optional[int]:
+    # one row past the page tells whether the listing was cut
+    return None if limit is None else limit + 1
+
+
 class ReportStore(StoreCore):
     """The console's read-only report methods of :class:`~rapidfire_state.db.StateDB`."""
 
@@ -200,60 +205,22 @@ class ReportStore(StoreCore):
         """Tasks of one kind (``worker``/``controller``) in id order, and whether more were left out."""
         if kind not in ("worker", "controller"):
             raise ConfigError(f"task kind {kind!r} is not valid; allowed: worker, controller")
-        check_id("experiment_id", experiment_id, optional=True)
-        wanted = status_filter("task", statuses)
         limit = _limit(limit)
-        table = tables.worker_tasks if kind == "worker" else tables.controller_tasks
-
-        def unit(conn: Connection) -> list[TaskRecord]:
-            query = select(table).order_by(table.c.task_id)
-            if experiment_id is not None:
-                query = query.where(table.c.experiment_id == experiment_id)
-            if wanted is not None:
-                query = query.where(table.c.status.in_(wanted))
-            if limit is not None:
-                query = query.limit(limit + 1)
-            return [TaskRecord.from_row(r, kind=kind) for r in conn.execute(query).mappings()]
-
-        return _page(self._read(unit), limit)
+        return _page(self.list_tasks(kind, experiment_id=experiment_id, statuses=statuses, limit=_one_more(limit)), limit)
 
     def workers_page(
         self, experiment_id: Optional[int] = None, *, alive_only: bool = False, limit: Optional[int] = 1000
     ) -> tuple[list[WorkerRecord], bool]:
         """Worker rows (experiment, worker id order), and whether more were left out."""
-        check_id("experiment_id", experiment_id, optional=True)
         limit = _limit(limit)
-        table = tables.workers
-
-        def unit(conn: Connection) -> list[WorkerRecord]:
-            query = select(table).order_by(table.c.experiment_id, table.c.worker_id)
-            if experiment_id is not None:
-                query = query.where(table.c.experiment_id == experiment_id)
-            if alive_only:
-                query = query.where(table.c.exited_at.is_(None))
-            if limit is not None:
-                query = query.limit(limit + 1)
-            return [WorkerRecord.from_row(r) for r in conn.execute(query).mappings()]
-
-        return _page(self._read(unit), limit)
+        return _page(self.list_workers(experiment_id, alive_only=alive_only, limit=_one_more(limit)), limit)
 
     def shm_page(
         self, experiment_id: Optional[int] = None, *, limit: Optional[int] = 1000
     ) -> tuple[list[SHMObjectRecord], bool]:
         """``shm_objects`` rows in id order, and whether more were left out."""
-        check_id("experiment_id", experiment_id, optional=True)
         limit = _limit(limit)
-        table = tables.shm_objects
-
-        def unit(conn: Connection) -> list[SHMObjectRecord]:
-            query = select(table).order_by(table.c.shm_object_id)
-            if experiment_id is not None:
-                query = query.where(table.c.experiment_id == experiment_id)
-            if limit is not None:
-                query = query.limit(limit + 1)
-            return [SHMObjectRecord.from_row(r) for r in conn.execute(query).mappings()]
-
-        return _page(self._read(unit), limit)
+        return _page(self.list_shm_objects(experiment_id=experiment_id, limit=_one_more(limit)), limit)
 
     # --- the last metric values of each run (metric outbox, revision 0005) -------------------
 

@@ -14,7 +14,7 @@ from rapidfire_state.db.schema import db_now
 from rapidfire_state.db.store.core import StoreCore
 from rapidfire_state.db.store.lookups import check_id, enum_value, one_row, optional_path
 from rapidfire_state.exceptions import ConfigError
-from rapidfire_state.validation import check_name
+from rapidfire_state.validation import check_name, check_positive_int
 
 
 class SHMObjectStore(StoreCore):
@@ -78,8 +78,9 @@ class SHMObjectStore(StoreCore):
         run_id: Optional[int] = None,
         manager_name: Optional[str] = None,
         disk_path: Any = None,
+        limit: Optional[int] = None,
     ) -> list[SHMObjectRecord]:
-        """Metadata rows in id order, filtered (``disk_path``: the rows naming that file)."""
+        """Metadata rows in id order, filtered (``disk_path``: the rows naming that file); at most ``limit``."""
         check_id("experiment_id", experiment_id, optional=True)
         check_id("run_id", run_id, optional=True)
         wanted_path = optional_path("disk_path", disk_path)
@@ -95,6 +96,8 @@ class SHMObjectStore(StoreCore):
                 query = query.where(table.c.manager_name == manager_name)
             if wanted_path is not None:
                 query = query.where(table.c.disk_path == wanted_path)
+            if limit is not None:
+                query = query.limit(check_positive_int("limit", limit))
             return [SHMObjectRecord.from_row(r) for r in conn.execute(query).mappings()]
 
         return self._read(unit)

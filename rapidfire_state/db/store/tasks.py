@@ -30,6 +30,7 @@ from rapidfire_state.db.store.status_change import (
     record_transition_without_commit,
 )
 from rapidfire_state.exceptions import ConfigError, InvalidTransitionError
+from rapidfire_state.validation import check_positive_int
 
 #: the statuses a task may be created in, and the default
 _ENTRY_STATUSES = states.ENTRY_STATES["task"]
@@ -257,8 +258,9 @@ class TaskStore(StoreCore):
         statuses: Optional[Iterable[Any]] = None,
         worker_id: Optional[int] = None,
         run_id: Optional[int] = None,
+        limit: Optional[int] = None,
     ) -> list[TaskRecord]:
-        """Tasks of one kind in id order, filtered."""
+        """Tasks of one kind in id order, filtered; the first ``limit`` of them when given."""
         entity = task_entity(kind)
         wanted = status_filter("task", statuses)
         for name, value in (("experiment_id", experiment_id), ("worker_id", worker_id), ("run_id", run_id)):
@@ -277,6 +279,8 @@ class TaskStore(StoreCore):
                 query = query.where(table.c.worker_id == worker_id)
             if run_id is not None:
                 query = query.where(table.c.run_id == run_id)
+            if limit is not None:
+                query = query.limit(check_positive_int("limit", limit))
             return [TaskRecord.from_row(r, kind=kind) for r in conn.execute(query).mappings()]
 
         return self._read(unit)

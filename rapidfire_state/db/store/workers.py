@@ -267,8 +267,10 @@ class WorkerStore(StoreCore):
 
         return self._write(unit)
 
-    def list_workers(self, experiment_id: Optional[int] = None, *, alive_only: bool = False) -> list[WorkerRecord]:
-        """Worker rows, optionally only those not marked exited."""
+    def list_workers(
+        self, experiment_id: Optional[int] = None, *, alive_only: bool = False, limit: Optional[int] = None
+    ) -> list[WorkerRecord]:
+        """Worker rows, optionally only those not marked exited; the first ``limit`` when given."""
         check_id("experiment_id", experiment_id, optional=True)
         table = tables.workers
 
@@ -278,6 +280,8 @@ class WorkerStore(StoreCore):
                 query = query.where(table.c.experiment_id == experiment_id)
             if alive_only:
                 query = query.where(table.c.exited_at.is_(None))
+            if limit is not None:
+                query = query.limit(check_positive_int("limit", limit))
             return [WorkerRecord.from_row(r) for r in conn.execute(query).mappings()]
 
         return self._read(unit)
