@@ -416,8 +416,12 @@ class ExperimentUtils:
         grace_seconds: float = 5.0,
         reason: Optional[str] = None,
         error: Optional[str] = None,
+        run_status: Any = None,
     ) -> Optional[CleanupReport]:
         """End an experiment: its worker processes first, then its state in one transaction.
+
+        ``run_status`` (KILLED or FAILED) is what live runs become; by default
+        FAILED when the experiment ends FAILED (a crash), else KILLED.
 
         1. Processes (:meth:`terminate_worker_processes`): the pids the database
            registered for this experiment's live workers, each verified with psutil
@@ -452,7 +456,8 @@ class ExperimentUtils:
                 return None
             experiment_id = running.experiment_id
         self.terminate_worker_processes(experiment_id, grace_seconds=grace_seconds)
-        run_status = RunStatus.FAILED if final == ExperimentStatus.FAILED else RunStatus.KILLED
+        if run_status is None:
+            run_status = RunStatus.FAILED if final == ExperimentStatus.FAILED else RunStatus.KILLED
         report = self._db.cleanup_experiment_state(
             experiment_id, status=final, run_status=run_status, reason=reason, error=error
         )
@@ -557,11 +562,14 @@ class ExperimentUtils:
     # --- signal handlers -------------------------------------------------------------
 
     def setup_signal_handlers(self, worker_processes: Any = None) -> dict[int, SignalHandler]:
-        """Make SIGINT and SIGTERM end the experiment cleanly, then ``sys.exit(0)``.
+        """Make SIGINT and SIGTERM end the experiment truthfully, then ``sys.exit(128 + signal)``.
 
         The handler cancels the current task (:meth:`cancel_current`), shuts the
-        workers down, cleans up the running experiment (:meth:`cleanup_experiment`),
-        puts the previous handlers back and exits with status 0.  A second signal
+        workers down, cleans up the running experiment (:meth:`cleanup_experiment`)
+        as what happened: FAILED with the reason and error "interrupted by SIGINT"
+        (or SIGTERM), its live runs KILLED; COMPLETED only when every run had
+        completed.  It then puts the previous handlers back and exits with status
+        130 (SIGINT) or 143 (SIGTERM).  A second signal
         while it runs is ignored: interrupting the cleanup would only leave the
         workers half stopped (the database part is one transaction either way).
 
@@ -602,6 +610,20 @@ class ExperimentUtils:
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous_handlers = {}
 
+    def _interrupted_cleanup(self, name: str) -> None:
+        """End the running experiment as the interruption left it: the truth, not "completed"."""
+        running = self._db.get_running_experiment()
+        if running is None:
+            return
+        runs = self._db.list_runs(running.experiment_id)
+        every_run_completed = bool(runs) and all(run.status == RunStatus.COMPLETED for run in runs)
+        reason = f"interrupted by {name}"
+        self.cleanup_experiment(
+            running.experiment_id,
+            status=ExperimentStatus.COMPLETED if every_run_completed else ExperimentStatus.FAILED,
+            run_status=RunStatus.KILLED, reason=reason, error=None if every_run_completed else reason,
+        )
+
     def _handle_signal(self, signum: int, frame: Optional[FrameType]) -> None:
         if self._handling_signal:
             return
@@ -612,7 +634,7 @@ class ExperimentUtils:
         for step, action in (
             ("cancel the current task", self.cancel_current),
             ("shut the workers down", lambda: _shutdown_workers(self._worker_processes)),
-            ("clean up the experiment", self.cleanup_experiment),
+            ("clean up the experiment", lambda: self._interrupted_cleanup(name)),
         ):
             try:
                 action()
@@ -622,7 +644,7 @@ class ExperimentUtils:
             self.restore_signal_handlers()
         except Exception as exc:  # noqa: BLE001
             _report(f"could not restore the previous signal handlers: {exc!r}")
-        sys.exit(0)
+        sys.exit(128 + signum)  # the shell's convention for "ended by this signal"
 
     def close(self) -> None:
         """Close the database connections of this instance's :class:`StateDB`."""

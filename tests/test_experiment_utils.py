@@ -700,12 +700,12 @@ def _signal_child(url: str, path: str, ready, info) -> None:
     utils.setup_signal_handlers([worker])
     info.put((experiment_id, run.run_id, task.task_id, worker.pid))
     ready.set()
-    time.sleep(120)  # the handler ends this with sys.exit(0)
+    time.sleep(120)  # the handler ends this with sys.exit(143)
     os._exit(3)
 
 
 @pytest.mark.slow
-def test_sigterm_handler_cleans_up_and_exits_zero(db, db_url, exps):
+def test_sigterm_handler_ends_the_experiment_truthfully_and_exits_143(db, db_url, exps):
     ctx = multiprocessing.get_context("spawn")
     ready, info = ctx.Event(), ctx.Queue()
     child = ctx.Process(target=_signal_child, args=(db_url, str(exps), ready, info))
@@ -716,15 +716,17 @@ def test_sigterm_handler_cleans_up_and_exits_zero(db, db_url, exps):
         assert psutil.pid_exists(worker_pid)
         os.kill(child.pid, signal.SIGTERM)
         child.join(timeout=60)
-        assert child.exitcode == 0
+        assert child.exitcode == 128 + signal.SIGTERM
     finally:
         if child.is_alive():
             child.kill()
             child.join()
     assert wait_gone(worker_pid)
     experiment = db.get_experiment(experiment_id)
-    assert experiment.status == ExperimentStatus.COMPLETED and experiment.current_task == ExperimentTask.IDLE
-    assert db.get_run(run_id).status == RunStatus.KILLED
+    # the truth: interrupted, not completed
+    assert experiment.status == ExperimentStatus.FAILED and experiment.current_task == ExperimentTask.IDLE
+    assert experiment.error == "interrupted by SIGTERM"
+    assert db.get_run(run_id).status == RunStatus.KILLED and db.get_run(run_id).ended_by == RunEndedBy.KILLED
     task = db.get_task("worker", task_id)
     assert task.status == TaskStatus.FAILED and task.error == "cancelled"  # cancelled before the cleanup
     assert db.list_workers(experiment_id, alive_only=True) == []

@@ -521,7 +521,7 @@ def test_a_signal_ends_the_mlflow_runs_killed(paths):
         client = MlflowClient(tracking_uri=paths["mlflow"])
         assert client.get_run(metric_run).info.status == "RUNNING"
         child.send_signal(signal.SIGTERM)
-        assert child.wait(timeout=60) == 0, child.stderr.read()[-2000:]
+        assert child.wait(timeout=60) == 128 + signal.SIGTERM, child.stderr.read()[-2000:]
     finally:
         if child.poll() is None:
             child.kill()
@@ -530,6 +530,8 @@ def test_a_signal_ends_the_mlflow_runs_killed(paths):
     with StateDB(paths["db"]) as db:
         assert db.get_run(int(run_id)).status == RunStatus.KILLED
         assert db.pending_metric_rows() == 0
+        [experiment] = db.list_experiments()
+        assert experiment.status.value == "FAILED" and experiment.error == "interrupted by SIGTERM"
 
 
 def test_the_collector_pause_nests_and_restores_the_previous_state():
