@@ -822,6 +822,12 @@ def _sql_postgresql(database: Any, statement: str, timeout: float) -> tuple[Opti
         watchdog.cancel()
         try:
             connection.rollback()
+            # The server frees a closed session's locks only once its backend has
+            # processed the close, which a busy server does a moment later: release
+            # every session-level advisory lock the statement took, now.
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_catalog.pg_advisory_unlock_all()")
+            connection.rollback()
         except Exception:  # noqa: BLE001 - the connection is closed next anyway
             pass
         # Never back into the pool: what the statement left on the session outlives
