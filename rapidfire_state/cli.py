@@ -990,9 +990,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     unexpected (also one line); 141 when stdout was closed (``… | head``), quietly.
     ``--debug`` prints the traceback before the line.
     """
+    from rapidfire_state.db.engine import set_application_name
+
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False))
+    previous_role = set_application_name("cli")  # restored below: main() may run inside another program
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()
@@ -1018,6 +1021,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hint = "" if debug else " (--debug shows the traceback)"
         print(f"rapidfire-state: error: {type(exc).__name__}: {one_line(exc)}{hint}", file=sys.stderr)
         return EXIT_UNEXPECTED
+    finally:
+        set_application_name(previous_role)
 
 
 if __name__ == "__main__":  # pragma: no cover
