@@ -990,11 +990,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     unexpected (also one line); 141 when stdout was closed (``… | head``), quietly.
     ``--debug`` prints the traceback before the line.
     """
-    from rapidfire_state.db.engine import set_application_name
-
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False))
+    from rapidfire_state.db.engine import set_application_name  # after parsing: --help loads no SQLAlchemy
+
     previous_role = set_application_name("cli")  # restored below: main() may run inside another program
     try:
         code = int(args.func(args) or 0)
