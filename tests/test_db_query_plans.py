@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-import pytest
 from sqlalchemy import text
 
 from rapidfire_state.db.store.status_change import claim_statement
@@ -146,7 +145,6 @@ def _sqlite_plan(db, kind: str, filters: tuple[str, ...], params: dict) -> list[
     return [row[-1] for row in rows]
 
 
-@pytest.mark.slow
 def test_claim_plans_use_the_partial_claim_index_over_a_long_history(db, db_url):
     backend = "postgresql" if db_url.startswith("postgresql") else "sqlite"
     params = _fill(db, backend)
