@@ -999,6 +999,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False))
+    from rapidfire_state.db.engine import set_application_name  # after parsing: --help loads no SQLAlchemy
+
+    previous_role = set_application_name("cli")  # restored below: main() may run inside another program
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()
@@ -1024,6 +1027,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hint = "" if debug else " (--debug shows the traceback)"
         print(f"rapidfire-state: error: {type(exc).__name__}: {one_line(exc)}{hint}", file=sys.stderr)
         return EXIT_UNEXPECTED
+    finally:
+        set_application_name(previous_role)
 
 
 if __name__ == "__main__":  # pragma: no cover

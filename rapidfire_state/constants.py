@@ -289,12 +289,30 @@ class DBConfig:
     ``URL`` is ``$RF_DB_URL`` or the embedded SQLite file; ``BUSY_TIMEOUT_MS``
     (``$RF_DB_BUSY_TIMEOUT_MS``) is SQLite's wait for a lock before the write
     unit is retried; ``WRITE_RETRY_SECONDS`` (``$RF_DB_WRITE_RETRY_SECONDS``) bounds
-    the total time a write unit is retried.
+    the total time a write unit is retried.  On PostgreSQL every library
+    connection ends a transaction left idle for ``IDLE_IN_TRANSACTION_TIMEOUT_S``
+    (``$RF_DB_IDLE_IN_TRANSACTION_TIMEOUT_S``) and cancels a statement running for
+    ``STATEMENT_TIMEOUT_S`` (``$RF_DB_STATEMENT_TIMEOUT_S``); 0 turns either off.
     """
 
     URL = _EnvValue(lambda cls: os.environ.get("RF_DB_URL") or f"sqlite:///{db_path()}")
     BUSY_TIMEOUT_MS = _EnvValue(lambda cls: _env_int("RF_DB_BUSY_TIMEOUT_MS", 5000))
     WRITE_RETRY_SECONDS = _EnvValue(lambda cls: float(_env_int("RF_DB_WRITE_RETRY_SECONDS", 120)))
+    IDLE_IN_TRANSACTION_TIMEOUT_S = _EnvValue(lambda cls: _env_seconds("RF_DB_IDLE_IN_TRANSACTION_TIMEOUT_S", 60.0))
+    STATEMENT_TIMEOUT_S = _EnvValue(lambda cls: _env_seconds("RF_DB_STATEMENT_TIMEOUT_S", 120.0))
+
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError(f"{name}={raw!r} must be a finite number of seconds >= 0 (0: no limit)")
+    return value
 
 
 def _env_int(name: str, default: int) -> int:

@@ -244,6 +244,12 @@ def _worker_main(
     parent_death_signal: Optional[int],
 ) -> None:
     """The entry point of every worker process (runs in the spawned child)."""
+    from rapidfire_state.db.engine import set_application_name
+
+    set_application_name(f"worker_{worker_id}")
+    if not db.is_sqlite:
+        # the unpickled StateDB connected before the role was set: reconnect under it
+        db.engine.dispose()
     group_created, group_error = _create_process_group()
     if not group_created:
         # Without a group of its own the worker shares the controller's terminal

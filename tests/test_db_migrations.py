@@ -7,7 +7,8 @@ own walk; 8 processes opening one new database; the unknown-revision, behind-hea
 and backup paths; CHECK constraints and the partial unique index enforced by the
 database itself; the inspection views; no Alembic import on an up-to-date open;
 the metric outbox (0005): upgrade with data, a downgrade refused while rows are
-pending, offline DDL, and its tables readable through ``sql`` and the reader role.
+pending, offline DDL, and its tables readable through ``sql`` and the reader role;
+the claim indexes (0006): a round trip with rows, and offline DDL.
 """
 
 from __future__ import annotations
@@ -341,6 +342,7 @@ def test_task_claims_revision_in_offline_mode(db_url, tmp_path):
     if db_url.startswith("sqlite"):
         assert not Path(db_url[len("sqlite:///"):]).exists()  # nothing was opened or created
 
+
 # --- 0005: the metric outbox ------------------------------------------------------------------
 
 OUTBOX = "0005_metric_outbox"
@@ -543,6 +545,88 @@ def test_metric_outbox_tables_are_readable_by_sql_and_its_reader_role(db, db_url
         assert "lock rows" in sql_refused("SELECT * FROM metric_streams FOR UPDATE")
     assert "refused" in sql_refused("UPDATE metric_outbox SET delivered_at = NULL")
     assert outbox_rows(db_url) == before
+
+
+# --- 0006: the claim indexes ------------------------------------------------------------------
+
+CLAIM_INDEXES_REVISION = "0006_claim_indexes"
+BEFORE_CLAIM_INDEXES = migrate.REVISIONS[migrate.REVISIONS.index(CLAIM_INDEXES_REVISION) - 1]
+CLAIM_INDEXES = {"ix_worker_tasks_claim": "worker_tasks", "ix_controller_tasks_claim": "controller_tasks"}
+
+
+def index_sql(url: str, name: str) -> str | None:
+    """An index's definition as the database keeps it, whitespace folded; None when absent."""
+    if url.startswith("sqlite"):
+        found = scalar(url, "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = :n", n=name)
+    else:
+        found = scalar(url, "SELECT indexdef FROM pg_indexes WHERE indexname = :n", n=name)
+    return " ".join(found.split()) if found is not None else None
+
+
+def task_rows(url: str) -> dict[str, list[tuple]]:
+    engine = raw_engine(url)
+    try:
+        with engine.connect() as connection:
+            return {
+                table: [tuple(map(str, row)) for row in connection.execute(text(f"SELECT * FROM {table} ORDER BY 1"))]
+                for table in ("worker_tasks", "controller_tasks")
+            }
+    finally:
+        engine.dispose()
+
+
+def test_claim_indexes_round_trip_keeps_rows_and_claims_work_on_both_sides(db, db_url, tmp_path):
+    info = populate(db, tmp_path)
+    queued = db.create_worker_task(info["experiment_id"], info["runs"]["ONGOING"], 1, 3)
+    counts, rows = row_counts(db_url), task_rows(db_url)
+    for name in CLAIM_INDEXES:
+        definition = index_sql(db_url, name)
+        assert definition is not None and "WHERE" in definition and "SCHEDULED" in definition, definition
+
+    db.downgrade(BEFORE_CLAIM_INDEXES)
+    assert db.schema_revision() == BEFORE_CLAIM_INDEXES
+    assert all(index_sql(db_url, name) is None for name in CLAIM_INDEXES)
+    assert row_counts(db_url) == counts and task_rows(db_url) == rows
+    # ... and the older indexes of 0001 are still there
+    assert index_sql(db_url, "ix_worker_tasks_worker_id_status_task_id") is not None
+    for view in VIEWS:
+        scalar(db_url, f"SELECT COUNT(*) FROM {view}")
+
+    db.upgrade("head")
+    assert db.schema_revision() == HEAD
+    assert schema_diff(db) == []
+    assert row_counts(db_url) == counts and task_rows(db_url) == rows
+    worker_index = index_sql(db_url, "ix_worker_tasks_claim")
+    assert "(worker_id, task_id)" in worker_index and "status" in worker_index and "'SCHEDULED'" in worker_index
+    assert "(experiment_id, task_id)" in index_sql(db_url, "ix_controller_tasks_claim")
+    # the claim runs on the migrated rows: the task queued before the round trip is claimed
+    claimed = db.claim_worker_task(1, experiment_id=info["experiment_id"])
+    assert claimed is not None and claimed.task_id == queued.task_id and claimed.status is TaskStatus.IN_PROGRESS
+    assert db.claim_worker_task(1) is None
+    controller = db.claim_controller_task(info["experiment_id"])
+    assert controller is not None and controller.task_type is ControllerTask.IC_STOP
+
+
+def test_claim_indexes_revision_in_offline_mode(db_url):
+    up = alembic_cli("upgrade", f"{BEFORE_CLAIM_INDEXES}:{CLAIM_INDEXES_REVISION}", "--sql", url=db_url)
+    assert up.returncode == 0, up.stdout + up.stderr
+    script = " ".join(up.stdout.split())
+    assert "CREATE INDEX ix_worker_tasks_claim ON worker_tasks (worker_id, task_id) WHERE status = 'SCHEDULED'" in script
+    assert ("CREATE INDEX ix_controller_tasks_claim ON controller_tasks (experiment_id, task_id) "
+            "WHERE status = 'SCHEDULED'") in script
+    assert "CREATE TABLE" not in script and "ALTER TABLE" not in script  # indexes only, no rebuild
+    assert f"version_num='{CLAIM_INDEXES_REVISION}'" in script
+    down = alembic_cli("downgrade", f"{CLAIM_INDEXES_REVISION}:{BEFORE_CLAIM_INDEXES}", "--sql", url=db_url)
+    assert down.returncode == 0, down.stdout + down.stderr
+    script = " ".join(down.stdout.split())
+    for name in CLAIM_INDEXES:
+        assert f"DROP INDEX {name}" in script
+    assert f"version_num='{BEFORE_CLAIM_INDEXES}'" in script
+    if db_url.startswith("sqlite"):
+        assert not Path(db_url[len("sqlite:///"):]).exists()  # nothing was opened or created
+
+
+# --- an upgrade the rows refuse ----------------------------------------------------------------
 
 
 def test_upgrade_is_refused_when_data_violates_the_new_check(db, db_url, tmp_path):

@@ -10,7 +10,12 @@ upgrade its read lock while another writer waits, and fails at once with
 open read session never holds the write lock.
 
 PostgreSQL goes through psycopg 3 with ``pool_pre_ping`` and the session time
-zone pinned to UTC (``db_now()`` and ``CURRENT_TIMESTAMP`` defaults agree).
+zone pinned to UTC (``db_now()`` and ``CURRENT_TIMESTAMP`` defaults agree).  Each
+connection names its process in ``application_name`` (:func:`application_name`),
+and carries an ``idle_in_transaction_session_timeout`` and a ``statement_timeout``
+(``DBConfig``): a session forgotten inside a transaction would otherwise hold its
+locks and its snapshot (and keep VACUUM from removing dead rows) for as long as
+its process lives.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import os
 import random
 import re
 import sqlite3
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -271,15 +277,71 @@ def _postgresql_engine(url: URL, *, read_only: bool = False) -> Engine:
     from rapidfire_state.db.schema import attach_postgresql_options
 
     attach_postgresql_options()
-    options = "-c timezone=UTC"
-    if read_only:
-        # every transaction of a reader is READ ONLY unless it says otherwise
-        options += " -c default_transaction_read_only=on"
-    return create_engine(
+    # SQLAlchemy's default QueuePool: 5 connections kept, 10 more under load
+    engine = create_engine(
         url,
         pool_pre_ping=True,
-        connect_args={"options": options},
+        connect_args={"options": postgresql_session_options(read_only=read_only)},
     )
+
+    @event.listens_for(engine, "do_connect")
+    def _name(dialect: Any, connection_record: Any, cargs: Any, cparams: dict) -> None:
+        # at connect time, not engine creation: the pid after a fork, the role set later;
+        # an application_name in the URL's query is kept
+        cparams.setdefault("application_name", application_name())
+
+    return engine
+
+
+#: the role this process gave itself (:func:`set_application_name`), else None
+_role: str | None = None
+
+
+def set_application_name(role: str | None) -> str | None:
+    """Name this process's role in the PostgreSQL connections it opens from now on.
+
+    Connections then show ``application_name = 'rapidfire_state:<role>:<pid>'`` in
+    ``pg_stat_activity`` (the worker manager names its workers ``worker_<id>``, the
+    command line ``cli``).  Connections already in a pool keep their name; dispose
+    the engine to rename them.  ``None`` goes back to the default (see
+    :func:`application_name`).  Returns the role it replaces.
+    """
+    global _role
+    if role is not None and (not isinstance(role, str) or not role.strip()):
+        raise ConfigError(f"application role {role!r} must be a non-empty string")
+    previous, _role = _role, (role.strip() if role is not None else None)
+    return previous
+
+
+def application_name() -> str:
+    """The ``application_name`` of a PostgreSQL connection opened now by this process.
+
+    ``rapidfire_state:<role>:<pid>`` when the process named its role
+    (:func:`set_application_name`); else ``$RF_DB_APPLICATION_NAME`` as it is; else
+    ``rapidfire_state:<basename of argv[0]>:<pid>``.  The role goes first because a
+    child inherits the environment but not the role.  The server keeps 63 bytes.
+    """
+    if _role is not None:
+        return f"rapidfire_state:{_role}:{os.getpid()}"
+    configured = os.environ.get("RF_DB_APPLICATION_NAME", "").strip()
+    if configured:
+        return configured
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return f"rapidfire_state:{program or 'python'}:{os.getpid()}"
+
+
+def postgresql_session_options(*, read_only: bool = False) -> str:
+    """The libpq ``options`` (``-c name=value`` …) of every library connection to PostgreSQL."""
+    options = ["-c timezone=UTC"]
+    idle = float(DBConfig.IDLE_IN_TRANSACTION_TIMEOUT_S)
+    statement = float(DBConfig.STATEMENT_TIMEOUT_S)
+    # milliseconds, at least 1 for a positive value (0 would mean no limit)
+    options.append(f"-c idle_in_transaction_session_timeout={max(1, round(idle * 1000)) if idle > 0 else 0}")
+    options.append(f"-c statement_timeout={max(1, round(statement * 1000)) if statement > 0 else 0}")
+    if read_only:
+        # every transaction of a reader is READ ONLY unless it says otherwise
+        options.append("-c default_transaction_read_only=on")
+    return " ".join(options)
 
 
 def backoff(attempt: int) -> None:

@@ -91,6 +91,7 @@ REVISIONS: tuple[str, ...] = (
     "0003_task_claims",
     "0004_sql_reader_role",
     "0005_metric_outbox",
+    "0006_claim_indexes",
 )
 HEAD_REVISION = REVISIONS[-1]
 UPGRADE_COMMAND = "rapidfire-state db upgrade"

@@ -170,6 +170,16 @@ def _run_fk(name: str = "run_id") -> Column:
     return Column(name, ForeignKey("runs.run_id"))
 
 
+# The claim (status_change.claim_statement) takes the oldest SCHEDULED task of a
+# filter.  These partial indexes hold the SCHEDULED rows only, ordered as the
+# claim orders, so a claim costs the queue, not the history: with statistics,
+# PostgreSQL otherwise judged a walk of the primary key cheaper than the
+# (…, status, task_id) index and filtered every finished task ahead of the queue.
+# Their PostgreSQL ``WHERE`` is attached like the one-RUNNING index's.
+CLAIMABLE_WHERE = "status = 'SCHEDULED'"
+WORKER_CLAIM_INDEX = "ix_worker_tasks_claim"
+CONTROLLER_CLAIM_INDEX = "ix_controller_tasks_claim"
+
 # At most one RUNNING experiment per database: a partial unique index holds one
 # row at most.  Its PostgreSQL ``WHERE`` is attached when a PostgreSQL engine is
 # created (:func:`attach_postgresql_options`): naming the option here would load
@@ -266,6 +276,7 @@ worker_tasks = Table(
     Index("ix_worker_tasks_worker_id_status_task_id", "worker_id", "status", "task_id"),
     Index("ix_worker_tasks_experiment_id_status", "experiment_id", "status"),
     Index("ix_worker_tasks_run_id", "run_id"),
+    Index(WORKER_CLAIM_INDEX, "worker_id", "task_id", sqlite_where=text(CLAIMABLE_WHERE)),
 )
 
 controller_tasks = Table(
@@ -287,6 +298,7 @@ controller_tasks = Table(
     Index("ix_controller_tasks_experiment_id_status_task_id", "experiment_id", "status", "task_id"),
     Index("ix_controller_tasks_status_task_id", "status", "task_id"),
     Index("ix_controller_tasks_run_id", "run_id"),
+    Index(CONTROLLER_CLAIM_INDEX, "experiment_id", "task_id", sqlite_where=text(CLAIMABLE_WHERE)),
 )
 
 workers = Table(
@@ -422,7 +434,7 @@ _postgresql_attached = False
 
 
 def attach_postgresql_options() -> None:
-    """Give the one-RUNNING index its PostgreSQL ``WHERE`` (idempotent).
+    """Give the partial indexes their PostgreSQL ``WHERE`` (idempotent).
 
     Called when a PostgreSQL engine is created, i.e. once the PostgreSQL
     dialect is loaded anyway; DDL and Alembic's comparisons see the same
@@ -437,4 +449,8 @@ def attach_postgresql_options() -> None:
     for index in metric_outbox.indexes:
         if index.name == "ix_metric_outbox_pending":
             index.dialect_options["postgresql"]["where"] = text(OUTBOX_PENDING_WHERE)
+    for table, name in ((worker_tasks, WORKER_CLAIM_INDEX), (controller_tasks, CONTROLLER_CLAIM_INDEX)):
+        for index in table.indexes:
+            if index.name == name:
+                index.dialect_options["postgresql"]["where"] = text(CLAIMABLE_WHERE)
     _postgresql_attached = True
