@@ -52,6 +52,14 @@ the flusher pauses Python's cyclic collector for the duration of each
 ``log_batch`` call into such a store, and restores its previous state after
 (see :func:`_collector_paused`).  A server store needs none of this.
 
+Forks
+-----
+A process that forks (``multiprocessing``'s default start method on Linux)
+while a flusher thread runs waits for the flusher's pass in progress to end
+(at most :data:`FORK_WAIT_SECONDS`): a child forked mid-pass would inherit
+locks held by a thread it does not have.  The child starts its own flusher
+when it logs.
+
 Statuses
 --------
 A STATUS row (appended by the database in the transaction of each run status
@@ -72,6 +80,7 @@ import random
 import sys
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
@@ -293,6 +302,51 @@ class FlushStats:
     history: list = field(default_factory=list, repr=False)
 
 
+#: every flusher of this process (for the fork hooks below)
+_FLUSHERS: "weakref.WeakSet[Flusher]" = weakref.WeakSet()
+#: how long a fork waits for a flusher's pass in progress to end
+FORK_WAIT_SECONDS = 30.0
+_held_for_fork: list[Any] = []
+
+
+def _hold_flushers_for_fork() -> None:
+    """Before ``fork()``: let each flusher's pass in progress end, and start none.
+
+    A child forked while a flusher thread is inside the database driver or
+    MLflow inherits whatever locks that thread held at that instant, with no
+    thread to release them; its first use of them would hang (seen: a forked
+    worker that never registered).  Holding every flusher's pass lock across
+    the fork makes the fork happen between passes.
+    """
+    for flusher in list(_FLUSHERS):
+        lock = flusher._lock
+        if lock.acquire(timeout=FORK_WAIT_SECONDS):
+            _held_for_fork.append(lock)
+
+
+def _release_flushers_after_fork() -> None:
+    while _held_for_fork:
+        _held_for_fork.pop().release()
+
+
+def _reset_flushers_in_child() -> None:
+    global _gc_pauses
+    _held_for_fork.clear()
+    for flusher in list(_FLUSHERS):
+        flusher._after_fork()
+    if _gc_pauses and _gc_was_enabled:  # cannot happen while the passes were held; be sure
+        gc.enable()
+    _gc_pauses = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_hold_flushers_for_fork,
+        after_in_parent=_release_flushers_after_fork,
+        after_in_child=_reset_flushers_in_child,
+    )
+
+
 class _Transient(Exception):
     """A call failed in a way that may pass (server down, timeout, busy store)."""
 
@@ -331,6 +385,14 @@ class Flusher:
         self._pid = os.getpid()
         self._backoff = 0.0
         self._retry_at = 0.0
+        _FLUSHERS.add(self)
+
+    def _after_fork(self) -> None:
+        # the parent's thread does not exist here, and its locks are the parent's
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._wakeup = threading.Event()
+        self._thread = None
 
     def __repr__(self) -> str:
         return f"Flusher({self.tracking_uri!r}, {self.stats!r})"

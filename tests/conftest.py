@@ -10,6 +10,7 @@ test runs never see each other's rows.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from typing import Iterator
 
@@ -84,3 +85,17 @@ def experiment(db, tmp_path):
     """A RUNNING experiment in ``db``."""
     record = db.create_experiment("exp", str(tmp_path / "experiments"))
     return db.transition_experiment(record.experiment_id, "RUNNING")
+
+
+@pytest.fixture(autouse=True)
+def _stop_metric_flushers():
+    """Stop the background flushers a test started: threads left running would outlive it."""
+    yield
+    manager_module = sys.modules.get("rapidfire_state.metric_manager")
+    if manager_module is None:
+        return
+    for manager in list(manager_module._EXIT_FLUSH):
+        try:
+            manager.close(timeout=2)
+        except Exception:  # noqa: BLE001 - its database may be gone with the test
+            pass

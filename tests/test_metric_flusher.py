@@ -8,6 +8,7 @@ signals.  The server side (outages, a killed server) is in
 from __future__ import annotations
 
 import json
+import time
 import math
 import os
 import signal
@@ -565,3 +566,38 @@ def test_the_collector_pause_nests_and_restores_the_previous_state():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_fork_waits_for_the_flushers_pass_and_the_child_logs_on_its_own(manager, paths):
+    import threading
+
+    run = manager.create_run(manager.get_experiment("fork").experiment_id)
+    manager.log_metric(run, "loss", 0.5, step=1)
+    flusher = manager.flusher
+    entered, leave = threading.Event(), threading.Event()
+    real = flusher.transport.log_batch
+
+    def slow_send(*args, **kwargs):  # a pass in progress, held open by the test
+        entered.set()
+        leave.wait(10)
+        real(*args, **kwargs)
+
+    flusher.transport.log_batch = slow_send
+    sender = threading.Thread(target=manager.flush)
+    sender.start()
+    assert entered.wait(10)
+    threading.Timer(0.5, leave.set).start()
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh flusher of its own, and nothing held
+        try:
+            manager.log_metric(run, "loss", 0.25, step=2)
+            os._exit(0 if manager.flush(timeout=20) >= 1 else 3)
+        except BaseException:
+            os._exit(4)
+    waited = time.monotonic() - started
+    _, status = os.waitpid(pid, 0)
+    sender.join(10)
+    assert waited >= 0.4  # the fork waited for the pass to end
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert _history(paths["mlflow"], run, "loss") == [(1, 0.5), (2, 0.25)]
