@@ -197,50 +197,6 @@ def cmd_experiments(args: argparse.Namespace) -> int:
     return 0
 
 
-def _metric_streams(database: Any, experiment_id: Optional[int], every: bool) -> list[dict]:
-    """One row per MLflow run of the outbox (a stream) with its pending count, in experiment/run order.
-
-    Only pending rows are joined, so the cost follows the backlog (the partial
-    index), not the delivered history.
-    """
-    from sqlalchemy import and_, func, select
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from rapidfire_state.db import schema as tables
-    from rapidfire_state.db.store.lookups import check_id
-
-    streams, outbox = tables.metric_streams, tables.metric_outbox
-    pending = func.count(outbox.c.outbox_id)
-    listed = (
-        streams.c.experiment_id, streams.c.run_id, streams.c.tracking_uri, streams.c.metric_run_id,
-        streams.c.claim_host, streams.c.claim_pid, streams.c.claimed_at, streams.c.last_error,
-    )
-    statement = (
-        select(streams.c.stream_id, *listed, pending.label("pending"))
-        .select_from(streams.outerjoin(outbox, and_(
-            outbox.c.stream_id == streams.c.stream_id, outbox.c.delivered_at.is_(None), outbox.c.failed_at.is_(None),
-        )))
-        .group_by(streams.c.stream_id, *listed)
-        # NULLs last on both backends: runs of no experiment after the others
-        .order_by(streams.c.experiment_id.is_(None), streams.c.experiment_id, streams.c.run_id.is_(None),
-                  streams.c.run_id, streams.c.stream_id)
-    )
-    if experiment_id is not None:
-        statement = statement.where(streams.c.experiment_id == check_id("experiment_id", experiment_id))
-    if not every:
-        statement = statement.having(pending > 0)
-    try:
-        with database.engine.connect() as connection:
-            found = [dict(row) for row in connection.execute(statement).mappings()]
-    except SQLAlchemyError as exc:
-        from rapidfire_state.db import migrate
-
-        raise DBException(f"cannot read the metric outbox of {database.url_text}: {migrate.driver_message(exc)}") from exc
-    for row in found:
-        row["claimed_by"] = f"{row['claim_host']}:{row['claim_pid']}" if row["claim_host"] else None
-    return found
-
-
 def cmd_metrics(args: argparse.Namespace) -> int:
     from rapidfire_state.db import migrate
     from rapidfire_state.exceptions import SchemaOutOfDateError
@@ -261,7 +217,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
                 "experiment_id", "run_id", "tracking_uri", "metric_run_id", "pending", "claimed_by", "claimed_at",
                 "last_error",
             ]
-            rows = _metric_streams(database, args.experiment, args.all)
+            rows = database.list_metric_streams(experiment_id=args.experiment, every=args.all)
             if not args.json:
                 total = database.pending_metric_rows(experiment_id=args.experiment)
     _emit(rows, columns, args.json)

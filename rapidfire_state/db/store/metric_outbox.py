@@ -453,6 +453,35 @@ class MetricOutboxStore(StoreCore):
         )
         return int(self._read(lambda conn: conn.execute(statement).scalar_one()))
 
+    def list_metric_streams(self, *, experiment_id: Optional[int] = None, every: bool = False) -> list[dict[str, Any]]:
+        """One row per MLflow run of the outbox (a stream) with its pending count, in experiment/run order.
+
+        Only streams with pending rows unless ``every``.  Only pending rows are
+        joined, so the cost follows the backlog (the partial index), not the
+        delivered history.  ``claimed_by`` is ``host:pid`` of the claim, or None.
+        """
+        pending = func.count(_outbox.c.outbox_id)
+        listed = (
+            _streams.c.experiment_id, _streams.c.run_id, _streams.c.tracking_uri, _streams.c.metric_run_id,
+            _streams.c.claim_host, _streams.c.claim_pid, _streams.c.claimed_at, _streams.c.last_error,
+        )
+        statement = (
+            select(_streams.c.stream_id, *listed, pending.label("pending"))
+            .select_from(_streams.outerjoin(_outbox, and_(_outbox.c.stream_id == _streams.c.stream_id, _pending())))
+            .group_by(_streams.c.stream_id, *listed)
+            # NULLs last on both backends: runs of no experiment after the others
+            .order_by(_streams.c.experiment_id.is_(None), _streams.c.experiment_id, _streams.c.run_id.is_(None),
+                      _streams.c.run_id, _streams.c.stream_id)
+        )
+        if experiment_id is not None:
+            statement = statement.where(_streams.c.experiment_id == check_id("experiment_id", experiment_id))
+        if not every:
+            statement = statement.having(pending > 0)
+        found = [dict(row) for row in self._read(lambda conn: conn.execute(statement).mappings().all())]
+        for row in found:
+            row["claimed_by"] = f"{row['claim_host']}:{row['claim_pid']}" if row["claim_host"] else None
+        return found
+
     def pending_metric_rows_by_experiment(self) -> dict[Optional[int], int]:
         """Undelivered outbox rows per experiment id (None: streams not linked to one)."""
         statement = (
