@@ -185,6 +185,11 @@ def _run_on(connection: Any, *, writes: bool) -> None:
             # SQLite, whose DDL it treats as non-transactional): the whole
             # upgrade, and the foreign-key check, are one unit, and no
             # transaction is open when enforcement is switched back on below.
+            if not is_sqlite:
+                # a migration of a large table may run longer than the library's
+                # statement timeout (RF_DB_STATEMENT_TIMEOUT_S); SET LOCAL ends
+                # with this transaction, so the pooled connection keeps its own
+                connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
             _configure_and_run(connection, is_sqlite)
             if is_sqlite:
                 problems = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()

@@ -228,3 +228,80 @@ def test_spawned_workers_name_their_connections_worker_n(pg_database_url, admin,
         if manager is not None:
             manager.terminate_workers()
         db.close()
+
+
+def _hold_migration_lock(admin):
+    from rapidfire_state.db.migrate import _PG_LOCK_KEY
+
+    connection = admin.connect()
+    connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _PG_LOCK_KEY})
+    return connection
+
+
+def test_a_migration_waits_for_the_lock_past_the_statement_timeout(pg_database_url, admin, monkeypatch):
+    # another process migrating for longer than the library's statement timeout:
+    # the waiting process is not cancelled by that timeout, it waits for the lock
+    import threading
+
+    monkeypatch.setenv("RF_DB_STATEMENT_TIMEOUT_S", "0.3")
+    holder = _hold_migration_lock(admin)
+    opened: list = []
+
+    def open_db() -> None:
+        try:
+            opened.append(StateDB(pg_database_url))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            opened.append(exc)
+
+    thread = threading.Thread(target=open_db)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        # the moment is chosen by what the server shows: the opener waits on the advisory lock
+        while True:
+            with admin.connect() as connection:
+                waiting = connection.execute(text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                )).scalar()
+            if waiting:
+                break
+            assert time.monotonic() < deadline, "the opener never waited for the migration lock"
+            time.sleep(0.05)
+        time.sleep(1.0)  # > 3x the statement timeout while it waits
+        assert thread.is_alive() and not opened
+    finally:
+        holder.execute(text("SELECT pg_advisory_unlock_all()"))
+        holder.close()
+        thread.join(30)
+    assert len(opened) == 1 and isinstance(opened[0], StateDB), opened
+    db = opened[0]
+    try:
+        with db.engine.connect() as connection:
+            # SET LOCAL ended with the lock's transaction and the migration's: pooled
+            # connections keep the library's own timeout
+            assert connection.execute(text("SHOW statement_timeout")).scalar() == "300ms"
+        db.create_experiment("after-the-wait", "/tmp/rf-wait")
+    finally:
+        db.close()
+
+
+def test_the_wait_for_another_migration_is_bounded_and_named(pg_database_url, admin, monkeypatch):
+    from rapidfire_state.db import migrate
+    from rapidfire_state.exceptions import DBException
+
+    monkeypatch.setattr(migrate, "MIGRATION_LOCK_WAIT_S", 1)
+    holder = _hold_migration_lock(admin)
+    try:
+        with pytest.raises(DBException, match=r"waited 1 s for the migration lock of .*another process holds it"):
+            StateDB(pg_database_url)
+    finally:
+        holder.execute(text("SELECT pg_advisory_unlock_all()"))
+        holder.close()
+    # nothing was created while it waited; the next open migrates
+    with admin.connect() as connection:
+        assert connection.execute(text("SELECT to_regclass('experiments')")).scalar() is None
+    db = StateDB(pg_database_url)
+    try:
+        assert db.list_experiments() == []
+    finally:
+        db.close()

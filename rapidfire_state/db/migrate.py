@@ -103,6 +103,9 @@ SQL_READER_ROLE = "rapidfire_reader"
 #: the SECURITY DEFINER function, owned by the reader role, that runs one statement
 SQL_READER_FUNCTION = "rapidfire_sql_read"
 
+#: seconds a process waits for another's migration before giving up (both backends)
+MIGRATION_LOCK_WAIT_S = 300
+
 # 64-bit key of the PostgreSQL advisory lock held while migrating ("rfstate" in hex)
 _PG_LOCK_KEY = 0x7266737461746500
 
@@ -472,14 +475,29 @@ def migration_lock(database: Database) -> Iterator[None]:
         from filelock import FileLock
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(f"{path}.migrate.lock", timeout=300):
+        with FileLock(f"{path}.migrate.lock", timeout=MIGRATION_LOCK_WAIT_S):
             yield
         return
     from sqlalchemy import text
 
+    from sqlalchemy.exc import OperationalError
+
     with database.engine.connect() as connection:
-        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _PG_LOCK_KEY})
-        connection.commit()
+        # The wait is bounded as SQLite's is, by its own timeout: the library's
+        # statement timeout (RF_DB_STATEMENT_TIMEOUT_S) is for its own short
+        # statements and may be shorter than another process's migration.
+        connection.exec_driver_sql(f"SET LOCAL statement_timeout = {MIGRATION_LOCK_WAIT_S * 1000}")
+        try:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _PG_LOCK_KEY})
+        except OperationalError as exc:
+            if getattr(getattr(exc, "orig", None), "sqlstate", None) != "57014":  # query_canceled
+                raise
+            raise DBException(
+                f"waited {MIGRATION_LOCK_WAIT_S} s for the migration lock of {database.url_text}: another "
+                "process holds it (its session shows in pg_locks as an advisory lock with objid "
+                f"{_PG_LOCK_KEY & 0xFFFFFFFF}); nothing was changed"
+            ) from exc
+        connection.commit()  # ends the SET LOCAL; the session-level advisory lock stays
         try:
             yield
         finally:
