@@ -50,6 +50,7 @@ _LAZY = {
     "SharedMemoryManager": "rapidfire_state.shm_manager",
     "WorkerManager": "rapidfire_state.worker_manager",
     "run_worker": "rapidfire_state.worker_manager",
+    "TaskResult": "rapidfire_state.worker_manager",
     "MLflowManager": "rapidfire_state.metric_manager",
     "mlflow_status_for": "rapidfire_state.states",
 }

@@ -817,9 +817,13 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 def cmd_fail_stale(args: argparse.Namespace) -> int:
     with _writer(args) as database:
-        reports = database.fail_stale_workers(args.grace, experiment_id=args.experiment)
+        reports = database.fail_stale_workers(args.grace, experiment_id=args.experiment, lost_runs=args.lost_runs)
     for report in reports:
-        print(f"{report.reason}: tasks failed {list(report.failed_task_ids)}, runs failed {list(report.failed_run_ids)}")
+        released = f", runs released {list(report.released_run_ids)}" if args.lost_runs == "release" else ""
+        print(
+            f"{report.reason}: tasks failed {list(report.failed_task_ids)}, "
+            f"runs failed {list(report.failed_run_ids)}{released}"
+        )
     if not reports:
         print("no stale workers")
     return 0
@@ -901,6 +905,10 @@ def build_parser() -> argparse.ArgumentParser:
     stale = commands.add_parser("fail-stale", help="fail workers that died or stopped heartbeating")
     stale.add_argument("--grace", type=float, default=30.0, help="heartbeat age in seconds (default 30)")
     stale.add_argument("-e", "--experiment", type=int, default=None)
+    stale.add_argument(
+        "--lost-runs", choices=("fail", "release"), default="fail",
+        help="the lost tasks' runs: fail them (default) or leave them to be rescheduled",
+    )
     stale.set_defaults(func=cmd_fail_stale)
 
     # interactive control: ic stop|resume|kill|clone (rapidfire_state/cli_ic.py)

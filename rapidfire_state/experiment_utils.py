@@ -22,7 +22,6 @@ import importlib.util
 import os
 import random
 import signal
-import socket
 import sys
 import threading
 import time
@@ -40,6 +39,7 @@ from rapidfire_state.db import (
     WorkerRecord,
     validate_experiment_name,
 )
+from rapidfire_state.db.store.processes import HOST
 from rapidfire_state.exceptions import (
     DataPathException,
     ExperimentException,
@@ -105,7 +105,7 @@ class ExperimentUtils:
             raise ExperimentException(f"db {db!r} is not a StateDB, a database URL or None")
         self._db = db
         self.metrics = metrics
-        self._host = socket.gethostname()
+        self._host = HOST  # $RF_HOST or the system's name: the name this process's records carry
         self._previous_handlers: dict[int, SignalHandler] = {}
         self._worker_processes: Any = None
         self._handling_signal = False

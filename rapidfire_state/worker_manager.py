@@ -93,7 +93,7 @@ import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol
 
 from rapidfire_state.constants import TaskStatus
 from rapidfire_state.exceptions import ConfigError, InvalidTransitionError, RapidFireError, WorkerException
@@ -110,6 +110,7 @@ __all__ = [
     "default_worker_target",
     "resolve_worker_handler",
     "WorkerContext",
+    "TaskResult",
     "WORKER_HANDLER_KEY",
     "ORPHANED_EXIT_CODE",
     "START_FAILED_EXIT_CODE",
@@ -865,13 +866,20 @@ class WorkerManager:
             )
         return status
 
-    def fail_stale_workers(self, grace_seconds: Optional[float] = None) -> list[Any]:
+    def fail_stale_workers(self, grace_seconds: Optional[float] = None, *, lost_runs: str = "fail") -> list[Any]:
         """:meth:`StateDB.fail_stale_workers` for this experiment; the grace defaults
-        to :attr:`STALE_INTERVALS` × ``heartbeat_seconds``."""
+        to :attr:`STALE_INTERVALS` × ``heartbeat_seconds``.
+
+        ``lost_runs="fail"`` (the default) fails the lost tasks' runs with them;
+        ``"release"`` leaves the runs in their status for the scheduler to give
+        to a live worker (the reports' ``released_run_ids``)."""
+        from rapidfire_state.db.store.workers import check_lost_runs
+
+        check_lost_runs(lost_runs)
         if self.experiment_id is None:
             return []
         grace = self.STALE_INTERVALS * self.heartbeat_seconds if grace_seconds is None else grace_seconds
-        return self.db.fail_stale_workers(grace, experiment_id=self.experiment_id)
+        return self.db.fail_stale_workers(grace, experiment_id=self.experiment_id, lost_runs=lost_runs)
 
 
 # --- worker side: the task loop ----------------------------------------------------
@@ -921,6 +929,31 @@ class _Heartbeat:
             self._thread.join(timeout=max(self._interval, 5.0))
 
 
+@dataclass(frozen=True)
+class TaskResult:
+    """What a task handler run by :func:`run_worker` may return instead of None.
+
+    ``run_progress``: counters of the task's run (the names and values
+    ``StateDB.update_run_progress`` takes), written in the same transaction as
+    the task's finish and only if that finish is accepted — a worker declared
+    dead meanwhile (its task failed by ``fail_stale_workers``) changes neither
+    the task nor its run.  Progress that must survive a lost finish is better
+    written as it happens, with ``update_run_progress``.
+    """
+
+    run_progress: Optional[Mapping[str, Any]] = None
+
+    def __post_init__(self) -> None:
+        if self.run_progress is not None and not isinstance(self.run_progress, Mapping):
+            raise ConfigError(
+                f"TaskResult(run_progress={self.run_progress!r}) is not valid; a mapping of progress counters"
+                " or None is allowed"
+            )
+        if self.run_progress is not None:
+            # a frozen record holds a copy: the handler's dict may change after it returns
+            object.__setattr__(self, "run_progress", dict(self.run_progress))
+
+
 def run_worker(
     worker_id: int,
     db: "StateDB",
@@ -937,8 +970,13 @@ def run_worker(
     (``db.claim_worker_task``, which moves it to IN_PROGRESS and records this
     process and a claim token on it), call ``handler(task)``, and finish the task
     COMPLETED — or FAILED with the traceback text when the handler raises an
-    ``Exception`` (the loop goes on).  The finish presents the claim's token, so
-    it never overwrites what a restart or ``fail_stale_workers`` recorded.  With no task
+    ``Exception`` (the loop goes on).  The handler returns None or a
+    :class:`TaskResult`, whose ``run_progress`` is written with the finish, in
+    its transaction; any other return value fails the task with an error
+    naming its type (and is logged), as does a ``run_progress`` the database
+    refuses.  The finish presents the claim's token, so it never overwrites
+    what a restart or ``fail_stale_workers`` recorded; a refused finish is
+    logged and the loop goes on.  With no task
     it waits ``poll_seconds`` (waking at once when the event is set).  The event
     is checked between tasks, so the current task is always finished.
 
@@ -990,25 +1028,55 @@ def run_worker(
 
 def _process_task(db: "StateDB", handler: Callable[["TaskRecord"], Any], task: "TaskRecord", worker_id: int) -> None:
     try:
-        handler(task)
+        result = handler(task)
     except Exception:
         _finish(db, task, worker_id, ok=False, error=traceback.format_exc())
         return
     except BaseException:
         _finish(db, task, worker_id, ok=False, error=traceback.format_exc())
         raise
-    _finish(db, task, worker_id, ok=True, error=None)
+    if result is None:
+        _finish(db, task, worker_id, ok=True, error=None)
+    elif isinstance(result, TaskResult):
+        _finish(db, task, worker_id, ok=True, error=None, run_progress=result.run_progress)
+    else:
+        error = (
+            f"the handler returned a {type(result).__module__}.{type(result).__qualname__}"
+            f" ({_short_repr(result)}); allowed: None or rapidfire_state.worker_manager.TaskResult"
+        )
+        _log.error("worker %s fails task %s: %s", worker_id, task.task_id, error)
+        _finish(db, task, worker_id, ok=False, error=error)
 
 
-def _finish(db: "StateDB", task: "TaskRecord", worker_id: int, *, ok: bool, error: Optional[str]) -> None:
+def _short_repr(value: Any, limit: int = 80) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the type
+        return "unprintable"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _finish(
+    db: "StateDB", task: "TaskRecord", worker_id: int, *, ok: bool, error: Optional[str],
+    run_progress: Optional[Mapping[str, Any]] = None,
+) -> None:
     try:
         # The finish presents this claim's token: a worker declared dead (its
         # task failed by fail_stale_workers or a restart) cannot overwrite that.
-        db.finish_worker_task(task.task_id, ok=ok, error=error, claim_token=task.claim_token)
+        db.finish_worker_task(
+            task.task_id, ok=ok, error=error, claim_token=task.claim_token, run_progress=run_progress
+        )
     except InvalidTransitionError as exc:
         # Someone else ended it meanwhile (fail_stale_workers, experiment cleanup),
         # or the claim is no longer ours: theirs is the recorded outcome.
         _log.warning("worker %s could not finish task %s: %s", worker_id, task.task_id, exc)
+    except ConfigError as exc:
+        if run_progress is None:
+            raise
+        # The progress was refused (nothing written): the task must not stay IN_PROGRESS.
+        message = f"the handler's TaskResult.run_progress was refused: {exc}"
+        _log.error("worker %s fails task %s: %s", worker_id, task.task_id, message)
+        _finish(db, task, worker_id, ok=False, error=message)
 
 
 

@@ -217,6 +217,54 @@ def test_run_worker_finishes_only_under_its_own_claim(db, db_url, experiment):
     assert [h.to_status for h in db.history("worker_task", taken.task_id)][-1] is TaskStatus.IN_PROGRESS
 
 
+def test_a_handler_returns_progress_that_lands_with_the_finish(db, experiment, caplog):
+    exp = experiment.experiment_id
+    run = db.transition_run(db.create_run(exp, {"lr": 0.1}).run_id, "ONGOING")
+    db.register_worker(exp, 0, os.getpid())
+    with_progress = db.create_worker_task(exp, run.run_id, 0, 0, config_options={"result": "progress"})
+    plain = db.create_worker_task(exp, run.run_id, 0, 1, config_options={"result": "none"})
+    odd = db.create_worker_task(exp, run.run_id, 0, 2, config_options={"result": "int"})
+    refused = db.create_worker_task(exp, run.run_id, 0, 3, config_options={"result": "bad progress"})
+    results = {
+        "progress": wm.TaskResult(run_progress={"completed_steps": 40, "num_chunks_visited": 2}),
+        "none": None,
+        "int": 42,
+        "bad progress": wm.TaskResult(run_progress={"bogus": 1}),
+    }
+    event, thread, result = start_loop(db, exp, lambda task: results[task.config_options["result"]])
+    wait_for(lambda: task_status(db, refused.task_id) != TaskStatus.SCHEDULED
+             and task_status(db, refused.task_id) != TaskStatus.IN_PROGRESS, 10, "the last task")
+    event.set()
+    thread.join(5)
+    assert "error" not in result and result["processed"] == 4
+    assert task_status(db, with_progress.task_id) is TaskStatus.COMPLETED
+    assert task_status(db, plain.task_id) is TaskStatus.COMPLETED
+    progressed = db.get_run(run.run_id)
+    assert (progressed.completed_steps, progressed.num_chunks_visited) == (40, 2)
+    failed = db.get_task("worker", odd.task_id)
+    assert failed.status is TaskStatus.FAILED
+    assert "returned a builtins.int (42)" in failed.error and "TaskResult" in failed.error
+    failed = db.get_task("worker", refused.task_id)
+    assert failed.status is TaskStatus.FAILED and "run_progress was refused" in failed.error
+    assert "'bogus' is not a progress counter" in failed.error
+    assert any("returned a builtins.int" in r.getMessage() for r in caplog.records)
+
+
+def test_task_result_is_a_frozen_record_of_a_mapping():
+    import dataclasses
+
+    source = {"completed_steps": 1}
+    result = wm.TaskResult(run_progress=source)
+    source["completed_steps"] = 2
+    assert result.run_progress == {"completed_steps": 1}  # a copy, taken when returned
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.run_progress = {}  # type: ignore[misc]
+    assert wm.TaskResult().run_progress is None and "TaskResult" in wm.__all__
+    for bad in ([("completed_steps", 1)], 3, "completed_steps"):
+        with pytest.raises(ConfigError, match="TaskResult"):
+            wm.TaskResult(run_progress=bad)
+
+
 def test_a_handler_base_exception_fails_the_task_and_propagates(db, experiment):
     exp = experiment.experiment_id
     db.register_worker(exp, 0, os.getpid())

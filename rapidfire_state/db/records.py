@@ -387,6 +387,10 @@ class StaleWorkerReport:
     ``claim_pid`` is set when the tasks were failed by their own claim: a dead
     process that claimed them for ``worker``'s worker id, whose row may now name a
     live successor (``worker`` is that row, None when the worker id has none).
+
+    ``released_run_ids``: with ``lost_runs="release"``, the runs of the failed
+    tasks that were left in their status (ONGOING stays ONGOING) for the
+    scheduler to give to a live worker; such runs are never in ``failed_run_ids``.
     """
 
     worker: Optional[WorkerRecord]
@@ -394,6 +398,7 @@ class StaleWorkerReport:
     failed_task_ids: tuple[int, ...]
     failed_run_ids: tuple[int, ...]
     claim_pid: Optional[int] = None
+    released_run_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -34,8 +33,10 @@ def safe_component(text: str, limit: int = 64) -> str:
 
 
 def host_component() -> str:
-    """This host's name as one dot-free field of a lock or journal file name."""
-    return safe_component(socket.gethostname(), 64).replace(".", "_")
+    """This host's name (``$RF_HOST`` or the system's) as one dot-free field of a lock or journal file name."""
+    from rapidfire_state.db.store.processes import HOST
+
+    return safe_component(HOST, 64).replace(".", "_")
 
 
 def key_file_name(key: str) -> str:

@@ -6,8 +6,43 @@ import os
 import socket
 from typing import Optional
 
-#: this host's name, as history rows and claims record it
-HOST = socket.gethostname()
+from rapidfire_state.exceptions import ConfigError
+
+#: the environment variable naming this host, where ``socket.gethostname()`` does not tell hosts apart
+HOST_ENV = "RF_HOST"
+#: the longest host name accepted (a DNS name's limit)
+MAX_HOST_LENGTH = 255
+
+
+def resolve_host(environ: Optional[dict] = None) -> str:
+    """This process's host name: ``$RF_HOST`` when set, else ``socket.gethostname()``.
+
+    ``RF_HOST`` is for hosts that share a name (containers with host networking,
+    network namespaces): pids are judged only for claims of this name, so two
+    hosts recording the same name would judge each other's pids.  A set value
+    must be 1-255 characters without whitespace or control characters;
+    anything else raises :class:`ConfigError` naming it.
+    """
+    value = (os.environ if environ is None else environ).get(HOST_ENV)
+    if value is None:
+        return socket.gethostname()
+    allowed = (
+        f"allowed: 1-{MAX_HOST_LENGTH} characters with no whitespace or control characters"
+        f" (unset {HOST_ENV} to use the system host name)"
+    )
+    if not value.strip():
+        raise ConfigError(f"{HOST_ENV}={value!r} is blank; {allowed}")
+    if len(value) > MAX_HOST_LENGTH:
+        raise ConfigError(f"{HOST_ENV}={value[:40]!r}... is {len(value)} characters long; {allowed}")
+    bad = next((c for c in value if c.isspace() or not c.isprintable()), None)
+    if bad is not None:
+        raise ConfigError(f"{HOST_ENV}={value!r} contains {bad!r}; {allowed}")
+    return value
+
+
+#: this host's name, as worker rows, claims and history rows record it (``$RF_HOST`` or the system's);
+#: read once, at import, so that every record of one process names the same host
+HOST = resolve_host()
 
 
 def process_start_time(pid: int) -> Optional[float]:

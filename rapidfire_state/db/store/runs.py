@@ -22,6 +22,7 @@ from rapidfire_state.db.store.lookups import (
     one_row,
     optional_str,
     status_filter,
+    update_columns_without_commit,
 )
 from rapidfire_state.db.store.status_change import (
     RUN,
@@ -45,6 +46,37 @@ PROGRESS_COUNTERS: Mapping[str, type] = {
     "required_workers": int,
     "progress": float,
 }
+
+
+def progress_values(counters: Mapping[str, Any], caller: str) -> dict[str, Any]:
+    """``counters`` checked as :meth:`RunStore.update_run_progress` takes them: the column values to set.
+
+    :class:`ConfigError` (naming ``caller`` when nothing is given) for no
+    counter, an unknown one or a bad value.
+    """
+    if not counters:
+        raise ConfigError(f"{caller} needs at least one of: {', '.join(PROGRESS_COUNTERS)}")
+    values: dict[str, Any] = {}
+    for field, value in counters.items():
+        kind = PROGRESS_COUNTERS.get(field) if isinstance(field, str) else None
+        if kind is None:
+            raise ConfigError(
+                f"{field!r} is not a progress counter; allowed: {', '.join(PROGRESS_COUNTERS)}"
+                + ("; change status with transition_run" if field in ("status", "ended_by") else "")
+            )
+        if kind is int:
+            values[field] = check_int(field, value, minimum=1 if field == "required_workers" else 0)
+        else:
+            values[field] = check_number(field, value, finite=True, optional=field == "estimated_runtime")
+    return values
+
+
+def set_progress_without_commit(conn: Connection, run_id: int, values: Mapping[str, Any]) -> None:
+    """Set checked progress ``values`` (see :func:`progress_values`) of run ``run_id``; never the status."""
+    table = tables.runs
+    update_columns_without_commit(
+        conn, table, table.c.run_id == run_id, values={**values, "updated_at": db_now()}, missing=("run", run_id)
+    )
 
 
 def load_run(conn: Connection, run_id: int) -> RunRecord:
@@ -212,21 +244,7 @@ class RunStore(StoreCore):
     def update_run_progress(self, run_id: int, **counters: Any) -> RunRecord:
         """Set progress counters (see ``PROGRESS_COUNTERS``); never the status."""
         check_id("run_id", run_id)
-        if not counters:
-            raise ConfigError(f"update_run_progress needs at least one of: {', '.join(PROGRESS_COUNTERS)}")
-        values: dict[str, Any] = {}
-        for field, value in counters.items():
-            kind = PROGRESS_COUNTERS.get(field)
-            if kind is None:
-                raise ConfigError(
-                    f"{field!r} is not a progress counter; allowed: {', '.join(PROGRESS_COUNTERS)}"
-                    + ("; change status with transition_run" if field in ("status", "ended_by") else "")
-                )
-            if kind is int:
-                values[field] = check_int(field, value, minimum=1 if field == "required_workers" else 0)
-            else:
-                values[field] = check_number(field, value, finite=True, optional=field == "estimated_runtime")
-        return self._set_columns(RUN, run_id, load_run, **values)
+        return self._set_columns(RUN, run_id, load_run, **progress_values(counters, "update_run_progress"))
 
     def set_metric_run_id(self, run_id: int, metric_run_id: Optional[str]) -> RunRecord:
         """Record the metric store's (MLflow's) run id of the run."""

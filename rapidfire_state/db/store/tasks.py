@@ -18,7 +18,7 @@ from rapidfire_state.db.store.core import StoreCore
 from rapidfire_state.db.store.experiments import load_experiment
 from rapidfire_state.db.store.lookups import check_id, enum_value, one_row, status_filter
 from rapidfire_state.db.store.processes import HOST, own_process
-from rapidfire_state.db.store.runs import load_run
+from rapidfire_state.db.store.runs import PROGRESS_COUNTERS, load_run, progress_values, set_progress_without_commit
 from rapidfire_state.db.store.status_change import (
     TASK_ENTITIES,
     Entity,
@@ -331,17 +331,56 @@ class TaskStore(StoreCore):
         return self._claim("controller", {"experiment_id": experiment_id} if experiment_id is not None else {})
 
     def finish_worker_task(
-        self, task_id: int, *, ok: bool = True, error: Optional[str] = None, claim_token: Optional[str] = None
+        self,
+        task_id: int,
+        *,
+        ok: bool = True,
+        error: Optional[str] = None,
+        claim_token: Optional[str] = None,
+        run_progress: Optional[Mapping[str, Any]] = None,
     ) -> TaskRecord:
         """IN_PROGRESS → COMPLETED (``ok``) or FAILED with ``error``.
 
         With ``claim_token`` (the token of the claim, ``TaskRecord.claim_token``)
         the finish applies only to that claim: when the task's claim has another
         token (or none) :class:`InvalidTransitionError` says so and nothing changes.
+
+        ``run_progress``: counters of the task's run (the names and values
+        :meth:`update_run_progress` takes, checked the same way, before anything
+        is written), set in the same transaction as the finish and only when the
+        finish's compare-and-set moves the task: a refused finish (the task
+        already failed by :meth:`fail_stale_workers`, another claim's token)
+        leaves the run's counters as they were, and so does a repeat of a finish
+        already recorded.  A task without a run refuses it (:class:`ConfigError`,
+        the task stays IN_PROGRESS).
         """
-        return self.transition_task(
-            "worker", task_id, TaskStatus.COMPLETED if ok else TaskStatus.FAILED, error=error, claim_token=claim_token
-        )
+        to_status = TaskStatus.COMPLETED if ok else TaskStatus.FAILED
+        if run_progress is None:
+            return self.transition_task("worker", task_id, to_status, error=error, claim_token=claim_token)
+        if not isinstance(run_progress, Mapping):
+            raise ConfigError(
+                f"run_progress={run_progress!r} is not valid; a mapping of progress counters"
+                f" ({', '.join(PROGRESS_COUNTERS)}) or None is allowed"
+            )
+        values = progress_values(run_progress, "run_progress")
+        entity = task_entity("worker")
+        if claim_token is not None and not isinstance(claim_token, str):
+            raise ConfigError(f"claim_token={claim_token!r} is not valid; the str of TaskRecord.claim_token is required")
+        check_id("worker_task_id", task_id)
+        change, params = plan_task_change(entity, to_status, None, error, claim_token)
+
+        # Not the prepared path: the progress must land in the finish's own transaction.
+        def unit(conn: Connection) -> TaskRecord:
+            from_status, row = change_task_without_commit(
+                conn, task_id, change, params, error=error, claim_token=claim_token
+            )
+            if from_status is not None:
+                if row["run_id"] is None:
+                    raise ConfigError(f"worker task {task_id} has no run; run_progress cannot be applied")
+                set_progress_without_commit(conn, row["run_id"], values)
+            return TaskRecord.from_row(row, kind="worker")
+
+        return self._write(unit)
 
     def finish_controller_task(
         self, task_id: int, *, ok: bool = True, error: Optional[str] = None, claim_token: Optional[str] = None
