@@ -150,7 +150,7 @@ def demo_worker(
 
     from rapidfire_state.metric_manager import MLflowManager
     from rapidfire_state.shm_manager import SharedMemoryManager
-    from rapidfire_state.worker_manager import run_worker
+    from rapidfire_state.worker_manager import TaskResult, run_worker
 
     torch.set_num_threads(1)
     _quiet_default_log_handler()
@@ -163,7 +163,7 @@ def demo_worker(
     train_x, train_y, val_x, val_y = dataset()
     chunk_size = TRAIN_SAMPLES // chunks
 
-    def train_chunk(task: Any) -> None:
+    def train_chunk(task: Any) -> Any:
         run = db.get_run(task.run_id)
         expected = run.num_chunks_visited % chunks
         if task.chunk_id != expected or run.num_chunks_visited >= chunks * epochs:
@@ -195,10 +195,6 @@ def demo_worker(
                   run_id=run.run_id, chunk_id=task.chunk_id, object_type=SHMObjectType.MODEL)
         visited = run.num_chunks_visited + 1
         steps = run.completed_steps + (chunk_size + BATCH_SIZE - 1) // BATCH_SIZE
-        db.update_run_progress(
-            run.run_id, completed_steps=steps, num_chunks_visited=visited,
-            num_epochs_completed=visited // chunks, progress=visited / (chunks * epochs),
-        )
         metrics.log_metrics(
             run.metric_run_id,
             {"train_loss": float(train_loss), "val_loss": val_loss, "val_accuracy": val_accuracy},
@@ -206,6 +202,12 @@ def demo_worker(
         )
         logger.info("trained chunk", run_id=run.run_id, chunk_id=task.chunk_id, epoch=run.num_chunks_visited // chunks,
                     val_accuracy=round(val_accuracy, 3))
+        # the run's position moves in the finish's own transaction: a finish the
+        # database refuses (the task was failed meanwhile) cannot advance the run
+        return TaskResult(run_progress=dict(
+            completed_steps=steps, num_chunks_visited=visited,
+            num_epochs_completed=visited // chunks, progress=visited / (chunks * epochs),
+        ))
 
     processed = run_worker(worker_id, db, train_chunk, shutdown_event, experiment_id=experiment_id)
     metrics.close()  # bounded: what is not delivered stays in the outbox for the controller
