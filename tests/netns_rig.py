@@ -215,6 +215,8 @@ class Host:
     outside_ip: str  #: this side's address: the forwarder listens here
     inside_ip: str
     port: Optional[int] = None  #: the forwarder's port on outside_ip
+    outside_mac: str = ""
+    inside_mac: str = ""
     processes: list = field(default_factory=list)
 
 
@@ -284,6 +286,13 @@ class NetnsRig:
         _ip(*inside, "link", "set", "lo", "up")
         _ip(*inside, "addr", "add", f"{host.inside_ip}/30", "dev", host.inside_link)
         _ip(*inside, "link", "set", host.inside_link, "up")
+        # Fixed neighbours both ways: without them an ARP lookup begun while the host is
+        # cut is still failing up to ~1 s after restore() (the lookup's last probe goes
+        # unanswered), and what waited on it gets "No route to host" (psycopg: "server
+        # closed the connection unexpectedly").  A cut is then a pure link event.
+        host.outside_mac = _mac(host.outside_link)
+        host.inside_mac = _mac(host.inside_link, host.namespace)
+        _pin_neighbours(host)
 
     def _start_forwarder(self) -> None:
         listen = [f"{host.outside_ip}:0" for host in self.hosts.values()]
@@ -300,7 +309,22 @@ class NetnsRig:
             host.port = int(ports[host.outside_ip])
 
     def close(self) -> None:
-        """Kill the rig's processes, stop the forwarder, remove namespaces, links and routes. Idempotent."""
+        """Kill the rig's processes, stop the forwarder, remove namespaces, links and routes. Idempotent.
+
+        A second Ctrl+C while it runs is held back until it is done (on the main thread),
+        so an impatient interrupt cannot leave half a rig behind.
+        """
+        import threading
+
+        held = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if held else None
+        try:
+            self._remove()
+        finally:
+            if held:
+                signal.signal(signal.SIGINT, previous)
+
+    def _remove(self) -> None:
         for host in self.hosts.values():
             for process in host.processes:
                 _kill_tree(process)
@@ -361,11 +385,8 @@ class NetnsRig:
 
     def run(self, host: "str | Host", argv: Sequence[str], *, env: Optional[Mapping[str, str]] = None,
             timeout: float = 60, **kwargs: Any) -> subprocess.CompletedProcess:
-        """Run ``argv`` inside ``host`` to its end (captured text output)."""
-        kwargs.setdefault("capture_output", True)
-        kwargs.setdefault("text", True)
-        process = self.popen(host, argv, env=env, stdout=subprocess.PIPE if kwargs.pop("capture_output") else None,
-                             stderr=subprocess.PIPE, **kwargs)
+        """Run ``argv`` inside ``host`` to its end; its output captured as text."""
+        process = self.popen(host, argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
         try:
             out, err = process.communicate(timeout=timeout)
         finally:
@@ -377,9 +398,24 @@ class NetnsRig:
         """Take ``host``'s link down: nothing passes either way until :meth:`restore`."""
         _ip("link", "set", self.host(host).outside_link, "down")
 
-    def restore(self, host: "str | Host") -> None:
-        """Bring ``host``'s link up again (the connected route comes back with it)."""
-        _ip("link", "set", self.host(host).outside_link, "up")
+    def restore(self, host: "str | Host", *, timeout: float = 5.0) -> float:
+        """Bring ``host``'s link up again (the connected route comes back with it).
+
+        Returns once both ends report operstate UP (the kernel turns a veth's carrier
+        on asynchronously), and the seconds that took.
+        """
+        found = self.host(host)
+        _ip("link", "set", found.outside_link, "up")
+        started = time.monotonic()
+        while True:
+            here = _ip("-o", "link", "show", "dev", found.outside_link, check=False).stdout
+            there = _ip("-n", found.namespace, "-o", "link", "show", "dev", found.inside_link, check=False).stdout
+            if " state UP " in here and " state UP " in there:
+                _pin_neighbours(found)
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                raise RuntimeError(f"{found.outside_link}/{found.inside_link} not UP {timeout} s after restore")
+            time.sleep(0.01)
 
     def names(self) -> dict[str, list[str]]:
         """What this rig made, for checks that it is gone: namespaces and links."""
@@ -387,6 +423,19 @@ class NetnsRig:
             "netns": [host.namespace for host in self.hosts.values()],
             "links": [link for host in self.hosts.values() for link in (host.outside_link, host.inside_link)],
         }
+
+
+def _pin_neighbours(host: Host) -> None:
+    """Permanent neighbour entries both ways (taking a link down drops this side's)."""
+    _ip("neigh", "replace", host.inside_ip, "lladdr", host.inside_mac, "dev", host.outside_link, "nud", "permanent")
+    _ip("-n", host.namespace, "neigh", "replace", host.outside_ip, "lladdr", host.outside_mac,
+        "dev", host.inside_link, "nud", "permanent")
+
+
+def _mac(link: str, namespace: Optional[str] = None) -> str:
+    prefix = ("-n", namespace) if namespace else ()
+    words = _ip(*prefix, "-o", "link", "show", "dev", link).stdout.split()
+    return words[words.index("link/ether") + 1]
 
 
 def _kill_tree(process: subprocess.Popen) -> None:
