@@ -279,6 +279,37 @@ def test_release_leaves_live_runs_to_be_rescheduled_and_keeps_ended_ones(db, db_
         assert failed.status is TaskStatus.FAILED and "rescheduled" in failed.error
 
 
+def test_release_also_fails_what_was_still_queued_for_the_lost_worker(db, db_url, experiment, tmp_path):
+    e = experiment.experiment_id
+    claimed_run, queued_run, pending_run, other_run = (ongoing_run(db, e) for _ in range(4))
+    claimed = db.create_worker_task(e, claimed_run.run_id, 8, 0)
+    worker, _, out_file = start_worker("claim", db_url, e, 8, tmp_path, host=OTHER_HOST)
+    worker.communicate(timeout=60)
+    assert out_file.read_text() == str(claimed.task_id)
+    queued = db.create_worker_task(e, queued_run.run_id, 8, 1)
+    pending = db.create_worker_task(e, pending_run.run_id, 8, 2, status="PENDING")
+    elsewhere = db.create_worker_task(e, other_run.run_id, 9, 0)  # another worker's queue: untouched
+    wait_for(lambda: heartbeat_age(db, e, 8) > 0.5, "the foreign worker's heartbeat to age")
+    [report] = db.fail_stale_workers(0.5, experiment_id=e, lost_runs="release")
+    assert report.failed_task_ids == (claimed.task_id, queued.task_id, pending.task_id)
+    assert report.released_run_ids == (claimed_run.run_id, queued_run.run_id, pending_run.run_id)
+    assert report.failed_run_ids == ()
+    for task, start in ((queued, "SCHEDULED"), (pending, "PENDING")):
+        failed = db.get_task("worker", task.task_id)
+        assert failed.status is TaskStatus.FAILED and "before it claimed this task" in failed.error
+        assert [row[:2] for row in chain(db, "worker_task", task.task_id)] == [(None, start), (start, "FAILED")]
+    assert db.get_task("worker", elsewhere.task_id).status is TaskStatus.SCHEDULED
+    assert all(db.get_run(r.run_id).status is RunStatus.ONGOING for r in (claimed_run, queued_run, pending_run))
+    # with "fail" (the default) a lost worker's queue is left as it was: a restarted worker claims it
+    run = ongoing_run(db, e)
+    kept = db.create_worker_task(e, run.run_id, 10, 0)
+    db.register_worker(e, 10, 4242, host=OTHER_HOST)
+    wait_for(lambda: heartbeat_age(db, e, 10) > 0.5, "the second foreign worker's heartbeat to age")
+    [report] = db.fail_stale_workers(0.5, experiment_id=e)
+    assert report.worker.worker_id == 10 and report.worker.exited_at is not None and report.failed_task_ids == ()
+    assert db.get_task("worker", kept.task_id).status is TaskStatus.SCHEDULED
+
+
 def test_register_worker_can_release_a_dead_predecessors_runs(db, db_url, experiment, tmp_path):
     e = experiment.experiment_id
     run = ongoing_run(db, e)

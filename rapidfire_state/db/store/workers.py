@@ -198,6 +198,12 @@ def fail_worker_without_commit(
         .where(tables.workers.c.id == worker.id, tables.workers.c.exited_at.is_(None))
         .values(exited_at=db_now())
     )
+    if lost_runs == "release":
+        # Tasks still queued for the lost worker would keep their runs waiting on a
+        # worker that no longer answers: they fail with it, and their runs are free too.
+        queued, queued_runs = fail_queued_without_commit(conn, mine, f"{message} before it claimed this task")
+        failed += queued
+        released += tuple(run_id for run_id in queued_runs if run_id not in released)
     return StaleWorkerReport(
         worker=load_worker(conn, worker.experiment_id, worker.worker_id),
         reason=message,
@@ -205,6 +211,28 @@ def fail_worker_without_commit(
         failed_run_ids=run_ids,
         released_run_ids=released,
     )
+
+
+def fail_queued_without_commit(
+    conn: Connection, conditions: Sequence[Any], message: str
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """PENDING or SCHEDULED worker tasks matching ``conditions`` → FAILED (compare-and-set).
+
+    Returns the failed task ids and their runs that have not ended (left as
+    they are, to be rescheduled).
+    """
+    queued = {TaskStatus.PENDING, TaskStatus.SCHEDULED}
+    failed = change_matching_without_commit(
+        conn, WORKER_TASK, TaskStatus.FAILED,
+        conditions, expected=queued, values={"ended_at": db_now(), "error": message}, reason=message, returning=("run_id",),
+    )
+    run_ids = sorted({task["run_id"] for task in failed if task["run_id"] is not None})
+    runs = tables.runs
+    ended = [status.value for status in states.terminal_states("run")]
+    live = set(conn.execute(
+        select(runs.c.run_id).where(runs.c.run_id.in_(run_ids), runs.c.status.not_in(ended))
+    ).scalars()) if run_ids else set()
+    return tuple(task["task_id"] for task in failed), tuple(run_id for run_id in run_ids if run_id in live)
 
 
 def staleness(worker: WorkerRecord, now: Any, grace_seconds: float) -> Optional[str]:
@@ -363,7 +391,9 @@ class WorkerStore(StoreCore):
         default) ends them FAILED with the same error (``failed_run_ids``);
         ``"release"`` leaves them in their status — an ONGOING run stays
         ONGOING — so that the controller's scheduler gives them to a live worker
-        (``released_run_ids``).  The failed attempt stays on record either way,
+        (``released_run_ids``), and the tasks still queued for a worker it marks
+        exited are FAILED too, their runs released likewise (with ``"fail"`` a
+        queue is kept for a restarted worker).  The failed attempt stays on record either way,
         and its worker's late finish is refused by the claim token.  Anything
         else raises :class:`ConfigError`.
 
