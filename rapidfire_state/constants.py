@@ -293,6 +293,9 @@ class DBConfig:
     connection ends a transaction left idle for ``IDLE_IN_TRANSACTION_TIMEOUT_S``
     (``$RF_DB_IDLE_IN_TRANSACTION_TIMEOUT_S``) and cancels a statement running for
     ``STATEMENT_TIMEOUT_S`` (``$RF_DB_STATEMENT_TIMEOUT_S``); 0 turns either off.
+    ``NETWORK_TIMEOUT_S`` (``$RF_DB_NETWORK_TIMEOUT_S``) bounds how long a
+    PostgreSQL connection waits on a network that stopped answering (connect,
+    unacknowledged data, TCP keepalives); 0 leaves the system's (minutes).
     """
 
     URL = _EnvValue(lambda cls: os.environ.get("RF_DB_URL") or f"sqlite:///{db_path()}")
@@ -300,6 +303,7 @@ class DBConfig:
     WRITE_RETRY_SECONDS = _EnvValue(lambda cls: float(_env_int("RF_DB_WRITE_RETRY_SECONDS", 120)))
     IDLE_IN_TRANSACTION_TIMEOUT_S = _EnvValue(lambda cls: _env_seconds("RF_DB_IDLE_IN_TRANSACTION_TIMEOUT_S", 60.0))
     STATEMENT_TIMEOUT_S = _EnvValue(lambda cls: _env_seconds("RF_DB_STATEMENT_TIMEOUT_S", 120.0))
+    NETWORK_TIMEOUT_S = _EnvValue(lambda cls: _env_seconds("RF_DB_NETWORK_TIMEOUT_S", 30.0))
 
 
 def _env_seconds(name: str, default: float) -> float:

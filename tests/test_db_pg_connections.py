@@ -305,3 +305,52 @@ def test_the_wait_for_another_migration_is_bounded_and_named(pg_database_url, ad
         assert db.list_experiments() == []
     finally:
         db.close()
+
+
+def _connection_parameters(db: StateDB) -> dict:
+    with db.engine.connect() as connection:
+        return dict(connection.connection.driver_connection.info.get_parameters())
+
+
+def test_connections_bound_their_wait_on_a_silent_network(pg_database_url, monkeypatch):
+    # what a cut host's calls run into is tested with real namespaces in test_multihost.py
+    monkeypatch.delenv("RF_DB_NETWORK_TIMEOUT_S", raising=False)
+    db = StateDB(pg_database_url)
+    try:
+        parameters = _connection_parameters(db)
+    finally:
+        db.close()
+    assert {name: parameters.get(name) for name in (
+        "connect_timeout", "tcp_user_timeout", "keepalives", "keepalives_idle", "keepalives_interval",
+        "keepalives_count",
+    )} == {"connect_timeout": "30", "tcp_user_timeout": "30000", "keepalives": "1", "keepalives_idle": "10",
+           "keepalives_interval": "3", "keepalives_count": "3"}
+
+    monkeypatch.setenv("RF_DB_NETWORK_TIMEOUT_S", "0.5")
+    db = StateDB(pg_database_url)
+    try:
+        parameters = _connection_parameters(db)
+        assert (parameters["connect_timeout"], parameters["tcp_user_timeout"]) == ("2", "500")
+    finally:
+        db.close()
+
+    monkeypatch.setenv("RF_DB_NETWORK_TIMEOUT_S", "0")
+    db = StateDB(pg_database_url)
+    try:
+        parameters = _connection_parameters(db)
+        assert not {"connect_timeout", "tcp_user_timeout", "keepalives"} & set(parameters)
+    finally:
+        db.close()
+
+    # a parameter in the URL's query is the operator's choice and is kept
+    monkeypatch.delenv("RF_DB_NETWORK_TIMEOUT_S")
+    db = StateDB(f"{pg_database_url}?connect_timeout=7")
+    try:
+        assert _connection_parameters(db)["connect_timeout"] == "7"
+    finally:
+        db.close()
+
+    for bad in ("-2", "never", "nan"):
+        monkeypatch.setenv("RF_DB_NETWORK_TIMEOUT_S", bad)
+        with pytest.raises(ConfigError, match="RF_DB_NETWORK_TIMEOUT_S"):
+            engine_module.postgresql_network_parameters()

@@ -20,6 +20,7 @@ its process lives.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -283,12 +284,15 @@ def _postgresql_engine(url: URL, *, read_only: bool = False) -> Engine:
         pool_pre_ping=True,
         connect_args={"options": postgresql_session_options(read_only=read_only)},
     )
+    network = postgresql_network_parameters()
 
     @event.listens_for(engine, "do_connect")
     def _name(dialect: Any, connection_record: Any, cargs: Any, cparams: dict) -> None:
         # at connect time, not engine creation: the pid after a fork, the role set later;
-        # an application_name in the URL's query is kept
+        # an application_name (or a network parameter) in the URL's query is kept
         cparams.setdefault("application_name", application_name())
+        for name, value in network.items():
+            cparams.setdefault(name, value)
 
     return engine
 
@@ -342,6 +346,30 @@ def postgresql_session_options(*, read_only: bool = False) -> str:
         # every transaction of a reader is READ ONLY unless it says otherwise
         options.append("-c default_transaction_read_only=on")
     return " ".join(options)
+
+
+def postgresql_network_parameters() -> dict[str, int]:
+    """The libpq parameters that bound a connection's wait on a silent network.
+
+    A host cut off from the server otherwise waits out TCP's retransmissions
+    (about 15 minutes) inside whatever call it made.  With
+    ``$RF_DB_NETWORK_TIMEOUT_S`` = T (default 30): a connect gives up after T,
+    data unacknowledged for T ends the connection (``tcp_user_timeout``), and an
+    idle connection is probed by TCP keepalives after T/3, so the call raises
+    and the process can act (a worker stops; its tasks fall to its heartbeat).
+    0 sets none of them.
+    """
+    seconds = float(DBConfig.NETWORK_TIMEOUT_S)
+    if seconds <= 0:
+        return {}
+    return {
+        "connect_timeout": max(2, math.ceil(seconds)),  # libpq rounds anything lower up to 2
+        "tcp_user_timeout": max(1, round(seconds * 1000)),
+        "keepalives": 1,
+        "keepalives_idle": max(1, round(seconds / 3)),
+        "keepalives_interval": max(1, round(seconds / 9)),
+        "keepalives_count": 3,
+    }
 
 
 def backoff(attempt: int) -> None:
