@@ -6,8 +6,9 @@ import os
 import socket
 from typing import Optional
 
-#: this host's name, as history rows and claims record it
-HOST = socket.gethostname()
+#: this host's name, as history rows, claims and shm_objects rows record it
+#: (``RF_HOST`` overrides the OS host name; read it as ``processes.HOST`` at call time)
+HOST = os.environ.get("RF_HOST") or socket.gethostname()
 
 
 def process_start_time(pid: int) -> Optional[float]:
