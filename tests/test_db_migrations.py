@@ -8,7 +8,9 @@ and backup paths; CHECK constraints and the partial unique index enforced by the
 database itself; the inspection views; no Alembic import on an up-to-date open;
 the metric outbox (0005): upgrade with data, a downgrade refused while rows are
 pending, offline DDL, and its tables readable through ``sql`` and the reader role;
-the claim indexes (0006): a round trip with rows, and offline DDL.
+the claim indexes (0006): a round trip with rows, and offline DDL; the shm host
+columns (0007): a round trip with rows (old rows have no host), a reader of a 0006
+database, and offline DDL.
 """
 
 from __future__ import annotations
@@ -622,6 +624,77 @@ def test_claim_indexes_revision_in_offline_mode(db_url):
     for name in CLAIM_INDEXES:
         assert f"DROP INDEX {name}" in script
     assert f"version_num='{BEFORE_CLAIM_INDEXES}'" in script
+    if db_url.startswith("sqlite"):
+        assert not Path(db_url[len("sqlite:///"):]).exists()  # nothing was opened or created
+
+
+# --- 0007: which host holds each shm object, and its cross-host copy ---------------------------
+
+SHM_HOST_REVISION = "0007_shm_host"
+BEFORE_SHM_HOST = migrate.REVISIONS[migrate.REVISIONS.index(SHM_HOST_REVISION) - 1]
+SHM_HOST_COLUMNS = ("host", "copy_path")
+
+
+def shm_rows(url: str) -> list[tuple]:
+    """The columns of ``shm_objects`` every revision has, per row in key order (as text)."""
+    engine = raw_engine(url)
+    try:
+        with engine.connect() as connection:
+            return [tuple(map(str, row)) for row in connection.execute(text(
+                "SELECT shm_object_id, key, experiment_id, run_id, chunk_id, object_type, location, disk_path, "
+                "num_bytes, tensor_count, manager_name, created_at FROM shm_objects ORDER BY key"))]
+    finally:
+        engine.dispose()
+
+
+def test_shm_host_round_trip_keeps_rows_and_old_rows_have_no_host(db, db_url, tmp_path):
+    from rapidfire_state.db.store import processes
+
+    populate(db, tmp_path)
+    db.upsert_shm_object("spilled", location="DISK", disk_path=str(tmp_path / "x.pt"), copy_path=str(tmp_path / "c.pt"))
+    assert db.get_shm_object("model/1").host == processes.HOST
+    counts, rows = row_counts(db_url), shm_rows(db_url)
+
+    db.downgrade(BEFORE_SHM_HOST)
+    assert db.schema_revision() == BEFORE_SHM_HOST
+    assert not set(SHM_HOST_COLUMNS) & set(column_names(db_url, "shm_objects"))
+    assert row_counts(db_url) == counts and shm_rows(db_url) == rows
+    for view in VIEWS:  # SQLite dropped the columns in place: the views still work
+        scalar(db_url, f"SELECT COUNT(*) FROM {view}")
+    # a reader of this code opens the database at 0006 as it is: rows without host or copy
+    reader = StateDB(db_url, read_only=True)
+    try:
+        assert reader.probe.status == "behind"
+        listed = reader.list_shm_objects()
+        assert [r.key for r in listed] == ["model/1", "spilled"] and all(r.host is None and r.copy_path is None for r in listed)
+        assert reader.get_shm_object("spilled").disk_path == str(tmp_path / "x.pt")
+        assert reader.shm_page(limit=10)[0] == listed
+        assert reader.list_shm_objects(copy_path=str(tmp_path / "c.pt")) == []
+    finally:
+        reader.close()
+
+    db.upgrade("head")
+    assert schema_diff(db) == []
+    assert column_names(db_url, "shm_objects")[-2:] == list(SHM_HOST_COLUMNS)
+    assert row_counts(db_url) == counts and shm_rows(db_url) == rows
+    # rows written before 0007 have no host: taken as this host's, until written again
+    old = db.get_shm_object("model/1")
+    assert old.host is None and old.copy_path is None and not old.held_elsewhere(processes.HOST)
+    assert db.upsert_shm_object("model/1", object_type="MODEL", num_bytes=10).host == processes.HOST
+
+
+def test_shm_host_revision_in_offline_mode(db_url):
+    up = alembic_cli("upgrade", f"{BEFORE_SHM_HOST}:{SHM_HOST_REVISION}", "--sql", url=db_url)
+    assert up.returncode == 0, up.stdout + up.stderr
+    script = " ".join(up.stdout.split())
+    assert "ALTER TABLE shm_objects ADD COLUMN host VARCHAR(255)" in script
+    assert "ALTER TABLE shm_objects ADD COLUMN copy_path TEXT" in script
+    assert "CREATE TABLE" not in script  # no table rebuild
+    assert f"version_num='{SHM_HOST_REVISION}'" in script
+    down = alembic_cli("downgrade", f"{SHM_HOST_REVISION}:{BEFORE_SHM_HOST}", "--sql", url=db_url)
+    assert down.returncode == 0, down.stdout + down.stderr
+    for column in SHM_HOST_COLUMNS:
+        assert f"ALTER TABLE shm_objects DROP COLUMN {column}" in down.stdout
     if db_url.startswith("sqlite"):
         assert not Path(db_url[len("sqlite:///"):]).exists()  # nothing was opened or created
 

@@ -92,6 +92,7 @@ REVISIONS: tuple[str, ...] = (
     "0004_sql_reader_role",
     "0005_metric_outbox",
     "0006_claim_indexes",
+    "0007_shm_host",
 )
 HEAD_REVISION = REVISIONS[-1]
 UPGRADE_COMMAND = "rapidfire-state db upgrade"

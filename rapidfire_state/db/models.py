@@ -162,6 +162,8 @@ class SHMObject(Base):
     manager_name: Mapped[Optional[str]]
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
+    host: Mapped[Optional[str]]
+    copy_path: Mapped[Optional[str]]
 
 
 class StateTransition(Base):

@@ -376,8 +376,23 @@ class SHMObjectRecord(_Record):
     manager_name: Optional[str]
     created_at: datetime
     updated_at: datetime
+    #: the host holding the payload (None: a row written before 0007_shm_host, taken as this host)
+    host: Optional[str] = None
+    #: a disk copy every host can read (cross-host placement, or ``copy_to_shared``); None when none
+    copy_path: Optional[str] = None
 
     _ENUMS = {"object_type": SHMObjectType, "location": SHMLocation}
+    #: the fields of 0007_shm_host: a reader of an older database selects without them (None here)
+    _SINCE_0007 = frozenset({"host", "copy_path"})
+
+    @classmethod
+    def from_old_row(cls, row: Mapping[str, Any]) -> "SHMObjectRecord":
+        """The record of a row read from a database before 0007_shm_host (``host``, ``copy_path`` None)."""
+        return cls._plan((), cls._SINCE_0007).from_mapping(row, {})
+
+    def held_elsewhere(self, host: str) -> bool:
+        """Whether the payload is held by a host other than ``host`` (a NULL host is taken as ``host``)."""
+        return self.host is not None and self.host != host
 
 
 @dataclass(frozen=True)

@@ -335,6 +335,11 @@ shm_objects = Table(
     Column("manager_name", String(255)),
     _created_at(),
     _updated_at(),
+    # 0007_shm_host: the host whose registry (or disk) holds the payload; NULL on rows
+    # written before 0007, which readers take as this host
+    Column("host", String(255)),
+    # 0007_shm_host: a disk copy under a directory every host reads (cross-host placement)
+    Column("copy_path", Text),
     _enum_check("object_type", SHMObjectType),
     _enum_check("location", SHMLocation),
     CheckConstraint(

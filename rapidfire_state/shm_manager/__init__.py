@@ -35,7 +35,12 @@ from __future__ import annotations
 
 from rapidfire_state.datapaths import fsync_directory
 from rapidfire_state.shm_manager.copies import JOURNAL_PREFIX, SHM_DIR, copy_tensors
-from rapidfire_state.shm_manager.errors import SHMKeyError, SHMLockTimeoutError, SHMRegistryUnavailableError
+from rapidfire_state.shm_manager.errors import (
+    SHMKeyError,
+    SHMLockTimeoutError,
+    SHMNotOnThisHostError,
+    SHMRegistryUnavailableError,
+)
 from rapidfire_state.shm_manager.files import atomic_torch_save, host_component, write_temp
 from rapidfire_state.shm_manager.lock import SHMLock
 from rapidfire_state.shm_manager.packing import ALIGNMENT, to_cpu
@@ -57,7 +62,7 @@ _to_cpu = to_cpu
 _lock_host = host_component
 
 # Public names keep the module path they have always had (pickles, reprs, tracebacks).
-for _public in (SharedMemoryManager, ReconcileReport, SHMKeyError, SHMRegistryUnavailableError,
+for _public in (SharedMemoryManager, ReconcileReport, SHMKeyError, SHMNotOnThisHostError, SHMRegistryUnavailableError,
                 SHMLockTimeoutError, SHMLock, manager_initializer, start_registry_manager, atomic_torch_save):
     _public.__module__ = __name__
 del _public
@@ -66,6 +71,7 @@ __all__ = [
     "SharedMemoryManager",
     "ReconcileReport",
     "SHMKeyError",
+    "SHMNotOnThisHostError",
     "SHMRegistryUnavailableError",
     "SHMLockTimeoutError",
     "SHMLock",

@@ -44,6 +44,31 @@ def key_file_name(key: str) -> str:
     return f"{safe_component(key)}-{digest}.pt"
 
 
+def this_host() -> str:
+    """This host's name as ``shm_objects.host`` records it (``processes.HOST``, read at each call)."""
+    from rapidfire_state.db.store import processes
+
+    return processes.HOST
+
+
+def copy_file_path(
+    shared_dir: Path, manager_name: str, key: str, experiment_id: Optional[int], run_id: Optional[int], token: int
+) -> Path:
+    """Where a cross-host copy of ``key`` goes: a per-key name under the shared directory.
+
+    ``<shared_dir>/<manager>/[experiment_<id>/[run_<id>/]]<key>-<hash>.<token>.pt``: the
+    per-key stem is stable; ``token`` (one per publication) keeps the copy an older
+    row still names in place until the newer row has committed.
+    """
+    directory = shared_dir / safe_component(manager_name, 128)
+    if experiment_id is not None:
+        directory = directory / f"experiment_{experiment_id}"
+        if run_id is not None:
+            directory = directory / f"run_{run_id}"
+    stem = key_file_name(key)[: -len(".pt")]
+    return directory / f"{stem}.{token:016x}.pt"
+
+
 def sibling_path(key: str, final: Path) -> Path:
     """A key-specific name next to ``final``, for when another key owns ``final``."""
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:12]

@@ -26,15 +26,20 @@ from rapidfire_state.shm_manager.errors import (
     NoSharedMemory,
     SHMKeyError,
     SHMLockTimeoutError,
+    SHMNotOnThisHostError,
     SHMRegistryUnavailableError,
 )
 from rapidfire_state.shm_manager.files import (
+    commit_temp,
+    copy_file_path,
     disk_path,
     existing_parent,
     fs_free,
     load_file,
     sibling_path,
+    this_host,
     unlink_quiet,
+    write_temp,
 )
 from rapidfire_state.shm_manager.in_place import InPlaceWriter
 from rapidfire_state.shm_manager.lock import SHMLock
@@ -79,6 +84,25 @@ DEFAULT_LOCK_TIMEOUT = 300.0
 
 #: Room a disk write needs beyond the tensors' bytes (torch.save's framing).
 _DISK_OVERHEAD_BYTES = 1 << 20
+
+#: ``placement``: payloads stay on the host that stored them (as before hosts were recorded)
+PLACEMENT_LOCAL = "local"
+#: ``placement``: every store also writes a disk copy under ``shared_dir``, readable by every host
+PLACEMENT_CROSS_HOST = "cross_host"
+PLACEMENTS = (PLACEMENT_LOCAL, PLACEMENT_CROSS_HOST)
+
+
+def _shared_dir(name: str, value: Any) -> Path:
+    """``value`` (a str or os.PathLike naming a directory, existing or to be made) as an absolute Path."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"{name}={value!r} is not valid; allowed: a directory path (str or os.PathLike)")
+    text = os.fspath(value)
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"{name}={value!r} is not valid; allowed: a non-empty directory path")
+    path = Path(os.path.abspath(os.path.expanduser(text)))
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{name}={value!r} is not valid: {path} exists and is not a directory")
+    return path
 
 
 @dataclass(frozen=True)
@@ -125,6 +149,14 @@ class SharedMemoryManager:
         min_free_disk_bytes: the disk fallback refuses to leave less than this free
             on the target filesystem (then :class:`InsufficientSharedMemoryError`).
         lock_timeout: seconds to wait for the registry lock (None: forever).
+        placement: ``"local"`` (default): a payload lives on the host that stored
+            it (the row names that host); ``"cross_host"``: every store also writes
+            a disk copy under ``shared_dir`` (recorded in the row's ``copy_path``),
+            and :meth:`load` checks the row first, so that a run moving to a worker
+            on another host finds its checkpoint.
+        shared_dir: the directory every host reads (a network file system), for
+            the copies; required for ``"cross_host"``, the default of
+            :meth:`copy_to_shared` otherwise.
 
     Instances pickle (registry and lock proxies, the database as its URL, the
     limits), so they can be passed to spawned processes; the copy never owns the
@@ -143,8 +175,17 @@ class SharedMemoryManager:
         min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
         min_free_disk_bytes: int = 0,
         lock_timeout: Optional[float] = DEFAULT_LOCK_TIMEOUT,
+        placement: str = PLACEMENT_LOCAL,
+        shared_dir: Any = None,
     ):
         check_name("name", name, max_length=255)
+        if placement not in PLACEMENTS:
+            raise ConfigError(f"placement={placement!r} is not valid; allowed: {', '.join(map(repr, PLACEMENTS))}")
+        shared = None if shared_dir is None else _shared_dir("shared_dir", shared_dir)
+        if placement == PLACEMENT_CROSS_HOST and shared is None:
+            raise ConfigError(
+                "placement='cross_host' needs shared_dir=<a directory every host reads> for the disk copies"
+            )
         check_int("min_free_bytes", min_free_bytes)
         check_int("min_free_disk_bytes", min_free_disk_bytes)
         check_int("max_object_bytes", max_object_bytes, optional=True)
@@ -152,6 +193,8 @@ class SharedMemoryManager:
         if (registry is None) != (lock is None):
             raise ConfigError("pass both registry and lock (from get_shm_objects()), or neither to start a new registry")
         self.name = name
+        self.placement = placement
+        self.shared_dir: Optional[Path] = shared
         self.max_object_bytes = max_object_bytes
         self.min_free_bytes = min_free_bytes
         self.min_free_disk_bytes = min_free_disk_bytes
@@ -216,6 +259,8 @@ class SharedMemoryManager:
             "min_free_bytes": self.min_free_bytes,
             "min_free_disk_bytes": self.min_free_disk_bytes,
             "lock_timeout": self.lock_timeout,
+            "placement": self.placement,
+            "shared_dir": None if self.shared_dir is None else str(self.shared_dir),
         }
 
     def __setstate__(self, state: dict) -> None:
@@ -228,6 +273,8 @@ class SharedMemoryManager:
             min_free_bytes=state["min_free_bytes"],
             min_free_disk_bytes=state["min_free_disk_bytes"],
             lock_timeout=state["lock_timeout"],
+            placement=state.get("placement", PLACEMENT_LOCAL),
+            shared_dir=state.get("shared_dir"),
         )
 
     def __enter__(self) -> "SharedMemoryManager":
@@ -291,6 +338,7 @@ class SharedMemoryManager:
         run_id: Optional[int] = None,
         chunk_id: Optional[int] = None,
         object_type: Any = SHMObjectType.CHECKPOINT,
+        claim: Any = None,
     ) -> "SHMObjectRecord":
         """Store ``value`` (a tensor, a state dict, an ``nn.Module``) under ``key``.
 
@@ -303,6 +351,20 @@ class SharedMemoryManager:
         load as one tensor.  An ``nn.Module`` is stored as its ``state_dict()``.
         The tensors may live on any device; they are copied into CPU shared memory
         (synchronously from CUDA).
+
+        The row names this host (``shm_objects.host``), so a store of a key that
+        another host held takes the row over.  With ``placement="cross_host"`` a
+        disk copy is written under ``shared_dir`` too (atomically, before the
+        payload is published) and named in the same row write; the copy of the
+        replaced publication is removed once the new row has committed.
+
+        ``claim`` (a worker :class:`~rapidfire_state.db.records.TaskRecord`, or
+        ``(task_id, claim_token)``) fences the store: the row is written only
+        while that task is IN_PROGRESS under that token (checked in the row's
+        transaction), else :class:`~rapidfire_state.exceptions.InvalidTransitionError`.
+        A claim already lost when the store begins is refused before anything is
+        touched, so the previous payload and row stay as they were; one lost
+        during the store has its payload removed again (as for any failed row write).
 
         Returns the metadata record (the database row; without a database, a
         record built from the registry entry with ``shm_object_id`` 0).  Raises
@@ -317,18 +379,34 @@ class SharedMemoryManager:
             check_int(what, number, optional=True)
         ids = ObjectIds(experiment_id, run_id, chunk_id)
         kind = _object_type(object_type)
+        if claim is not None:
+            if self.db is None:
+                raise ConfigError(f"claim={claim!r}: a fenced store checks the claim in the database; this manager has none")
+            self.db.check_shm_claim(claim)  # refused before the payload is touched
         import torch
 
         if isinstance(value, torch.nn.Module):
             value = value.state_dict()
         request = StoreRequest.of(key, value, ids, kind, self.name)
+        if self.placement == PLACEMENT_CROSS_HOST:
+            assert self.shared_dir is not None
+            request = replace(request, copy_path=str(self._write_copy(request, self.shared_dir)))
+            try:
+                return self._store(request, claim)
+            except BaseException:
+                unlink_quiet(request.copy_path)  # no row names it
+                raise
+        return self._store(request, claim)
+
+    def _store(self, request: StoreRequest, claim: Any) -> "SHMObjectRecord":
+        key = request.key
         too_big = self.max_object_bytes is not None and request.num_bytes > self.max_object_bytes
 
         if not too_big and request.tensors and self._in_place_candidate(request):
             done = self._in_place.store(request, self.min_free_bytes)
             if done is not None:
                 new_meta, old_meta = done
-                return self._finish(key, new_meta, old_meta=old_meta, new_path=None)
+                return self._finish(key, new_meta, old_meta=old_meta, new_path=None, claim=claim)
         # A new payload: allocated and filled (or written to a temp file) before the lock.
         prepared: Optional[Prepared] = self._prepare(request, too_big)
         try:
@@ -343,7 +421,17 @@ class SharedMemoryManager:
                 unlink_quiet(prepared.temp)
         if path is not None:
             _package.fsync_directory(path.parent)  # durability of the rename; visibility needed no fsync
-        return self._finish(key, new_meta, old_meta=meta, new_path=path)
+        return self._finish(key, new_meta, old_meta=meta, new_path=path, claim=claim)
+
+    def _write_copy(self, request: StoreRequest, directory: Path) -> Path:
+        """The value's disk copy under ``directory``, for every host: a fsynced temp file renamed
+        into a per-publication name (``weights_only``-loadable, as the disk fallback is)."""
+        final = copy_file_path(
+            directory, self.name, request.key, request.ids.experiment_id, request.ids.run_id, new_generation()
+        )
+        disk_value = unflatten(request.treedef, [disk_tensor(t) for t in request.tensors])
+        commit_temp(write_temp(disk_value, final.parent), final)
+        return final
 
     def _in_place_candidate(self, request: StoreRequest) -> bool:
         """Whether the key looks like a same-layout object in shared memory (checked again under the lock)."""
@@ -441,15 +529,45 @@ class SharedMemoryManager:
             unlink_quiet(old_path)  # under the lock: a later store may reuse the name
         return new_meta, path
 
-    def _finish(self, key: str, meta: ObjectMeta, *, old_meta: Optional[ObjectMeta], new_path: Optional[Path]) -> "SHMObjectRecord":
-        """After a publish, lock released: the row; if it cannot be written, the publish is undone."""
+    def _finish(
+        self, key: str, meta: ObjectMeta, *, old_meta: Optional[ObjectMeta], new_path: Optional[Path], claim: Any = None
+    ) -> "SHMObjectRecord":
+        """After a publish, lock released: the row; if it cannot be written, the publish is undone.
+
+        Copies of the publications the row write replaced are removed after it
+        has committed, unless the registry's current entry names them.
+        """
+        replaced: list = []
         try:
-            record = write_row(self.db, key, meta)
+            record = write_row(self.db, key, meta, claim=claim, replaced=replaced)
         except BaseException:
             self._rollback(key, meta, old_meta, new_path)
             raise
-        follow_row(self.db, self._registry_client, key, meta)
+        follow_row(self.db, self._registry_client, key, meta, replaced)
+        if old_meta is not None and old_meta.copy_path:
+            replaced.append(old_meta.copy_path)
+        self._remove_copies(key, replaced)
         return record
+
+    def _remove_copies(self, key: str, paths: Sequence[Optional[str]]) -> None:
+        """Remove the copy files ``paths`` that neither the registry's entry of ``key`` nor any row names."""
+        wanted = {p for p in paths if p}
+        if not wanted:
+            return
+        try:
+            current = self._registry_client.meta(key)
+        except SHMRegistryUnavailableError:
+            current = None
+        if current is not None:
+            wanted.discard(current.copy_path)
+        if wanted and self.db is not None:
+            try:
+                wanted -= self.db.copy_paths_in_use(wanted)
+            except Exception as exc:  # keep them: a copy left behind is only disk space
+                logger.warning(f"shm object {key!r}: old copies not removed ({exc!r})")
+                return
+        for path in wanted:
+            unlink_quiet(path)
 
     def _rollback(self, key: str, written: ObjectMeta, old_meta: Optional[ObjectMeta], new_path: Optional[Path]) -> None:
         """After a failed row write: remove the payload we published (and any old file) and the row."""
@@ -469,8 +587,12 @@ class SharedMemoryManager:
             unlink_quiet(new_path)
         if ours and self.db is not None:
             try:
-                self.db.delete_shm_objects([key])
-                follow_row(self.db, self._registry_client, key, None)
+                row = self.db.get_shm_object(key)
+                if row is not None and row.held_elsewhere(this_host()):
+                    return  # another host's row (a refused fenced store): it is the truth, keep it
+                copies = [r.copy_path for r in self.db.delete_shm_objects([key])]
+                follow_row(self.db, self._registry_client, key, None, copies)
+                self._remove_copies(key, copies + [old_meta.copy_path if old_meta else None])
             except Exception as exc:
                 logger.warning(f"shm object {key!r}: row not removed after a failed store ({exc!r}); reconcile() will")
 
@@ -519,17 +641,32 @@ class SharedMemoryManager:
         consistent snapshot while others may store, hold the registry lock
         (``get_shm_objects()[1]``) while copying.
 
+        Another host's object (its row names another host): its disk file when
+        that path exists here (a shared mount), else its cross-host copy
+        (``copy_path``), as private CPU tensors.  With ``placement="local"`` the
+        row is read only when this host's registry lacks the key; a registry
+        entry left by a host that lost the row to another is dropped by
+        :meth:`reconcile`.  With ``"cross_host"`` the row is read first.
+
         Raises:
             SHMKeyError: nothing is stored under ``key`` (also a KeyError).
+            SHMNotOnThisHostError: another host holds ``key`` and no copy of it
+                can be read here.
             SHMRegistryUnavailableError: the registry is gone and the database has
                 no disk copy of ``key``.
         """
         self._check_open()
         self._check_key(key)
+        if self.placement == PLACEMENT_CROSS_HOST and self.db is not None:
+            row = self._row(key)
+            if row is not None and row.held_elsewhere(this_host()):
+                return self._load_foreign(key, row)
         try:
             meta = self._registry_client.meta(key)
         except SHMRegistryUnavailableError:
             row = self._row(key)
+            if row is not None and row.held_elsewhere(this_host()):
+                return self._load_foreign(key, row)
             if row is not None and row.location == SHMLocation.DISK:
                 return load_file(key, row.disk_path)
             raise
@@ -558,9 +695,30 @@ class SharedMemoryManager:
         if payload is not None:
             return payload.unpack() if isinstance(payload, Packed) else payload
         row = self._row(key)
+        if row is not None and row.held_elsewhere(this_host()):
+            return self._load_foreign(key, row)
         if row is not None and row.location == SHMLocation.DISK:
             return load_file(key, row.disk_path)
         raise SHMKeyError(key)
+
+    @staticmethod
+    def _foreign_file(row: "SHMObjectRecord") -> Optional[str]:
+        """The file of another host's object that can be read here: its disk file when the
+        path exists here (a shared mount), else its cross-host copy; None when neither."""
+        if row.location == SHMLocation.DISK and row.disk_path and os.path.exists(row.disk_path):
+            return row.disk_path
+        if row.copy_path and os.path.exists(row.copy_path):
+            return row.copy_path
+        return None
+
+    def _load_foreign(self, key: str, row: "SHMObjectRecord") -> Any:
+        path = self._foreign_file(row)
+        if path is None:
+            detail = f"its copy {row.copy_path} is missing" if row.copy_path else "it has no cross-host copy"
+            if row.location == SHMLocation.DISK:
+                detail += f", and its disk file {row.disk_path} is not there on this host"
+            raise SHMNotOnThisHostError(key, str(row.host), this_host(), detail)
+        return load_file(key, path)
 
     def _row(self, key: str) -> Optional["SHMObjectRecord"]:
         return None if self.db is None else self.db.get_shm_object(key)
@@ -569,6 +727,10 @@ class SharedMemoryManager:
         """Whether :meth:`load` would find ``key`` (without reading the payload)."""
         self._check_open()
         self._check_key(key)
+        if self.placement == PLACEMENT_CROSS_HOST and self.db is not None:
+            row = self._row(key)
+            if row is not None and row.held_elsewhere(this_host()):
+                return self._foreign_file(row) is not None
         try:
             meta = self._registry_client.meta(key)
             if meta is not None:
@@ -580,13 +742,16 @@ class SharedMemoryManager:
         except SHMRegistryUnavailableError:
             pass
         row = self._row(key)
+        if row is not None and row.held_elsewhere(this_host()):
+            return self._foreign_file(row) is not None
         return bool(row is not None and row.location == SHMLocation.DISK and row.disk_path and os.path.exists(row.disk_path))
 
     def delete(self, key: str) -> bool:
         """Remove ``key``'s payload (registry entry or disk file) and its row.
 
         Returns whether anything was removed.  Works on the database and disk side
-        when the registry is gone.
+        when the registry is gone.  Its cross-host copies are removed too, after
+        the row (never one that a row still names).
         """
         self._check_open()
         self._check_key(key)
@@ -617,9 +782,67 @@ class SharedMemoryManager:
         for row in removed_rows:
             if row.disk_path and row.disk_path != (current.path if current else None):
                 unlink_quiet(row.disk_path)
+        copies = [row.copy_path for row in removed_rows] + [meta.copy_path if meta else None]
         if current is not None:
-            follow_row(self.db, self._registry_client, key, None)
+            follow_row(self.db, self._registry_client, key, None, copies)
+        self._remove_copies(key, copies)  # after the rows are gone; never one a row or the registry names
         return bool(removed_rows or meta is not None or payload is not None)
+
+    # --- cross-host copies ------------------------------------------------------------
+
+    def copy_to_shared(self, key: str, shared_dir: Any = None) -> "SHMObjectRecord":
+        """Write a disk copy of ``key``, which this host holds, under ``shared_dir`` for every host.
+
+        ``shared_dir`` defaults to the manager's.  The copy is written atomically
+        (temp file, fsync, rename) and recorded as the row's ``copy_path``; the
+        copy the row named before is removed after that.  Returns the row.
+
+        Raises :class:`ConfigError` without a directory or a database,
+        :class:`SHMKeyError` when nothing is stored under ``key``, and
+        :class:`SHMNotOnThisHostError` when another host holds it (run it there).
+        """
+        self._check_open()
+        self._check_key(key)
+        directory = self.shared_dir if shared_dir is None else _shared_dir("shared_dir", shared_dir)
+        if directory is None:
+            raise ConfigError(
+                f"copy_to_shared({key!r}) needs shared_dir=<a directory every host reads>; this manager was made without one"
+            )
+        if self.db is None:
+            raise ConfigError(f"copy_to_shared({key!r}) records the copy in the object's row; this manager has no database")
+        row = self._row(key)
+        if row is None:
+            raise SHMKeyError(key)
+        here = this_host()
+        if row.held_elsewhere(here):
+            raise SHMNotOnThisHostError(
+                key, str(row.host), here, f"copy_to_shared reads the payload, which only {row.host!r} has: run it there"
+            )
+        value = self.load(key)
+        request = StoreRequest.of(key, value, ObjectIds(row.experiment_id, row.run_id, row.chunk_id), row.object_type,
+                                  self.name)
+        path = self._write_copy(request, directory)
+        try:
+            record = self.db.set_shm_object_copy(key, str(path), host=row.host)
+        except BaseException:
+            unlink_quiet(path)
+            raise
+        if record is None:
+            unlink_quiet(path)
+            raise RapidFireError(
+                f"copy_to_shared({key!r}): the row changed hands while the copy was written (now held by "
+                f"{getattr(self._row(key), 'host', None)!r}); no copy was recorded"
+            )
+        meta = None
+        try:  # the registry entry carries the copy too, so rows rewritten from it keep naming it
+            with self._registry_client.locked():
+                meta = self._registry_client.meta(key)
+                if meta is not None:
+                    self._registry_client.set_meta(key, replace(meta, copy_path=str(path)))
+        except (SHMLockTimeoutError, SHMRegistryUnavailableError) as exc:
+            logger.warning(f"shm object {key!r}: copy recorded in the row only ({exc!r})")
+        self._remove_copies(key, [row.copy_path, meta.copy_path if meta is not None else None])
+        return record
 
     # --- listing ----------------------------------------------------------------------
 
@@ -666,6 +889,7 @@ class SharedMemoryManager:
         mine = [r for r in records if r.manager_name == self.name]
         if not mine or self._closed:
             return
+        copies: dict[str, list] = {row.key: [row.copy_path] for row in mine}
         try:
             with self._registry_client.locked():
                 for row in mine:
@@ -676,12 +900,15 @@ class SharedMemoryManager:
                     self._registry_client.pop(row.key)
                     if meta and meta.path:
                         unlink_quiet(meta.path)
+                    if meta is not None:
+                        copies[row.key].append(meta.copy_path)
         except SHMRegistryUnavailableError:
             pass
         for row in mine:
             self._cache.drop(row.key)
             if row.location == SHMLocation.DISK:
                 unlink_quiet(row.disk_path)
+            self._remove_copies(row.key, copies[row.key])  # cleanup removed them too; never one a row names
 
     # --- reconcile --------------------------------------------------------------------
 

@@ -70,6 +70,9 @@ class ObjectMeta:
     stored_at: float
     token: int
     redo: Optional[RedoMarker] = None
+    #: the cross-host disk copy of this publication (None: none), carried so that a row
+    #: rewritten from the registry (follow_row, reconcile) keeps naming it
+    copy_path: Optional[str] = None
 
     @classmethod
     def new(
@@ -83,6 +86,7 @@ class ObjectMeta:
         ids: ObjectIds,
         object_type: SHMObjectType,
         manager_name: str,
+        copy_path: Optional[str] = None,
     ) -> "ObjectMeta":
         """The entry of a publication made now (a fresh token)."""
         return cls(
@@ -98,6 +102,7 @@ class ObjectMeta:
             manager_name=manager_name,
             stored_at=time.time(),
             token=new_generation(),  # tells one publication from the next (in-place stores keep gen)
+            copy_path=copy_path,
         )
 
     # --- the registry value -------------------------------------------------------------
@@ -123,6 +128,7 @@ class ObjectMeta:
                 stored_at=value.get("stored_at") or 0.0,
                 token=value["token"],
                 redo=None if redo is None else RedoMarker(*redo),
+                copy_path=value.get("copy_path"),
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -145,6 +151,8 @@ class ObjectMeta:
         }
         if self.redo is not None:
             value["redo"] = tuple(self.redo)
+        if self.copy_path is not None:
+            value["copy_path"] = self.copy_path
         return value
 
     # --- the row --------------------------------------------------------------------------
@@ -161,6 +169,7 @@ class ObjectMeta:
             "run_id": self.run_id,
             "chunk_id": self.chunk_id,
             "manager_name": self.manager_name,
+            "copy_path": self.copy_path,
         }
 
     def disagrees_with(self, row: "SHMObjectRecord") -> bool:
@@ -174,6 +183,7 @@ class ObjectMeta:
             or self.run_id != row.run_id
             or self.chunk_id != row.chunk_id
             or self.object_type != row.object_type
+            or self.copy_path != row.copy_path
         )
 
     def to_record(self, key: str) -> "SHMObjectRecord":
@@ -181,6 +191,7 @@ class ObjectMeta:
         from datetime import datetime, timezone
 
         from rapidfire_state.db.records import SHMObjectRecord
+        from rapidfire_state.db.store import processes
 
         when = datetime.fromtimestamp(self.stored_at, tz=timezone.utc)
         return SHMObjectRecord(
@@ -197,6 +208,8 @@ class ObjectMeta:
             manager_name=self.manager_name,
             created_at=when,
             updated_at=when,
+            host=processes.HOST,
+            copy_path=self.copy_path,
         )
 
     # --- states ---------------------------------------------------------------------------

@@ -268,6 +268,8 @@ class StoreRequest:
     ids: ObjectIds
     object_type: SHMObjectType
     manager_name: str
+    #: the cross-host disk copy written for this value (placement "cross_host"), recorded in its metadata
+    copy_path: Optional[str] = None
 
     @classmethod
     def of(cls, key: str, value: Any, ids: ObjectIds, object_type: SHMObjectType, manager_name: str) -> "StoreRequest":
@@ -300,6 +302,7 @@ class StoreRequest:
             ids=self.ids,
             object_type=self.object_type,
             manager_name=self.manager_name,
+            copy_path=self.copy_path,
         )
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple, Optional
 from rapidfire_state.constants import SHMLocation, SHMObjectType
 from rapidfire_state.shm_manager.copies import sweep_journals
 from rapidfire_state.shm_manager.errors import SHMRegistryUnavailableError
-from rapidfire_state.shm_manager.files import spill_dir, sweep_temp_files
+from rapidfire_state.shm_manager.files import spill_dir, sweep_temp_files, this_host, unlink_quiet
 from rapidfire_state.shm_manager.in_place import InPlaceWriter
 from rapidfire_state.shm_manager.metadata import ObjectIds, ObjectMeta, new_generation
 from rapidfire_state.shm_manager.packing import ObjectCache, tensor_nbytes
@@ -43,6 +43,8 @@ class ReconcileReport:
     journals of writers that died, that were deleted.
     ``skipped``: reprs of registry keys that cannot have a row (not a str, or
     longer than 512 characters); they are left as they are.
+    ``dropped_elsewhere``: registry entries dropped because their row now names
+    another host (the key was stored again there); those rows are not touched.
     """
 
     removed: tuple[str, ...] = ()
@@ -53,10 +55,11 @@ class ReconcileReport:
     registry_alive: bool = True
     removed_temp_files: tuple[str, ...] = ()
     skipped: tuple[str, ...] = ()
+    dropped_elsewhere: tuple[str, ...] = ()
 
     @property
     def changed(self) -> bool:
-        return bool(self.removed or self.adopted or self.repaired or self.removed_temp_files)
+        return bool(self.removed or self.adopted or self.repaired or self.removed_temp_files or self.dropped_elsewhere)
 
 
 class _Unrowed(NamedTuple):
@@ -79,6 +82,7 @@ class RegistryScan:
     drop_rows: set[str] = field(default_factory=set)  # rows whose payload vanished during the scan
     unrowed: list[_Unrowed] = field(default_factory=list)
     journals: list[str] = field(default_factory=list)  # dead writers' journals deleted
+    elsewhere: list[str] = field(default_factory=list)  # entries dropped: their row names another host
 
 
 class Reconciler:
@@ -102,7 +106,9 @@ class Reconciler:
 
     def run(self) -> ReconcileReport:
         all_rows = self.db.list_shm_objects() if self.db is not None else []
-        mine = [r for r in all_rows if r.manager_name == self.name]
+        here = this_host()
+        # another host's rows are that host's to repair: only the stale entries they leave here go
+        mine = [r for r in all_rows if r.manager_name == self.name and not r.held_elsewhere(here)]
         rows_by_key = {r.key: r for r in all_rows}
         scan: Optional[RegistryScan]
         try:
@@ -131,6 +137,7 @@ class Reconciler:
                     metas[registry_key[len(META_PREFIX):]] = meta
             else:
                 payload_keys.add(registry_key)
+        self.drop_elsewhere(scan, rows_by_key)
         for key, meta in list(metas.items()):
             if meta.redo is not None:
                 fixed = self.in_place.redo(key, meta)
@@ -177,6 +184,26 @@ class Reconciler:
                 metas[key] = meta
                 scan.unrowed.append(_Unrowed(key, meta, had_meta))
         return scan
+
+    def drop_elsewhere(self, scan: RegistryScan, rows_by_key: dict[str, "SHMObjectRecord"]) -> None:
+        """Drop the registry entries (lock held) whose row names another host: that host
+        stored the key since, so the payload here is stale.  The rows are not touched."""
+        here = this_host()
+        for key in sorted(scan.payload_keys | set(scan.metas)):
+            row = rows_by_key.get(key)
+            if row is None or not row.held_elsewhere(here):
+                continue
+            meta = scan.metas.pop(key, None)
+            scan.payload_keys.discard(key)
+            self.registry.pop(key)
+            self.registry.pop_meta(key)
+            self.cache.drop(key)
+            named = {row.disk_path, row.copy_path}
+            if meta is not None:
+                for path in (meta.path, meta.copy_path):
+                    if path and path not in named:
+                        unlink_quiet(path)  # this host's own file of the stale publication
+            scan.elsewhere.append(key)
 
     def adopt(self, key: str, row: Optional["SHMObjectRecord"]) -> Optional[ObjectMeta]:
         """Create the registry metadata of ``key`` from its payload (and row, if any)."""
@@ -270,6 +297,7 @@ class Reconciler:
             registry_alive=alive,
             removed_temp_files=tuple(temps),
             skipped=tuple(scan.skipped) if scan is not None else (),
+            dropped_elsewhere=tuple(scan.elsewhere) if scan is not None else (),
         )
 
     def _sweep_temp_files(self, metas: dict[str, ObjectMeta], rows_by_key: dict[str, "SHMObjectRecord"]) -> list[str]:
@@ -277,7 +305,9 @@ class Reconciler:
         for meta in metas.values():
             if meta.path:
                 directories.add(Path(meta.path).parent)
+        here = this_host()
         for row in rows_by_key.values():
-            if row.disk_path and row.manager_name == self.name:
+            # another host's directories may hold its writers' temp files: their pids mean nothing here
+            if row.disk_path and row.manager_name == self.name and not row.held_elsewhere(here):
                 directories.add(Path(row.disk_path).parent)
         return sweep_temp_files(directories)

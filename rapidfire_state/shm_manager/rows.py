@@ -9,7 +9,7 @@ row from what it finds until the two agree.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from loguru import logger
 
@@ -25,14 +25,35 @@ if TYPE_CHECKING:  # pragma: no cover
 _FOLLOW_ROUNDS = 16
 
 
-def write_row(db: Optional["StateDB"], key: str, meta: ObjectMeta) -> "SHMObjectRecord":
-    """Upsert ``key``'s row from ``meta``; without a database, the record ``meta`` describes."""
+def write_row(
+    db: Optional["StateDB"],
+    key: str,
+    meta: ObjectMeta,
+    *,
+    claim: Any = None,
+    replaced: Optional[list] = None,
+) -> "SHMObjectRecord":
+    """Upsert ``key``'s row from ``meta``; without a database, the record ``meta`` describes.
+
+    ``claim`` fences the write (see ``StateDB.upsert_shm_object``); the copy path of
+    the row replaced, if any, is appended to ``replaced`` (removed by the caller once
+    no publication names it).
+    """
     if db is None:
         return meta.to_record(key)
-    return db.upsert_shm_object(key, **meta.row_fields())
+    record, old_copy = db.upsert_shm_object_replacing(key, claim=claim, **meta.row_fields())
+    if old_copy is not None and replaced is not None:
+        replaced.append(old_copy)
+    return record
 
 
-def follow_row(db: Optional["StateDB"], registry: RegistryClient, key: str, written: Optional[ObjectMeta]) -> None:
+def follow_row(
+    db: Optional["StateDB"],
+    registry: RegistryClient,
+    key: str,
+    written: Optional[ObjectMeta],
+    replaced: Optional[list] = None,
+) -> None:
     """After writing ``written`` (None: deleting the row) without the lock, make the row agree with the registry.
 
     The last row written is then always the registry's current entry.  A key in
@@ -53,9 +74,11 @@ def follow_row(db: Optional["StateDB"], registry: RegistryClient, key: str, writ
         written = current
         try:
             if current is None:
-                db.delete_shm_objects([key])
+                for row in db.delete_shm_objects([key]):
+                    if row.copy_path and replaced is not None:
+                        replaced.append(row.copy_path)
             else:
-                write_row(db, key, current)
+                write_row(db, key, current, replaced=replaced)
         except Exception as exc:
             logger.warning(f"shm object {key!r}: row not brought in line with the registry ({exc!r}); reconcile() will")
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
@@ -146,8 +147,34 @@ class CleanupStore(StoreCore):
 
         report = self._write(unit)
         if report.removed_shm_objects:
+            self._remove_shared_copies(report.removed_shm_objects)
             self._run_cleanup_hooks(report.removed_shm_objects)
         return report
+
+    def _remove_shared_copies(self, removed: Sequence[SHMObjectRecord]) -> None:
+        """After the commit: remove the cross-host disk copies of the removed rows.
+
+        Done here, not only by the managers' hooks, because a copy lives in a
+        directory every host reads and a cleanup may run where no manager of the
+        object is open.  A copy some live row still names is kept.
+        """
+        paths = [row.copy_path for row in removed if row.copy_path]
+        if not paths:
+            return
+        try:
+            kept = self.copy_paths_in_use(paths)  # type: ignore[attr-defined]
+        except Exception as exc:  # the rows are gone; a copy left behind is only disk space
+            warnings.warn(f"shm copies of the cleaned-up rows not removed: {exc!r}", RuntimeWarning, stacklevel=3)
+            return
+        for path in paths:
+            if path in kept:
+                continue
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                warnings.warn(f"could not remove the shm copy {path}: {exc}", RuntimeWarning, stacklevel=3)
 
     def cancel_current_task(self, experiment_id: int, *, reason: str = CANCEL_REASON) -> CancelReport:
         """Cancel what the experiment is doing, in one transaction.
