@@ -116,6 +116,25 @@ def test_a_cross_host_store_on_another_host_loads_here(db, other_host, here, nam
         assert_value(local.load(KEY), 3)
 
 
+def test_another_registry_of_this_host_is_read_from_its_copy(db, name, shared, experiment):
+    # a controller and a worker of one host with registries of their own (managers of two
+    # names): the row names this host, but the payload is in the other registry
+    with SharedMemoryManager(f"{name}-controller", db=db, placement="cross_host", shared_dir=shared) as controller, \
+            SharedMemoryManager(f"{name}-worker", db=db, placement="cross_host", shared_dir=shared) as worker:
+        controller.store(KEY, value_for(5), experiment_id=experiment.experiment_id)
+        assert worker.exists(KEY)
+        assert_value(worker.load(KEY), 5)
+        worker.store(KEY, value_for(6), experiment_id=experiment.experiment_id)  # the next chunk's weights
+        # the controller's own registry still holds the older payload: the row says whose is current
+        assert_value(controller.load(KEY), 6)
+    with SharedMemoryManager(f"{name}-local", db=db) as local, \
+            SharedMemoryManager(f"{name}-reader", db=db) as reader:
+        local.store("no-copy", value_for(7))
+        with pytest.raises(SHMKeyError):  # local placement writes no copy: nothing to read elsewhere
+            reader.load("no-copy")
+        assert not reader.exists("no-copy")
+
+
 def test_a_local_store_elsewhere_is_refused_clearly_until_copy_to_shared(db_url, db, name, shared):
     other = OtherHost(db_url, name, "local", shared)
     try:

@@ -646,7 +646,10 @@ class SharedMemoryManager:
         (``copy_path``), as private CPU tensors.  With ``placement="local"`` the
         row is read only when this host's registry lacks the key; a registry
         entry left by a host that lost the row to another is dropped by
-        :meth:`reconcile`.  With ``"cross_host"`` the row is read first.
+        :meth:`reconcile`.  With ``"cross_host"`` the row is read first, and an
+        object of another registry of this host (a manager of another name) is
+        read from its copy as well; with either placement a key this registry
+        lacks is read from its row's copy when there is one.
 
         Raises:
             SHMKeyError: nothing is stored under ``key`` (also a KeyError).
@@ -659,7 +662,7 @@ class SharedMemoryManager:
         self._check_key(key)
         if self.placement == PLACEMENT_CROSS_HOST and self.db is not None:
             row = self._row(key)
-            if row is not None and row.held_elsewhere(this_host()):
+            if row is not None and self._held_by_another_registry(row):
                 return self._load_foreign(key, row)
         try:
             meta = self._registry_client.meta(key)
@@ -699,7 +702,15 @@ class SharedMemoryManager:
             return self._load_foreign(key, row)
         if row is not None and row.location == SHMLocation.DISK:
             return load_file(key, row.disk_path)
+        if row is not None and row.copy_path and os.path.exists(row.copy_path):
+            # held by another registry of this host (another manager's name): its copy
+            return load_file(key, row.copy_path)
         raise SHMKeyError(key)
+
+    def _held_by_another_registry(self, row: "SHMObjectRecord") -> bool:
+        """Whether the row's payload is in a registry other than this manager's: another
+        host's, or another manager's of this host (processes sharing a registry share its name)."""
+        return row.held_elsewhere(this_host()) or (row.manager_name is not None and row.manager_name != self.name)
 
     @staticmethod
     def _foreign_file(row: "SHMObjectRecord") -> Optional[str]:
@@ -729,7 +740,7 @@ class SharedMemoryManager:
         self._check_key(key)
         if self.placement == PLACEMENT_CROSS_HOST and self.db is not None:
             row = self._row(key)
-            if row is not None and row.held_elsewhere(this_host()):
+            if row is not None and self._held_by_another_registry(row):
                 return self._foreign_file(row) is not None
         try:
             meta = self._registry_client.meta(key)
@@ -744,6 +755,8 @@ class SharedMemoryManager:
         row = self._row(key)
         if row is not None and row.held_elsewhere(this_host()):
             return self._foreign_file(row) is not None
+        if row is not None and row.location == SHMLocation.SHM:
+            return bool(row.copy_path and os.path.exists(row.copy_path))  # another registry's, by its copy
         return bool(row is not None and row.location == SHMLocation.DISK and row.disk_path and os.path.exists(row.disk_path))
 
     def delete(self, key: str) -> bool:
