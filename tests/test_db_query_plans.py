@@ -10,7 +10,11 @@ transaction that is rolled back, with a custom and a generic plan (the psycopg
 driver prepares a statement it runs often, and the server may then keep a
 generic plan), before and after ``ANALYZE``; SQLite runs ``EXPLAIN QUERY PLAN``
 after ``ANALYZE`` (its planner already searched the older ``(…, status, task_id)``
-index, which is as bounded; either is accepted there, a walk is not).
+index, which is as bounded; either is accepted there, a walk is not).  The
+claim is also checked with 1,000,000 finished worker tasks on PostgreSQL (slow).
+
+The other hot queries (run and task transitions, the listings by status, the
+open-tasks listings) are checked the same way further down.
 """
 
 from __future__ import annotations
@@ -341,6 +345,17 @@ def _leading_columns(table: str) -> dict[str, str]:
     return leading
 
 
+def _partial_indexes(table: str) -> set[str]:
+    """The partial indexes of ``table``: they hold only the rows their WHERE selects, so a scan of
+    one whole is bounded by those rows (open tasks, say), not by the history."""
+    from rapidfire_state.db import schema
+
+    return {
+        index.name for index in schema.metadata.tables[table].indexes
+        if index.dialect_options["sqlite"].get("where") is not None
+    }
+
+
 def _pg_explain(db, sql: str, parameters: dict[str, Any], mode: str) -> list[dict]:
     """Executed plan nodes of a pyformat statement as a prepared statement; rolled back."""
     names: list[str] = []
@@ -373,6 +388,7 @@ def _pg_explain(db, sql: str, parameters: dict[str, Any], mode: str) -> list[dic
 def _pg_walks(nodes: list[dict], table: str) -> list[str]:
     """What is wrong with the plan's access to ``table`` (empty: every access is by an index's lead)."""
     leading = _leading_columns(table)
+    partial = _partial_indexes(table)
     scans = [n for n in nodes if n.get("Relation Name") == table or n.get("Index Name") in leading]
     problems = []
     if not any(n.get("Index Name") in leading for n in scans):
@@ -381,7 +397,7 @@ def _pg_walks(nodes: list[dict], table: str) -> list[str]:
         kind, index = n["Node Type"], n.get("Index Name")
         if kind == "Seq Scan":
             problems.append(f"Seq Scan on {table} (Rows Removed by Filter {n.get('Rows Removed by Filter')})")
-        elif index is not None and leading[index] not in n.get("Index Cond", ""):
+        elif index is not None and index not in partial and leading[index] not in n.get("Index Cond", ""):
             problems.append(f"{kind} using {index} without a condition on its leading column {leading[index]}")
     return problems
 
@@ -391,9 +407,15 @@ def _sqlite_walks(db, sql: str, parameters: Any, table: str) -> list[str]:
         steps = [row[-1] for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", parameters).all()]
         connection.rollback()
     mine = [s for s in steps if re.match(rf"(SEARCH|SCAN) {table}\b", s)]
-    problems = [f"{s!r} (plan {steps})" for s in mine if s.startswith("SCAN")]
-    if not any(s.startswith(f"SEARCH {table} USING") for s in mine):
-        problems.append(f"no index search of {table} (plan {steps})")
+    partial = _partial_indexes(table)
+
+    def bounded(step: str) -> bool:  # a search by an index, or a walk of a partial index
+        found = re.search(r"USING (?:COVERING )?INDEX (\w+)", step)
+        return step.startswith(f"SEARCH {table} USING") or (found is not None and found.group(1) in partial)
+
+    problems = [f"{s!r} (plan {steps})" for s in mine if not bounded(s)]
+    if not mine:
+        problems.append(f"{table} not in the plan {steps}")
     return problems
 
 
@@ -422,8 +444,9 @@ def test_hot_queries_reach_their_rows_through_an_index_over_a_large_table(db, db
 
 @pytest.mark.xfail(strict=True, reason=(
     "list_tasks('worker', statuses=open) without an experiment filters by status alone: worker_tasks has no "
-    "index led by status (controller_tasks has ix_controller_tasks_status_task_id), so the listing walks the "
-    "table or its primary key; needs Index('ix_worker_tasks_status_task_id', 'status', 'task_id') in a migration"
+    "index for it, so both backends scan the table; needs a migration adding the partial index "
+    "ix_worker_tasks_open ON worker_tasks (task_id) WHERE status IN ('IN_PROGRESS', 'PENDING', 'SCHEDULED') "
+    "(a full (status, task_id) index serves PostgreSQL only: SQLite's statistics still prefer the scan)"
 ))
 def test_the_open_worker_tasks_listing_without_an_experiment_uses_an_index(db, db_url):
     backend = "postgresql" if db_url.startswith("postgresql") else "sqlite"

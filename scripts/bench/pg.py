@@ -13,10 +13,12 @@ nothing else on the server is touched):
    (autocommit off, one transaction per unit, one connection per process).
    The raw side's SQL is the library's own: its statements
    (``claim_statement``, the planned task and run changes, the history and
-   MLflow-status inserts) compiled with the engine's dialect, and checked
-   against what the library's engine actually sent (captured with a
-   ``before_cursor_execute`` event): any statement the library sends beyond
-   those is listed as ``extra_statements``.  Figures: write units per second
+   MLflow-status inserts) compiled by SQLAlchemy's psycopg dialect with
+   positional parameters, as the store's prepared path compiles them, and
+   checked against what the library actually sent through the driver
+   (``psycopg.Cursor.execute`` traced during warm-up): the run stops if the raw
+   side runs a text the library did not send, and any statement the library
+   sends beyond them is listed as ``extra_statements``.  Figures: write units per second
    of each side (median over its blocks), ``ratio_vs_raw_pg`` (target >= 0.8 at
    N = 4), claim p50/p99 of each side.
 2. ``claim_ms_1m_finished_vs_empty``: one process claims (and, untimed,
@@ -28,8 +30,9 @@ nothing else on the server is touched):
 Sizes (default / ``--quick``): ``--loops`` 900 / 240 loops per block, split
 over the N processes; ``--rounds`` 3 / 1 (each round is one library and one raw
 block); 1,000,000 / 200,000 finished tasks (``--history``); 10 / 4 blocks of 60
-claims on each side of part 2.  The default run takes about 2 minutes on the
-2-core development machine, ``--quick`` under one.
+claims on each side of part 2.  The default run takes about a minute on the
+2-core development machine (55–62 s; 2 minutes when other work loads it),
+``--quick`` about 20 s.
 
 ``--url`` (default ``$RF_TEST_PG_URL``, else
 ``postgresql+psycopg://postgres@127.0.0.1:5432/test``) names the server and the
@@ -125,12 +128,17 @@ def analyze(db) -> None:
 # --- the library's SQL, for the raw side ----------------------------------------------------------
 
 
-def library_statements(dialect) -> dict[str, tuple[str, dict[str, Any]]]:
-    """The store's own statements compiled for ``dialect``: ``name -> (sql, fixed parameters)``.
+def library_statements() -> dict[str, tuple[str, tuple[str, ...], dict[str, Any]]]:
+    """The store's own statements as the library sends them: ``name -> (sql, parameter order, fixed values)``.
 
-    Fixed parameters are the ones bound when the statement was built (constants);
-    the others come per call, under the names the store binds them.
+    Compiled by SQLAlchemy's psycopg dialect with positional parameters, as the
+    store's prepared PostgreSQL path compiles them (the benchmark checks the
+    text against what the library really sent).  Fixed values are the ones
+    bound when the statement was built (constants); the others come per call,
+    under the names the store binds them.
     """
+    from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+
     from rapidfire_state.constants import RunStatus, TaskStatus
     from rapidfire_state.db.store.runs import plan_run_change
     from rapidfire_state.db.store.status_change import (
@@ -149,20 +157,49 @@ def library_statements(dialect) -> dict[str, tuple[str, dict[str, Any]]]:
         "history": INSERT_TRANSITION,
         "mlflow_status": INSERT_RUN_STATUS_FOR_MLFLOW,
     }
+    dialect = PGDialect_psycopg(paramstyle="format")
     compiled = {}
     for name, statement in statements.items():
         c = statement.compile(dialect=dialect)
         if any(bind.expanding for bind in c.binds.values()):
             raise SystemExit(f"{name}: an expanding IN list cannot be replayed as it is")
         fixed = {key: bind.effective_value for key, bind in c.binds.items() if not bind.required}
-        compiled[name] = (c.string, fixed)
+        compiled[name] = (c.string, tuple(c.positiontup or ()), fixed)
     return compiled
+
+
+class DriverCapture:
+    """Every SQL text this process's psycopg cursors execute while active (the library's, in warm-up)."""
+
+    def __init__(self) -> None:
+        self.sent: set[str] = set()
+        self._saved: list[tuple[str, Any]] = []
+
+    def __enter__(self) -> "DriverCapture":
+        import psycopg
+
+        for method in ("execute", "executemany"):
+            original = getattr(psycopg.Cursor, method)
+            self._saved.append((method, original))
+
+            def traced(cursor, query, *args, _original=original, **kwargs):
+                self.sent.add(query if isinstance(query, str) else str(query))
+                return _original(cursor, query, *args, **kwargs)
+
+            setattr(psycopg.Cursor, method, traced)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import psycopg
+
+        for method, original in self._saved:
+            setattr(psycopg.Cursor, method, original)
 
 
 class RawUnits:
     """The library's units, as a hand-written psycopg program would run them."""
 
-    def __init__(self, url: str, sql: dict[str, tuple[str, dict[str, Any]]], host: str):
+    def __init__(self, url: str, sql: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]], host: str):
         import psycopg
 
         self.connection = psycopg.connect(autocommit=False, **conninfo(url))
@@ -172,19 +209,23 @@ class RawUnits:
         self.pid = os.getpid()
         self._previous: dict[str, int] = {}
 
+    def _args(self, name: str, params: dict[str, Any]) -> tuple:
+        _, names, fixed = self.sql[name]
+        return tuple([params[n] if n in params else fixed[n] for n in names])
+
     def _row(self, name: str, params: dict[str, Any]):
-        sql, fixed = self.sql[name]
         cursor = self.cursor
-        cursor.execute(sql, {**fixed, **params} if fixed else params)
+        cursor.execute(self.sql[name][0], self._args(name, params))
         row = cursor.fetchone()
         if name not in self._previous and cursor.description is not None:
             self._previous[name] = [d.name for d in cursor.description].index("previous_status")
         return row
 
     def _history(self, entity: str, entity_id: int, from_status: str, to_status: str, reason) -> None:
-        sql, _ = self.sql["history"]
-        self.cursor.execute(sql, {"entity": entity, "entity_id": entity_id, "from_status": from_status,
-                                  "to_status": to_status, "pid": self.pid, "host": self.host, "reason": reason})
+        self.cursor.execute(self.sql["history"][0], self._args("history", {
+            "entity": entity, "entity_id": entity_id, "from_status": from_status, "to_status": to_status,
+            "pid": self.pid, "host": self.host, "reason": reason,
+        }))
 
     def claim(self, experiment_id: int, worker_id: int, token: str, started: Any):
         try:
@@ -220,8 +261,8 @@ class RawUnits:
             if row is None:
                 raise RuntimeError(f"raw transition of run {run_id} to {target} matched nothing")
             self._history("run", run_id, row[self._previous[f"to_{target}"]], target, None)
-            sql, fixed = self.sql["mlflow_status"]
-            self.cursor.execute(sql, {**fixed, **run_status_for_mlflow_params(run_id, target)})
+            self.cursor.execute(self.sql["mlflow_status"][0],
+                                self._args("mlflow_status", run_status_for_mlflow_params(run_id, target)))
             self.connection.commit()
         except BaseException:
             self.connection.rollback()
@@ -239,23 +280,15 @@ def throughput_child(url: str, worker_id: int, experiment_id: int, run_ids: list
     try:
         import secrets
 
-        from sqlalchemy import event
-
         from rapidfire_state import StateDB
         from rapidfire_state.db.store.processes import HOST, own_process
 
         db = StateDB(url)
-        sql = library_statements(db.engine.dialect)
+        sql = library_statements()
         raw = RawUnits(url, sql, HOST)
         _, process_started = own_process()
         status = {run_id: "ONGOING" for run_id in run_ids}
-        sent: list[str] = []
-
-        def remember(conn, cursor, statement, *rest):
-            sent.append(statement)
-
-        if capture:  # what the library's engine sends, to hold the raw side to it
-            event.listen(db.engine, "before_cursor_execute", remember)
+        capture_sent = DriverCapture()
 
         def library_loop(i: int) -> float:
             started = time.perf_counter()
@@ -285,10 +318,13 @@ def throughput_child(url: str, worker_id: int, experiment_id: int, run_ids: list
             return claimed
 
         loops = {"library": library_loop, "raw": raw_loop}
-        for i in range(WARM_LOOPS):
-            library_loop(i)
-        if capture:
-            event.remove(db.engine, "before_cursor_execute", remember)
+        if capture:  # what the library sends through the driver, to hold the raw side to it
+            with capture_sent:
+                for i in range(WARM_LOOPS):
+                    library_loop(i)
+        else:
+            for i in range(WARM_LOOPS):
+                library_loop(i)
         for i in range(WARM_LOOPS):
             raw_loop(i)
         blocks = []
@@ -303,8 +339,8 @@ def throughput_child(url: str, worker_id: int, experiment_id: int, run_ids: list
                            "claims": claims})
         raw.close()
         db.close()
-        results.put({"worker_id": worker_id, "blocks": blocks, "sent": sorted(set(sent)),
-                     "raw_sql": sorted(s for s, _ in sql.values())})
+        results.put({"worker_id": worker_id, "blocks": blocks, "sent": sorted(capture_sent.sent),
+                     "raw_sql": sorted(entry[0] for entry in sql.values())})
     except BaseException:
         import traceback
 
@@ -471,6 +507,7 @@ def bench_history(admin, url: str, finished: int, blocks: int, per_block: int) -
     urls = {}
     databases = {}
     experiments = {}
+    fill_seconds = 0.0
     try:
         for label, history in (("empty", 0), ("history", finished)):
             urls[label] = create_database(admin, url, label)
