@@ -1,6 +1,7 @@
 """Real processes racing on one database (SQLite WAL file, and PostgreSQL when configured).
 
-* 4 processes claim 400 tasks of one worker id: each task is claimed exactly once.
+* 4 processes (8 on PostgreSQL, where claims skip each other's locked rows)
+  claim 400 tasks of one worker id: each task is claimed exactly once.
 * 4 processes move the same 50 runs through random legal transitions with
   ``expected=``: no lost update, every history chain consistent.
 * Any exception in a child other than the ``InvalidTransitionError`` a lost
@@ -24,6 +25,8 @@ from rapidfire_state import states
 from rapidfire_state.constants import RunStatus, TaskStatus
 
 PROCESSES = 4
+#: claimers racing over one queue on PostgreSQL (issue 12: 8 processes, as on a GPU node)
+PG_CLAIMERS = 8
 TASKS = 400
 RUNS = 50
 MOVES_PER_PROCESS = 150
@@ -31,12 +34,12 @@ MOVES_PER_PROCESS = 150
 pytestmark = pytest.mark.slow
 
 
-def _run_children(target, args_for) -> list:
-    """Start PROCESSES spawned children, released together; return their results."""
+def _run_children(target, args_for, processes: int = PROCESSES) -> list:
+    """Start ``processes`` spawned children, released together; return their results."""
     ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(PROCESSES)
+    barrier = ctx.Barrier(processes)
     results = ctx.Queue()
-    children = [ctx.Process(target=target, args=(*args_for(i), barrier, results)) for i in range(PROCESSES)]
+    children = [ctx.Process(target=target, args=(*args_for(i), barrier, results)) for i in range(processes)]
     for child in children:
         child.start()
     try:
@@ -49,7 +52,7 @@ def _run_children(target, args_for) -> list:
                 child.join()
     errors = [o["error"] for o in outcomes if o.get("error")]
     assert not errors, "a child failed:\n" + "\n".join(errors)
-    assert [c.exitcode for c in children] == [0] * PROCESSES
+    assert [c.exitcode for c in children] == [0] * processes
     return outcomes
 
 
@@ -77,14 +80,16 @@ def _claimer(url: str, worker_id: int, experiment_id: int, barrier, results) -> 
     results.put(outcome)
 
 
-def test_four_processes_claim_each_task_exactly_once(db, db_url, experiment):
+def test_racing_processes_claim_each_task_exactly_once(db, db_url, experiment):
     e = experiment.experiment_id
+    processes = PG_CLAIMERS if db_url.startswith("postgresql") else PROCESSES
     worker_id = 0
     task_ids = [db.create_worker_task(e, None, worker_id, chunk).task_id for chunk in range(TASKS)]
     # a task of another worker must not be taken
     bystander = db.create_worker_task(e, None, 1, 0).task_id
 
-    outcomes = _run_children(_claimer, lambda i: (db_url, worker_id, e))
+    outcomes = _run_children(_claimer, lambda i: (db_url, worker_id, e), processes)
+    assert len(outcomes) == processes and len({o["pid"] for o in outcomes}) == processes
 
     claimed = [task_id for o in outcomes for task_id in o["claimed"]]
     duplicates = [t for t, n in Counter(claimed).items() if n > 1]
@@ -105,6 +110,18 @@ def test_four_processes_claim_each_task_exactly_once(db, db_url, experiment):
             )
         ).all()
     assert {task_id: n for task_id, n in rows} == {task_id: 1 for task_id in task_ids}
+    # the claim recorded on each task, and its history row, name the process that got it
+    claimer = {task_id: o["pid"] for o in outcomes for task_id in o["claimed"]}
+    with db.session() as session:
+        recorded = dict(session.execute(
+            text("SELECT task_id, claim_pid FROM worker_tasks WHERE worker_id = :w"), {"w": worker_id}
+        ).all())
+        history_pid = dict(session.execute(text(
+            "SELECT entity_id, pid FROM state_transitions WHERE entity = 'worker_task' "
+            "AND from_status = 'SCHEDULED' AND to_status = 'IN_PROGRESS'"
+        )).all())
+    assert recorded == claimer
+    assert history_pid == claimer
     for task_id in task_ids[:: TASKS // 20]:
         assert [(h.from_status, h.to_status) for h in db.history("worker_task", task_id)] == [
             (None, TaskStatus.SCHEDULED),

@@ -1,6 +1,7 @@
-"""The prepared compare-and-set path on SQLite gives exactly what the general path gives.
+"""The prepared compare-and-set path gives exactly what the general path gives.
 
-On SQLite ``StateDB`` applies status changes through its prepared writer
+``StateDB`` applies status changes through its prepared writer (SQLite's own
+connections; on PostgreSQL the engine's pooled ones, see test_db_records for its records)
 (``db._prepared_writer``); when the compare-and-set matches nothing the unit is
 rolled back and the general SQLAlchemy path runs, which explains the refusal.
 ``_prepared_writer = None`` makes an instance use the general path only.
@@ -67,14 +68,33 @@ def _general_path(database: StateDB) -> StateDB:
     return twin
 
 
-def test_prepared_path_is_used_on_sqlite_only(sqlite_db, db):
+def test_prepared_path_is_used_on_both_backends(sqlite_db, db):
     assert sqlite_db._prepared_writer is not None
-    assert (db._prepared_writer is not None) == db.is_sqlite
+    assert db._prepared_writer is not None  # SQLite's own connections; PostgreSQL's on the engine's pool
     experiment = sqlite_db.create_experiment("e", "/tmp/e")
     sqlite_db.transition_experiment(experiment.experiment_id, "RUNNING")
     run = sqlite_db.create_run(experiment.experiment_id, {"a": 1})
     sqlite_db.transition_run(run.run_id, "ONGOING")
     assert sqlite_db._prepared_writer._prepared, "the transition did not go through the prepared path"
+
+
+def test_a_change_a_constraint_refuses_falls_back_and_is_explained_on_both_backends(db):
+    """A second RUNNING experiment: the prepared unit is rolled back and the general path says why."""
+    from rapidfire_state.exceptions import InvalidTransitionError
+
+    first = db.create_experiment("one", "/tmp/e1")
+    second = db.create_experiment("two", "/tmp/e2")
+    db.transition_experiment(first.experiment_id, "RUNNING")
+    writer = db._prepared_writer
+    commits, fallbacks = writer.commits, writer.fallbacks
+    with pytest.raises(InvalidTransitionError, match="already RUNNING"):
+        db.transition_experiment(second.experiment_id, "RUNNING")
+    assert (writer.commits, writer.fallbacks) == (commits, fallbacks + 1)
+    assert db.get_experiment(second.experiment_id).status.value == "NEW"
+    assert [h.to_status.value for h in db.history("experiment", second.experiment_id)] == ["NEW"]
+    # and the writer's connection is fine afterwards
+    assert db.transition_experiment(first.experiment_id, "COMPLETED").status.value == "COMPLETED"
+    assert writer.commits == commits + 1
 
 
 def test_records_and_history_match_the_general_path(sqlite_db):

@@ -107,8 +107,36 @@ def test_a_session_left_idle_in_a_transaction_is_ended_by_the_server(pg_database
             assert pid not in {p for p, _, _ in _activity(admin, pg_database_url)}  # terminated by the server
             with pytest.raises((OperationalError, DBAPIError)):
                 session.execute(text("SELECT 1"))
-        # the pool notices the dead connection (pre-ping): the store works on
+        # the pool drops the dead connection (its reset on return fails): the store works on
         assert db.create_experiment("after-idle", "/tmp/x").name == "after-idle"
+    finally:
+        db.close()
+
+
+def test_a_pooled_connection_is_pinged_only_after_sitting_idle_and_replaced_when_gone(
+    pg_database_url, admin, monkeypatch
+):
+    monkeypatch.setattr(engine_module, "PING_AFTER_IDLE_S", 0.3)
+    db = StateDB(pg_database_url)
+    try:
+        pings = []
+        ping = db.engine.dialect.do_ping
+        monkeypatch.setattr(db.engine.dialect, "do_ping", lambda c: pings.append(1) or ping(c))
+        for _ in range(5):  # in steady use: no ping, no extra round trip per unit
+            db.list_experiments()
+        assert pings == []
+        time.sleep(0.5)
+        pid = _backend_pid(db)  # pinged (idle 0.5 s), alive, kept
+        assert pings == [1]
+        time.sleep(0.5)
+        with admin.connect() as connection:  # the server ends the idle pooled connection
+            assert connection.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
+        deadline = time.monotonic() + 10
+        while pid in {p for p, _, _ in _activity(admin, pg_database_url)} and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # the ping finds it gone and the pool opens another: the unit never sees it
+        assert db.create_experiment("after-terminate", "/tmp/x").name == "after-terminate"
+        assert len(pings) == 2 and _backend_pid(db) != pid
     finally:
         db.close()
 

@@ -145,6 +145,10 @@ def _columns(db, table):
     """The table's column names, and each column's result processor on ``db``'s dialect."""
     dialect = db.engine.dialect
     columns = tuple(column.name for column in table.c)
+    if not db.is_sqlite:  # as PostgreSQL's prepared path takes them
+        from rapidfire_state.db.fastpath import _pg_result_processor
+
+        return columns, tuple(_pg_result_processor(column, dialect) for column in table.c)
     return columns, tuple(column.type.dialect_impl(dialect).result_processor(dialect, None) for column in table.c)
 
 
@@ -157,8 +161,6 @@ def _compiled(db, statement):
 
 
 def test_a_loader_of_driver_tuples_gives_the_records_from_row_gives(db, filled):
-    if not db.is_sqlite:
-        pytest.skip("driver tuples are read on SQLite's prepared path only")
     run = filled["run"]
     columns, values, processors = _driver_row(db, schema.runs, "run_id", run.run_id)
     # an extra returned column (the prepared path returns previous_status too) is ignored
@@ -177,36 +179,31 @@ def test_a_loader_refuses_missing_columns_when_it_is_made():
         RunRecord.values_loader(columns, [None] * len(columns))
 
 
-def test_prepared_path_records_equal_the_rows_read_back(tmp_path):
-    """SQLite's prepared path builds records from driver tuples: the same records a SELECT gives."""
-    from rapidfire_state import StateDB
-
-    database = StateDB(tmp_path / "fast.db")
-    try:
-        writer = database._prepared_writer
-        experiment = database.create_experiment("e", str(tmp_path / "e"))
-        database.transition_experiment(experiment.experiment_id, "RUNNING")
-        run = database.create_run(experiment.experiment_id, {"a": {"b": 1}})
-        database.create_worker_task(experiment.experiment_id, run.run_id, 0, 0, config_options={"x": [1, 2]})
-        database.create_controller_task(experiment.experiment_id, ControllerTask.IC_CLONE_MODIFY, config_leaf={"lr": 1})
-        commits = writer.commits
-        changed = [
-            database.transition_run(run.run_id, "ONGOING"),
-            database.transition_run(run.run_id, "STOPPED", reason="paused"),
-            database.transition_run(run.run_id, "ONGOING"),
-            database.transition_run(run.run_id, "FAILED", error="boom"),
-        ]
-        assert changed[-1] == database.get_run(run.run_id) and changed[-1].ended_at is not None
-        worker = database.claim_worker_task(0)
-        assert worker == database.get_task("worker", worker.task_id) and worker.config_options == {"x": [1, 2]}
-        done = database.finish_worker_task(worker.task_id, claim_token=worker.claim_token)
-        assert done == database.get_task("worker", worker.task_id)
-        controller = database.claim_controller_task(experiment.experiment_id)
-        assert controller == database.get_task("controller", controller.task_id)
-        assert controller.config == {"lr": 1} and controller.worker_id is None
-        assert writer.commits == commits + 7  # every one of them went through the prepared path
-    finally:
-        database.close()
+def test_prepared_path_records_equal_the_rows_read_back(db, tmp_path):
+    """The prepared path (SQLite's and PostgreSQL's) builds records from driver tuples: the same records a SELECT gives."""
+    database = db
+    writer = database._prepared_writer
+    experiment = database.create_experiment("e", str(tmp_path / "e"))
+    database.transition_experiment(experiment.experiment_id, "RUNNING")
+    run = database.create_run(experiment.experiment_id, {"a": {"b": 1}})
+    database.create_worker_task(experiment.experiment_id, run.run_id, 0, 0, config_options={"x": [1, 2]})
+    database.create_controller_task(experiment.experiment_id, ControllerTask.IC_CLONE_MODIFY, config_leaf={"lr": 1})
+    commits = writer.commits
+    changed = [
+        database.transition_run(run.run_id, "ONGOING"),
+        database.transition_run(run.run_id, "STOPPED", reason="paused"),
+        database.transition_run(run.run_id, "ONGOING"),
+        database.transition_run(run.run_id, "FAILED", error="boom"),
+    ]
+    assert changed[-1] == database.get_run(run.run_id) and changed[-1].ended_at is not None
+    worker = database.claim_worker_task(0)
+    assert worker == database.get_task("worker", worker.task_id) and worker.config_options == {"x": [1, 2]}
+    done = database.finish_worker_task(worker.task_id, claim_token=worker.claim_token)
+    assert done == database.get_task("worker", worker.task_id)
+    controller = database.claim_controller_task(experiment.experiment_id)
+    assert controller == database.get_task("controller", controller.task_id)
+    assert controller.config == {"lr": 1} and controller.worker_id is None
+    assert writer.commits == commits + 7  # every one of them went through the prepared path
 
 
 @pytest.mark.parametrize("stored", [

@@ -9,8 +9,9 @@ upgrade its read lock while another writer waits, and fails at once with
 "database is locked" whatever the busy timeout.  Reads begin deferred, so an
 open read session never holds the write lock.
 
-PostgreSQL goes through psycopg 3 with ``pool_pre_ping`` and the session time
-zone pinned to UTC (``db_now()`` and ``CURRENT_TIMESTAMP`` defaults agree).  Each
+PostgreSQL goes through psycopg 3, a pooled connection pinged before reuse only
+when it sat in the pool for :data:`PING_AFTER_IDLE_S` or more (see
+:func:`_ping_after_idle`), and the session time zone pinned to UTC (``db_now()`` and ``CURRENT_TIMESTAMP`` defaults agree).  Each
 connection names its process in ``application_name`` (:func:`application_name`),
 and carries an ``idle_in_transaction_session_timeout`` and a ``statement_timeout``
 (``DBConfig``): a session forgotten inside a transaction would otherwise hold its
@@ -274,6 +275,40 @@ def configure_sqlite(dbapi_connection: Any, busy_timeout_ms: int) -> None:
         cursor.close()
 
 
+#: a pooled PostgreSQL connection idle in the pool this long (seconds) is pinged before reuse
+PING_AFTER_IDLE_S = 1.0
+
+
+def _ping_after_idle(engine: Engine) -> None:
+    """Ping a pooled connection on checkout only when it sat idle for :data:`PING_AFTER_IDLE_S`.
+
+    ``pool_pre_ping`` pings on every checkout: one more round trip (and one
+    more wake-up of the server process) for every unit of work, a fifth of a
+    claim's.  A connection in steady use (a worker polling, a controller's
+    loop) was checked in moments ago and is not pinged; one that waited in the
+    pool (where the server, a restart or the network may have ended it) is,
+    and a failed ping makes the pool replace it, as ``pool_pre_ping`` did.
+    """
+    dialect = engine.dialect
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(dbapi_connection: Any, connection_record: Any) -> None:
+        connection_record.info["rf_checked_in"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, connection_record: Any, connection_proxy: Any) -> None:
+        since = connection_record.info.pop("rf_checked_in", None)
+        if since is None or time.monotonic() - since < PING_AFTER_IDLE_S:
+            return  # just opened, or in use moments ago
+        try:
+            dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            from sqlalchemy.exc import DisconnectionError
+
+            # the pool invalidates this connection and checks out a fresh one
+            raise DisconnectionError(f"a pooled connection idle for {time.monotonic() - since:.1f} s is gone") from exc
+
+
 def _postgresql_engine(url: URL, *, read_only: bool = False) -> Engine:
     from rapidfire_state.db.schema import attach_postgresql_options
 
@@ -281,10 +316,11 @@ def _postgresql_engine(url: URL, *, read_only: bool = False) -> Engine:
     # SQLAlchemy's default QueuePool: 5 connections kept, 10 more under load
     engine = create_engine(
         url,
-        pool_pre_ping=True,
+        pool_pre_ping=False,  # _ping_after_idle: only connections that sat in the pool
         connect_args={"options": postgresql_session_options(read_only=read_only)},
     )
     network = postgresql_network_parameters()
+    _ping_after_idle(engine)
 
     @event.listens_for(engine, "do_connect")
     def _name(dialect: Any, connection_record: Any, cargs: Any, cparams: dict) -> None:

@@ -39,7 +39,7 @@ from rapidfire_state.db.engine import (
     retry_while_busy,
     sqlite_file,
 )
-from rapidfire_state.db.fastpath import SQLitePreparedWriter
+from rapidfire_state.db.fastpath import PostgreSQLPreparedWriter, SQLitePreparedWriter
 from rapidfire_state.db.records import SHMObjectRecord
 from rapidfire_state.db.schema import db_now
 from rapidfire_state.db.store.lookups import update_columns_without_commit
@@ -74,7 +74,7 @@ class StoreCore:
         self._auto_upgrade = auto_upgrade
         self._read_only = bool(read_only)
         self._closed = False
-        self._prepared_writer: Optional[SQLitePreparedWriter] = None
+        self._prepared_writer: Optional[SQLitePreparedWriter | PostgreSQLPreparedWriter] = None
         self._file_path: Optional[str] = None
         self._file_identity: Optional[tuple[int, int]] = None
         self._cleanup_hooks: list[Callable[[Sequence[SHMObjectRecord]], None]] = []
@@ -106,6 +106,10 @@ class StoreCore:
             self._prepared_writer = SQLitePreparedWriter(
                 self.sqlite_path, self._engine.dialect, int(DBConfig.BUSY_TIMEOUT_MS),
                 lambda: float(DBConfig.WRITE_RETRY_SECONDS), check_file=self._check_file,
+            )
+        elif self.dialect == "postgresql":
+            self._prepared_writer = PostgreSQLPreparedWriter(
+                self._engine, self.url_text, lambda: float(DBConfig.WRITE_RETRY_SECONDS)
             )
         try:
             outcome = migrate.ensure_schema(self, auto_upgrade=auto_upgrade)

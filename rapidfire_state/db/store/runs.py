@@ -211,7 +211,9 @@ class RunStore(StoreCore):
             if experiment_id is not None:
                 query = query.where(table.c.experiment_id == experiment_id)
             if wanted is not None:
-                query = query.where(table.c.status.in_(wanted))
+                # constants, not bound values: a generic (prepared) plan then knows
+                # how few rows the statuses select (see status_constant)
+                query = query.where(table.c.status.in_([status_constant(v) for v in wanted]))
             return [RunRecord.from_row(r) for r in conn.execute(query).mappings()]
 
         return self._read(unit)

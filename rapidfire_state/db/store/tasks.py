@@ -28,6 +28,7 @@ from rapidfire_state.db.store.status_change import (
     claim_without_commit,
     plan_change,
     record_transition_without_commit,
+    status_constant,
 )
 from rapidfire_state.exceptions import ConfigError, InvalidTransitionError
 from rapidfire_state.validation import check_positive_int
@@ -274,7 +275,9 @@ class TaskStore(StoreCore):
             if experiment_id is not None:
                 query = query.where(table.c.experiment_id == experiment_id)
             if wanted is not None:
-                query = query.where(table.c.status.in_(wanted))
+                # constants, not bound values: a generic (prepared) plan then knows
+                # how few rows the open statuses select (see status_constant)
+                query = query.where(table.c.status.in_([status_constant(v) for v in wanted]))
             if worker_id is not None:
                 query = query.where(table.c.worker_id == worker_id)
             if run_id is not None:
