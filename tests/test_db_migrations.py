@@ -1356,3 +1356,45 @@ def test_snapshots_in_the_helpers_equal_the_schema_they_describe(tmp_path):
     assert {c.name for c in snapshot.constraints if c.__class__.__name__ == "CheckConstraint"} == checks
     assert {i.name for i in snapshot.indexes} == indexes
     assert set(helpers.VIEWS_0001) == views
+
+
+# --- 0008: the open worker tasks' partial index ------------------------------------------------
+
+OPEN_INDEX_REVISION = "0008_open_tasks_index"
+BEFORE_OPEN_INDEX = migrate.REVISIONS[migrate.REVISIONS.index(OPEN_INDEX_REVISION) - 1]
+
+
+def test_open_tasks_index_round_trip_keeps_rows_and_the_listing_works_on_both_sides(db, db_url, tmp_path):
+    info = populate(db, tmp_path)
+    queued = db.create_worker_task(info["experiment_id"], info["runs"]["ONGOING"], 1, 3)
+    counts, rows = row_counts(db_url), task_rows(db_url)
+    definition = index_sql(db_url, "ix_worker_tasks_open")
+    assert definition is not None and "(task_id)" in definition, definition
+    assert all(f"'{status}'" in definition for status in ("IN_PROGRESS", "PENDING", "SCHEDULED"))
+    assert "'COMPLETED'" not in definition and "'FAILED'" not in definition
+    open_before = [t.task_id for t in db.list_tasks("worker", statuses=["PENDING", "SCHEDULED", "IN_PROGRESS"])]
+    assert queued.task_id in open_before
+
+    db.downgrade(BEFORE_OPEN_INDEX)
+    assert db.schema_revision() == BEFORE_OPEN_INDEX
+    assert index_sql(db_url, "ix_worker_tasks_open") is None
+    assert row_counts(db_url) == counts and task_rows(db_url) == rows
+    assert [t.task_id for t in db.list_tasks("worker", statuses=["PENDING", "SCHEDULED", "IN_PROGRESS"])] == open_before
+
+    db.upgrade("head")
+    assert db.schema_revision() == HEAD
+    assert schema_diff(db) == []
+    assert row_counts(db_url) == counts and task_rows(db_url) == rows
+    assert index_sql(db_url, "ix_worker_tasks_open") is not None
+
+
+def test_open_tasks_index_revision_in_offline_mode(db_url):
+    up = alembic_cli("upgrade", f"{BEFORE_OPEN_INDEX}:{OPEN_INDEX_REVISION}", "--sql", url=db_url)
+    assert up.returncode == 0, up.stdout + up.stderr
+    script = " ".join(up.stdout.split())
+    assert ("CREATE INDEX ix_worker_tasks_open ON worker_tasks (task_id) "
+            "WHERE status IN ('IN_PROGRESS', 'PENDING', 'SCHEDULED')") in script
+    assert "CREATE TABLE" not in script and "ALTER TABLE" not in script
+    down = alembic_cli("downgrade", f"{OPEN_INDEX_REVISION}:{BEFORE_OPEN_INDEX}", "--sql", url=db_url)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "DROP INDEX ix_worker_tasks_open" in " ".join(down.stdout.split())
