@@ -187,9 +187,12 @@ def _run_on(connection: Any, *, writes: bool) -> None:
             # transaction is open when enforcement is switched back on below.
             if not is_sqlite:
                 # a migration of a large table may run longer than the library's
-                # statement timeout (RF_DB_STATEMENT_TIMEOUT_S); SET LOCAL ends
-                # with this transaction, so the pooled connection keeps its own
+                # statement timeout (RF_DB_STATEMENT_TIMEOUT_S), and pause between its
+                # statements (loading revision scripts) longer than a short
+                # RF_DB_IDLE_IN_TRANSACTION_TIMEOUT_S; SET LOCAL ends with this
+                # transaction, so the pooled connection keeps its own settings
                 connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
+                connection.exec_driver_sql("SET LOCAL idle_in_transaction_session_timeout = 0")
             _configure_and_run(connection, is_sqlite)
             if is_sqlite:
                 problems = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
