@@ -44,14 +44,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
-import queue
 import statistics
 import sys
 import time
 import uuid
 from typing import Any
+
+from children import run_children  # scripts/bench/children.py, beside this script
 
 TARGETS = {"ratio_vs_raw_pg_at_4": 0.8, "claim_ms_1m_finished_vs_empty": 1.5}
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -345,32 +345,6 @@ def throughput_child(url: str, worker_id: int, experiment_id: int, run_ids: list
         import traceback
 
         results.put({"error": traceback.format_exc()})
-
-
-def run_children(target, args_list: list[tuple]) -> list[dict]:
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(len(args_list))
-    results = ctx.Queue()
-    children = [ctx.Process(target=target, args=(*args, barrier, results)) for args in args_list]
-    for child in children:
-        child.start()
-    outcomes: list[dict] = []
-    deadline = time.monotonic() + 900
-    while len(outcomes) < len(children):
-        try:
-            outcomes.append(results.get(timeout=1))
-        except queue.Empty:
-            dead = [c for c in children if c.exitcode not in (None, 0)]
-            if dead or time.monotonic() > deadline:
-                for child in children:
-                    child.kill()
-                raise SystemExit(f"benchmark processes died or hung: exit codes {[c.exitcode for c in children]}")
-    for child in children:
-        child.join(timeout=60)
-    errors = [o["error"] for o in outcomes if "error" in o]
-    if errors:
-        raise SystemExit("a benchmark process failed:\n" + "\n".join(errors))
-    return outcomes
 
 
 def percentile(values: list[float], pct: float) -> float:

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
-import queue
 import socket
 import sqlite3
 import statistics
@@ -42,6 +40,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from children import run_children  # scripts/bench/children.py, beside this script
 
 TARGETS = {"ratio_vs_raw": 0.85, "claim_p99_ms": 10.0, "scale_ratio_100k_vs_100": 1.3}
 #: the number of claim pollers the claim_p99_ms target is set for
@@ -242,32 +242,6 @@ def claim_worker(path: str, experiment_id: int, worker_id: int, idle_polls: int,
         import traceback
 
         results.put({"error": traceback.format_exc()})
-
-
-def run_children(target, args_list: list[tuple]) -> list[dict]:
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(len(args_list))
-    results = ctx.Queue()
-    children = [ctx.Process(target=target, args=(*args, barrier, results)) for args in args_list]
-    for child in children:
-        child.start()
-    outcomes: list[dict] = []
-    deadline = time.monotonic() + 900
-    while len(outcomes) < len(children):
-        try:
-            outcomes.append(results.get(timeout=1))
-        except queue.Empty:
-            dead = [c for c in children if c.exitcode not in (None, 0)]
-            if dead or time.monotonic() > deadline:
-                for child in children:
-                    child.kill()
-                raise SystemExit(f"benchmark processes died or hung: exit codes {[c.exitcode for c in children]}")
-    for child in children:
-        child.join(timeout=60)
-    errors = [o["error"] for o in outcomes if "error" in o]
-    if errors:
-        raise SystemExit("a benchmark process failed:\n" + "\n".join(errors))
-    return outcomes
 
 
 def throughput(outcomes: list[dict]) -> float:
