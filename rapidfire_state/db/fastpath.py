@@ -180,6 +180,25 @@ def _identity(path: str) -> Optional[tuple[int, int]]:
     return status.st_dev, status.st_ino
 
 
+def compile_prepared(
+    statement: Any, dialect: Any, result_processor: Callable[[Any], Optional[Callable[[Any], Any]]]
+) -> PreparedStatement:
+    """``statement`` compiled once by ``dialect`` (positional parameters), with the
+    processors of its returned columns from ``result_processor(column)``."""
+    compiled = statement.compile(dialect=dialect)
+    if any(bind.expanding for bind in compiled.binds.values()):
+        raise ValueError("prepared statements need plain bound parameters, not expanding IN lists")
+    returning = list(getattr(statement, "_returning", ()) or ())
+    return PreparedStatement(
+        sql=compiled.string,
+        names=tuple(compiled.positiontup or ()),
+        # values fixed when the statement was built; the required ones come per call
+        defaults={name: bind.effective_value for name, bind in compiled.binds.items() if not bind.required},
+        columns=tuple(column.name for column in returning),
+        processors=tuple(result_processor(column) for column in returning),
+    )
+
+
 class SQLitePreparedWriter:
     """Runs prepared compare-and-set units on one driver connection per thread."""
 
@@ -216,19 +235,7 @@ class SQLitePreparedWriter:
         cached = self._prepared.get(id(statement))
         if cached is not None and cached[0] is statement:
             return cached[1]
-        compiled = statement.compile(dialect=self._dialect)
-        if any(bind.expanding for bind in compiled.binds.values()):
-            raise ValueError("prepared statements need plain bound parameters, not expanding IN lists")
-        returning = list(getattr(statement, "_returning", ()) or ())
-        columns = tuple(column.name for column in returning)
-        prepared = PreparedStatement(
-            sql=compiled.string,
-            names=tuple(compiled.positiontup or ()),
-            # values fixed when the statement was built; the required ones come per call
-            defaults={name: bind.effective_value for name, bind in compiled.binds.items() if not bind.required},
-            columns=columns,
-            processors=tuple(_result_processor(column, self._dialect) for column in returning),
-        )
+        prepared = compile_prepared(statement, self._dialect, lambda column: _result_processor(column, self._dialect))
         with self._lock:
             self._prepared[id(statement)] = (statement, prepared)  # the reference keeps the id valid
         return prepared
@@ -480,19 +487,11 @@ class PostgreSQLPreparedWriter:
         cached = self._prepared.get(id(statement))
         if cached is not None and cached[0] is statement:
             return cached[1]
-        compiled = statement.compile(dialect=self._sql_dialect)
-        if any(bind.expanding for bind in compiled.binds.values()):
-            raise ValueError("prepared statements need plain bound parameters, not expanding IN lists")
-        returning = list(getattr(statement, "_returning", ()) or ())
-        prepared = PreparedStatement(
-            sql=compiled.string,
-            names=tuple(compiled.positiontup or ()),
-            defaults={name: bind.effective_value for name, bind in compiled.binds.items() if not bind.required},
-            columns=tuple(column.name for column in returning),
-            processors=tuple(_pg_result_processor(column, self._dialect) for column in returning),
+        prepared = compile_prepared(
+            statement, self._sql_dialect, lambda column: _pg_result_processor(column, self._dialect)
         )
         with self._lock:
-            self._prepared[id(statement)] = (statement, prepared)
+            self._prepared[id(statement)] = (statement, prepared)  # the reference keeps the id valid
         return prepared
 
     def _unit(self, body: Callable[[Any], Any]) -> Any:
