@@ -293,7 +293,10 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_shm(args: argparse.Namespace) -> int:
-    columns = ["key", "experiment_id", "run_id", "chunk_id", "object_type", "location", "num_bytes", "tensor_count", "disk_path"]
+    columns = [
+        "key", "experiment_id", "run_id", "chunk_id", "object_type", "location", "host", "num_bytes", "tensor_count",
+        "disk_path", "copy_path",
+    ]
     with _reader(args) as database:
         found, more = database.shm_page(experiment_id=args.experiment, limit=args.limit)
     rows = _records(found)

@@ -703,3 +703,17 @@ def test_metrics_commands_import_neither_torch_nor_mlflow(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "LOADED []" in out
+
+
+def test_shm_lists_which_host_holds_each_object_and_its_copy(db, db_url, tmp_path, capsys):
+    copy = tmp_path / "shared" / "ckpt.pt"
+    db.upsert_shm_object("here-only", num_bytes=8, tensor_count=1)
+    db.upsert_shm_object("with-copy", num_bytes=8, tensor_count=1, copy_path=str(copy))
+    code, out, _ = run_cli(capsys, "--url", db_url, "shm", "--json")
+    assert code == 0
+    rows = {row["key"]: row for row in json.loads(out)}
+    assert (rows["here-only"]["host"], rows["here-only"]["copy_path"]) == (HOST, None)
+    assert (rows["with-copy"]["host"], rows["with-copy"]["copy_path"]) == (HOST, str(copy))
+    code, out, _ = run_cli(capsys, "--url", db_url, "shm")
+    header = out.splitlines()[0].split()
+    assert code == 0 and "host" in header and "copy_path" in header
