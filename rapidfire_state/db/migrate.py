@@ -93,7 +93,6 @@ REVISIONS: tuple[str, ...] = (
     "0005_metric_outbox",
     "0006_claim_indexes",
     "0007_shm_host",
-    "0008_open_tasks_index",
 )
 HEAD_REVISION = REVISIONS[-1]
 UPGRADE_COMMAND = "rapidfire-state db upgrade"

@@ -177,11 +177,6 @@ def _run_fk(name: str = "run_id") -> Column:
 # (…, status, task_id) index and filtered every finished task ahead of the queue.
 # Their PostgreSQL ``WHERE`` is attached like the one-RUNNING index's.
 CLAIMABLE_WHERE = "status = 'SCHEDULED'"
-#: the open worker tasks (revision 0008), written as the store renders the listing
-#: of the non-terminal statuses: SQLite uses a partial index only for a query whose
-#: WHERE contains the index's own terms
-OPEN_TASKS_WHERE = "status IN ('IN_PROGRESS', 'PENDING', 'SCHEDULED')"
-WORKER_OPEN_INDEX = "ix_worker_tasks_open"
 WORKER_CLAIM_INDEX = "ix_worker_tasks_claim"
 CONTROLLER_CLAIM_INDEX = "ix_controller_tasks_claim"
 
@@ -282,8 +277,6 @@ worker_tasks = Table(
     Index("ix_worker_tasks_experiment_id_status", "experiment_id", "status"),
     Index("ix_worker_tasks_run_id", "run_id"),
     Index(WORKER_CLAIM_INDEX, "worker_id", "task_id", sqlite_where=text(CLAIMABLE_WHERE)),
-    # the open-tasks listing across experiments (revision 0008)
-    Index(WORKER_OPEN_INDEX, "task_id", sqlite_where=text(OPEN_TASKS_WHERE)),
 )
 
 controller_tasks = Table(
@@ -461,12 +454,8 @@ def attach_postgresql_options() -> None:
     for index in metric_outbox.indexes:
         if index.name == "ix_metric_outbox_pending":
             index.dialect_options["postgresql"]["where"] = text(OUTBOX_PENDING_WHERE)
-    for table, name, where in (
-        (worker_tasks, WORKER_CLAIM_INDEX, CLAIMABLE_WHERE),
-        (controller_tasks, CONTROLLER_CLAIM_INDEX, CLAIMABLE_WHERE),
-        (worker_tasks, WORKER_OPEN_INDEX, OPEN_TASKS_WHERE),
-    ):
+    for table, name in ((worker_tasks, WORKER_CLAIM_INDEX), (controller_tasks, CONTROLLER_CLAIM_INDEX)):
         for index in table.indexes:
             if index.name == name:
-                index.dialect_options["postgresql"]["where"] = text(where)
+                index.dialect_options["postgresql"]["where"] = text(CLAIMABLE_WHERE)
     _postgresql_attached = True
