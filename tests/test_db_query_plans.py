@@ -428,28 +428,13 @@ def _walks(db, backend: str, table: str, sql: str, parameters: Any) -> list[str]
     return problems
 
 
-#: hot queries that scan today and need an index (left to a migration of the lead's; see the xfail)
-NEEDS_INDEX = {"list_tasks(worker, open statuses)"}
-
-
 def test_hot_queries_reach_their_rows_through_an_index_over_a_large_table(db, db_url):
     backend = "postgresql" if db_url.startswith("postgresql") else "sqlite"
     queries = _hot_queries(db, _hot_fill(db, backend))
     problems = {
         name: found for name, (table, (sql, parameters)) in queries.items()
-        if name not in NEEDS_INDEX and (found := _walks(db, backend, table, sql, parameters))
+        if (found := _walks(db, backend, table, sql, parameters))
     }
     assert problems == {}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "list_tasks('worker', statuses=open) without an experiment filters by status alone: worker_tasks has no "
-    "index for it, so both backends scan the table; needs a migration adding the partial index "
-    "ix_worker_tasks_open ON worker_tasks (task_id) WHERE status IN ('IN_PROGRESS', 'PENDING', 'SCHEDULED') "
-    "(a full (status, task_id) index serves PostgreSQL only: SQLite's statistics still prefer the scan)"
-))
-def test_the_open_worker_tasks_listing_without_an_experiment_uses_an_index(db, db_url):
-    backend = "postgresql" if db_url.startswith("postgresql") else "sqlite"
-    queries = _hot_queries(db, _hot_fill(db, backend))
-    problems = {name: _walks(db, backend, *queries[name][:1], *queries[name][1]) for name in NEEDS_INDEX}
-    assert problems == {name: [] for name in NEEDS_INDEX}

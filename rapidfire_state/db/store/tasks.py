@@ -12,6 +12,7 @@ from sqlalchemy.engine import Connection
 
 from rapidfire_state import states
 from rapidfire_state.constants import ControllerTask, TaskStatus, WorkerTask
+from rapidfire_state.db import schema as tables
 from rapidfire_state.db.records import TaskRecord
 from rapidfire_state.db.schema import db_now
 from rapidfire_state.db.store.core import StoreCore
@@ -278,6 +279,12 @@ class TaskStore(StoreCore):
                 # constants, not bound values: a generic (prepared) plan then knows
                 # how few rows the open statuses select (see status_constant)
                 query = query.where(table.c.status.in_([status_constant(v) for v in wanted]))
+                if experiment_id is None and kind == "worker":
+                    # worker_tasks has no index leading with the status, but one on
+                    # (experiment_id, status): naming every experiment (a task always
+                    # has one) lets both backends probe it per experiment instead of
+                    # walking the whole history for the few open tasks
+                    query = query.where(table.c.experiment_id.in_(select(tables.experiments.c.experiment_id)))
             if worker_id is not None:
                 query = query.where(table.c.worker_id == worker_id)
             if run_id is not None:
