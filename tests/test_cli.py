@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -109,8 +110,19 @@ def test_help_imports_neither_torch_nor_mlflow():
 def test_wheel_in_fresh_venv_runs_db_upgrade(tmp_path):
     """Build the wheel, install it into a new virtual environment, migrate a temp database."""
     dist = tmp_path / "dist"
+    # from a copy of the files git knows: a build/ left in the checkout by an earlier build
+    # would put files into the wheel that the tree no longer has (a withdrawn migration)
+    source = tmp_path / "source"
+    listed = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        check=True, capture_output=True,
+    ).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", str(REPO), "-w", str(dist)],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", str(source), "-w", str(dist)],
         check=True, capture_output=True,
     )
     wheel = next(dist.glob("rapidfire_state-*.whl"))
