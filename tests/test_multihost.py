@@ -286,20 +286,20 @@ with db.transaction() as session:
 """
 
 
-@pytest.mark.parametrize("idle_timeout_s", [3, 0])
 def test_a_cut_host_mid_transaction_holds_its_row_locks_only_until_the_idle_timeout(
-    pg_database_url, tmp_path, monkeypatch, idle_timeout_s
+    pg_database_url, tmp_path, monkeypatch
 ):
     """Why the rig's processes run with a short RF_DB_IDLE_IN_TRANSACTION_TIMEOUT_S.
 
     A host cut off inside a write transaction leaves its server connection "idle in
     transaction", holding its row locks: the server cannot tell a silent client from a
     slow one.  With the timeout the server ends that transaction and the controller's
-    write goes through; with it off (0) the write waits until its own statement timeout.
+    write goes through (with it off, 0, the write waited out its own 10 s statement
+    timeout and failed: measured when this test was written, not rerun each time).
     """
+    idle_timeout_s = 3
     require_netns()
     from rapidfire_state import StateDB
-    from rapidfire_state.exceptions import DBException
 
     monkeypatch.setenv("RF_DB_STATEMENT_TIMEOUT_S", "10")  # this side's ceiling on the wait
     db = StateDB(pg_database_url)
@@ -312,13 +312,9 @@ def test_a_cut_host_mid_transaction_holds_its_row_locks_only_until_the_idle_time
         assert holder.stdout.readline().strip() == "locked"
         rig.cut("b")
         started = time.monotonic()
-        if idle_timeout_s:
-            # the row's lock is gone with the transaction the server ended
-            record = db.heartbeat(experiment.experiment_id, 1)
-            assert record.exited_at is None
-        else:
-            with pytest.raises(DBException, match="statement timeout"):
-                db.heartbeat(experiment.experiment_id, 1)
+        # the row's lock is gone with the transaction the server ended
+        record = db.heartbeat(experiment.experiment_id, 1)
+        assert record.exited_at is None
         print(f"\nidle_in_transaction_session_timeout={idle_timeout_s} s: this side's write waited "
               f"{time.monotonic() - started:.2f} s for the cut host's row lock")
         rig.restore("b")

@@ -59,6 +59,11 @@ class OtherHost:
         assert self.process.returncode == 0
 
 
+#: for tests whose subject is the manager's own checks, not the database's behaviour:
+#: one backend is enough (the row-level tests run on both)
+ON_SQLITE = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+
+
 @pytest.fixture
 def shared(tmp_path) -> Path:
     return tmp_path / "shared"
@@ -116,6 +121,7 @@ def test_a_cross_host_store_on_another_host_loads_here(db, other_host, here, nam
         assert_value(local.load(KEY), 3)
 
 
+@ON_SQLITE
 def test_another_registry_of_this_host_is_read_from_its_copy(db, name, shared, experiment):
     # a controller and a worker of one host with registries of their own (managers of two
     # names): the row names this host, but the payload is in the other registry
@@ -135,6 +141,7 @@ def test_another_registry_of_this_host_is_read_from_its_copy(db, name, shared, e
         assert not reader.exists("no-copy")
 
 
+@ON_SQLITE
 def test_a_local_store_elsewhere_is_refused_clearly_until_copy_to_shared(db_url, db, name, shared):
     other = OtherHost(db_url, name, "local", shared)
     try:
@@ -216,6 +223,7 @@ def test_delete_and_cleanup_remove_copies_but_never_one_a_row_names(db, here, ex
 # --- placement arguments ---------------------------------------------------------------------
 
 
+@ON_SQLITE
 def test_placement_arguments_are_checked(db, tmp_path):
     with pytest.raises(ConfigError, match="placement='anywhere' is not valid; allowed: 'local', 'cross_host'"):
         SharedMemoryManager("p", db=db, placement="anywhere")
@@ -235,6 +243,7 @@ def test_placement_arguments_are_checked(db, tmp_path):
             copy.close()
 
 
+@ON_SQLITE
 def test_local_placement_writes_no_copy_and_records_this_host(db, name, tmp_path):
     with SharedMemoryManager(name, db=db) as manager:
         record = manager.store(KEY, value_for(1))
@@ -299,6 +308,7 @@ def test_a_fenced_row_write_is_checked_in_its_transaction(db, claimed):
     assert db.get_shm_object(KEY) == row
 
 
+@ON_SQLITE
 @pytest.mark.parametrize("claim", [(1,), ("1", "t"), (1, ""), (1, None), "token", 5])
 def test_a_bad_claim_is_a_config_error(db, here, claim):
     with pytest.raises(ConfigError, match="claim"):
@@ -316,6 +326,7 @@ def test_a_claim_without_a_database_is_a_config_error(claimed):
             manager.load(KEY)
 
 
+@ON_SQLITE
 def test_copy_to_shared_of_a_missing_key_is_a_key_error(here):
     with pytest.raises(SHMKeyError):
         here.copy_to_shared("nothing")

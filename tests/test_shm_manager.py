@@ -939,7 +939,9 @@ def test_a_forked_child_does_not_keep_a_dead_parents_lock(tmp_path):
         time.sleep(0.2)  # let the grandchild try the lock
         assert _flock_holders(lock.path) == {child.pid}
         os.kill(child.pid, signal.SIGKILL)
-        child.join(30)
+        # not child.join(): the grandchild inherited the child's end of multiprocessing's
+        # sentinel pipe, so join would wait out its timeout; exitcode polls waitpid
+        _wait_for(lambda: child.exitcode is not None, "the killed child to be reaped", interval=0.01)
         assert lock.acquire(timeout=5) is True, "the forked grandchild kept its dead parent's lock"
         lock.release()
     finally:
