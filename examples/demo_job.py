@@ -28,6 +28,7 @@ Run it with ``./scripts/demo`` (``--help`` for the knobs).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -69,6 +70,10 @@ class Interrupted(Exception):
 _received: list[int] = []
 
 
+#: > 0 while the main thread is inside a third-party call that must not be interrupted
+_deferring: list[int] = [0]
+
+
 def _raise_interrupted(signum: int, frame: Any) -> None:
     # only raise: the clean-up runs at the top of the stack, after every open
     # transaction and context manager has been left (never inside one).  Recorded
@@ -77,7 +82,25 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _received.append(signum)
+    if _deferring[0]:
+        return  # raised when the third-party call returns (signals_deferred)
     raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Any:
+    """Run a third-party call (MLflow's set-up, a run's creation) whole; a signal raises after it.
+
+    An exception raised from a signal handler lands wherever the main thread
+    is: inside MLflow's logging it was swallowed by the log handler, and once the
+    job then hung at exit, on a lock that the interrupted code never released.
+    """
+    _deferring[0] += 1
+    try:
+        yield
+    finally:
+        _deferring[0] -= 1
+    check_interrupted()
 
 
 def check_interrupted() -> None:
@@ -251,10 +274,10 @@ class Controller:
                  f"{self.args.chunks} chunks x {self.args.epochs} epochs")
         from rapidfire_state.metric_manager import MLflowManager  # seconds: imports MLflow
 
-        self.metrics = MLflowManager(db=self.db)
-        self.utils.metrics = self.metrics  # the experiment's ending flushes the runs' last statuses
-        self.metrics.track_experiment(self.experiment_id)
-        check_interrupted()  # MLflow's set-up may have swallowed the exception
+        with signals_deferred():
+            self.metrics = MLflowManager(db=self.db)
+            self.utils.metrics = self.metrics  # the experiment's ending flushes the runs' last statuses
+            self.metrics.track_experiment(self.experiment_id)
         from rapidfire_state.shm_manager import SharedMemoryManager
 
         self.shm = SharedMemoryManager("demo-shm", db=self.db)
@@ -284,7 +307,8 @@ class Controller:
             self.experiment_id, config, source=RunSource.USER,
             total_steps=self.args.chunks * self.args.epochs * ((TRAIN_SAMPLES // self.args.chunks + BATCH_SIZE - 1) // BATCH_SIZE),
         )
-        self.metrics.create_run_for(run.run_id)
+        with signals_deferred():
+            self.metrics.create_run_for(run.run_id)
         self.init_model(run, None)
         self.db.transition_run(run.run_id, RunStatus.ONGOING, reason="scheduled")
         self.logger.info("run created", run_id=run.run_id, config=config)
@@ -368,7 +392,8 @@ class Controller:
 
     def prepare_clone(self, run: Any, parent: Any, warm: bool) -> None:
         """A clone-modify run: its MLflow run, and its model (the parent's weights when warm)."""
-        self.metrics.create_run_for(run.run_id)
+        with signals_deferred():
+            self.metrics.create_run_for(run.run_id)
         self.init_model(run, parent if warm else None)
 
     def scripted_interventions(self, runs: list[Any]) -> None:
