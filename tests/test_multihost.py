@@ -28,7 +28,8 @@ import pytest
 
 from netns_rig import NetnsRig, forwarder_processes, list_links, list_namespaces, require_netns
 
-pytestmark = pytest.mark.slow
+# slow; and one rig at a time per run: rigs choose their subnets from what is in use
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("netns")]
 
 JOB = str(Path(__file__).with_name("multihost_job.py"))
 RUNS, CHUNKS, GRACE, HEARTBEAT = 4, 6, 3.0, 0.5

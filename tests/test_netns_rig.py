@@ -29,6 +29,9 @@ from netns_rig import (
 
 PG_URL = os.environ.get("RF_TEST_PG_URL")
 
+# one rig at a time per run (with pytest-xdist): rigs choose their subnets from what is in use
+pytestmark = pytest.mark.xdist_group("netns")
+
 # Run inside a host: one connection attempt with a short connect_timeout; one JSON line.
 PROBE = r"""
 import json, os, socket, sys, time
