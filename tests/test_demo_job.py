@@ -202,16 +202,18 @@ def _ic(home: Path, *args: str) -> subprocess.CompletedProcess:
 def test_interactive_control_from_a_second_terminal(tmp_path, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("RF_HOME", str(home))  # the demo's payload key signs the runs' configs
-    demo = _start(home, "--interactive", "--runs", "2", "--chunks", "3", "--epochs", "2", "--workers", "1")
+    # three epochs, and only one command before the stop: on a loaded machine each command
+    # takes a second or more, and run 2 must still be ONGOING when the stop arrives
+    demo = _start(home, "--interactive", "--runs", "2", "--chunks", "3", "--epochs", "3", "--workers", "1")
     try:
         _wait_for(home, demo, "SELECT COUNT(*) FROM runs WHERE run_id = 2 AND num_chunks_visited >= 1")
         refused = _ic(home, "resume", "2")  # an ONGOING run cannot be resumed: one line, nothing queued
         assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused
         assert _query(home, "SELECT COUNT(*) FROM controller_tasks")[0][0] == 0
-        assert _ic(home, "clone", "9", "--config", '{"lr": 0.1}').returncode == 2  # no such run
-        assert _ic(home, "clone", "1", "--config", "{not json").returncode == 2
         stopped = _ic(home, "stop", "2")
         assert stopped.returncode == 0 and "STOPPED" in stopped.stdout, stopped
+        assert _ic(home, "clone", "9", "--config", '{"lr": 0.1}').returncode == 2  # no such run
+        assert _ic(home, "clone", "1", "--config", "{not json").returncode == 2
         visited_when_stopped = _query(home, "SELECT num_chunks_visited FROM runs WHERE run_id = 2")[0][0]
         cloned = _ic(home, "clone", "1", "--config", '{"lr": 0.1}', "--warm")
         assert cloned.returncode == 0 and "created" in cloned.stdout, cloned
@@ -232,4 +234,4 @@ def test_interactive_control_from_a_second_terminal(tmp_path, monkeypatch):
         assert all(r.status == RunStatus.COMPLETED for r in runs.values())
         chunks = [t.chunk_id for t in sorted(db.list_tasks("worker", run_id=2, statuses=[TaskStatus.COMPLETED]),
                                              key=lambda t: t.task_id)]
-        assert chunks == [0, 1, 2, 0, 1, 2]  # it continued from its own next chunk
+        assert chunks == [0, 1, 2] * 3  # it continued from its own next chunk
