@@ -38,29 +38,6 @@ IDLE_IN_TRANSACTION_S = 5
 B_WORKERS = (1, 2)
 
 
-def _missing_features() -> list[str]:
-    """What of the scenario's library features (issue 12 items 2 and 3) this checkout lacks."""
-    import inspect
-
-    from rapidfire_state import StateDB
-    from rapidfire_state import worker_manager
-    from rapidfire_state.shm_manager import SharedMemoryManager
-
-    missing = []
-    if "lost_runs" not in inspect.signature(StateDB.fail_stale_workers).parameters:
-        missing.append('StateDB.fail_stale_workers(..., lost_runs="release")')
-    if "run_progress" not in inspect.signature(StateDB.finish_worker_task).parameters:
-        missing.append("StateDB.finish_worker_task(..., run_progress=...)")
-    if not hasattr(worker_manager, "TaskResult"):
-        missing.append("rapidfire_state.worker_manager.TaskResult")
-    parameters = inspect.signature(SharedMemoryManager.__init__).parameters
-    if not {"placement", "shared_dir"} <= set(parameters):
-        missing.append('SharedMemoryManager(..., placement="cross_host", shared_dir=...)')
-    elif "claim" not in inspect.signature(SharedMemoryManager.store).parameters:
-        missing.append("SharedMemoryManager.store(..., claim=task)")
-    return missing
-
-
 def _events(path: Path) -> list[dict]:
     events = []
     for line in path.read_text().splitlines():
@@ -107,9 +84,6 @@ def test_host_cut_off_mid_run_is_failed_rescheduled_and_refused(pg_database_url,
     require_netns()
     from rapidfire_state import RunStatus, StateDB, TaskStatus
 
-    missing = _missing_features()
-    if missing:
-        pytest.fail("the scenario needs library features not here yet: " + "; ".join(missing))
     db = StateDB(pg_database_url)  # migrates the empty database once, before any process opens it
     shared_dir = tmp_path / "shared"  # stands for a network file system both hosts mount
     shared_dir.mkdir()
