@@ -39,7 +39,8 @@ from rapidfire_state.db import (
     WorkerRecord,
     validate_experiment_name,
 )
-from rapidfire_state.db.store.processes import HOST
+from rapidfire_state.db.store.processes import HOST, process_identity
+from rapidfire_state.db.store.reports import OWNER_START_TOLERANCE_S, owner_gone
 from rapidfire_state.exceptions import (
     DataPathException,
     ExperimentException,
@@ -53,15 +54,12 @@ from rapidfire_state.validation import check_number
 #: bound only guards against something outside this protocol flipping experiments.
 MAX_START_ATTEMPTS = 64
 
-#: A live pid whose process started more than this many seconds after the
-#: experiment row was written cannot be the experiment's owner (the pid was
-#: reused).  The row's time is the database clock: generous enough for a
-#: PostgreSQL server whose clock is a little off this host's.
-OWNER_START_TOLERANCE_S = 5.0
 
-#: ``process_started_at`` of a registered worker and the live process's create
-#: time must agree within this many seconds for the pid to be signalled.
-WORKER_START_TOLERANCE_S = 1.0
+#: A worker row without a process identity (before revision 0008, or off Linux):
+#: its ``process_started_at`` and the live process's create time must agree within
+#: this many seconds for the pid to be signalled (the create time wanders by a whole
+#: second as NTP slews the clock).
+WORKER_START_TOLERANCE_S = 1.5
 
 #: After SIGKILL, how long to wait for the processes to disappear.
 KILL_WAIT_S = 5.0
@@ -325,24 +323,12 @@ class ExperimentUtils:
 
     def _owner_state(self, experiment: ExperimentRecord) -> str:
         """``"self"``, ``"alive"``, ``"dead"`` or ``"unknown"`` (no owner recorded, or another host)."""
-        import psutil
-
         if experiment.owner_pid is None or experiment.owner_host is None:
             return "unknown"
         if experiment.owner_host != self._host:
             return "unknown"  # another node: its pids mean nothing here
-        try:
-            process = psutil.Process(experiment.owner_pid)
-            if process.status() == psutil.STATUS_ZOMBIE:
-                return "dead"
-            # The owner existed before its experiment row; a younger process only
-            # inherited the pid number.
-            if process.create_time() > experiment.created_at.timestamp() + OWNER_START_TOLERANCE_S:
-                return "dead"
-        except psutil.NoSuchProcess:
+        if owner_gone(experiment) is not None:
             return "dead"
-        except psutil.AccessDenied:
-            pass  # it exists and we cannot look closer: assume alive
         return "self" if experiment.owner_pid == os.getpid() else "alive"
 
     # --- ending and cancelling --------------------------------------------------------
@@ -511,12 +497,16 @@ class ExperimentUtils:
             return None, "is this process"
         if worker.pid <= 1:
             return None, "is not a worker pid"
-        if worker.process_started_at is None:
+        identity = process_identity(worker.pid) if worker.process_identity else None
+        if identity is None and worker.process_started_at is None:
             return None, "has no recorded start time to verify it against"
         try:
             process = psutil.Process(worker.pid)
-            started = process.create_time()
-            if abs(started - worker.process_started_at) > WORKER_START_TOLERANCE_S:
+            if identity is not None:
+                # no step of the wall clock moves it (the create time below moves with each)
+                if identity != worker.process_identity:
+                    return None, "now belongs to another process (process identity differs)"
+            elif abs(process.create_time() - worker.process_started_at) > WORKER_START_TOLERANCE_S:
                 return None, "now belongs to another process (create time differs)"
             if process.status() == psutil.STATUS_ZOMBIE:
                 return None, "has already exited (zombie)"

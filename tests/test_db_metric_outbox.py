@@ -383,6 +383,34 @@ def test_a_claim_held_by_a_process_that_died_is_taken_over_with_its_rows_in_doub
     assert db.claim_metric_batch(URI) is None and db.pending_metric_rows() == 0
 
 
+def test_a_live_claimer_is_told_from_a_recycled_pid_by_its_identity_not_its_start_time(db, linked):
+    """A clock step leaves the claim's recorded start time an hour off: the claim is still respected."""
+    from rapidfire_state.db.store.processes import process_identity
+
+    _, stream_id = linked
+    db.append_metric_rows(metric_rows(stream_id, 2))
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD_CLAIM, db.url.render_as_string(hide_password=False), URI],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )
+    try:
+        line = child.stdout.readline()
+        assert line, child.stderr.read()
+        held = stream_row(db, stream_id)
+        assert held["claim_process_identity"] == process_identity(child.pid)
+        set_stream(db, stream_id, claim_process_started_at=held["claim_process_started_at"] - 3600)
+        assert db.claim_metric_batch(URI, stale_after_seconds=3600) is None
+        # the same pid as another process (another start since boot) left it: taken over
+        boot, _, start = held["claim_process_identity"].partition(":")
+        set_stream(db, stream_id, claim_process_identity=f"{boot}:{int(start) + 1}")
+        taken = db.claim_metric_batch(URI, stale_after_seconds=3600)
+        assert taken is not None and taken.in_doubt
+        assert stream_row(db, stream_id)["claim_process_identity"] == process_identity(os.getpid())
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_a_claim_recorded_for_an_exited_pid_is_taken_over(db, linked):
     _, stream_id = linked
     db.append_metric_rows(metric_rows(stream_id, 2))

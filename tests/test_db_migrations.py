@@ -315,7 +315,8 @@ def test_task_claims_round_trip_keeps_rows_and_an_unrecorded_claim(db, db_url, t
     db.upgrade("head")
     assert schema_diff(db) == []
     for table in ("worker_tasks", "controller_tasks"):
-        assert column_names(db_url, table)[-4:] == list(CLAIM_COLUMNS)
+        names = column_names(db_url, table)
+        assert names[names.index(CLAIM_COLUMNS[0]):][:4] == list(CLAIM_COLUMNS)
     assert row_counts(db_url) == counts
     # the task claimed before the revision has no recorded claim; it is judged by its
     # worker row (alive here), so neither a restart nor fail-stale takes it
@@ -695,6 +696,83 @@ def test_shm_host_revision_in_offline_mode(db_url):
     assert down.returncode == 0, down.stdout + down.stderr
     for column in SHM_HOST_COLUMNS:
         assert f"ALTER TABLE shm_objects DROP COLUMN {column}" in down.stdout
+    if db_url.startswith("sqlite"):
+        assert not Path(db_url[len("sqlite:///"):]).exists()  # nothing was opened or created
+
+
+# --- 0008: each recorded process named by its boot and its start since boot ---------------------
+
+IDENTITY_REVISION = "0008_process_identity"
+BEFORE_IDENTITY = migrate.REVISIONS[migrate.REVISIONS.index(IDENTITY_REVISION) - 1]
+IDENTITY_COLUMNS = {
+    "experiments": "owner_process_identity",
+    "workers": "process_identity",
+    "worker_tasks": "claim_process_identity",
+    "controller_tasks": "claim_process_identity",
+    "metric_streams": "claim_process_identity",
+}
+
+
+def test_process_identity_round_trip_keeps_rows_and_old_rows_are_judged_by_start_time(db, db_url, tmp_path):
+    from rapidfire_state.db.store.processes import process_identity
+
+    info = populate(db, tmp_path)
+    e = info["experiment_id"]
+    own = process_identity(os.getpid())
+    assert own is not None  # Linux
+    assert db.get_task("worker", info["task_id"]).claim_process_identity == own
+    assert db.list_workers(e)[0].process_identity == own
+    counts = row_counts(db_url)
+
+    db.downgrade(BEFORE_IDENTITY)
+    for table, column in IDENTITY_COLUMNS.items():
+        assert column not in column_names(db_url, table)
+    assert row_counts(db_url) == counts
+    for view in VIEWS:  # SQLite dropped the columns in place: the views still work
+        scalar(db_url, f"SELECT COUNT(*) FROM {view}")
+    # a reader of this code opens the database at 0007 as it is: every listing, identities None
+    reader = StateDB(db_url, read_only=True)
+    try:
+        assert reader.probe.status == "behind"
+        assert [x.experiment_id for x in reader.list_experiments()] == [e]
+        assert reader.get_experiment(e).owner_process_identity is None
+        assert reader.get_running_experiment().experiment_id == e
+        [worker] = reader.list_workers(e)
+        assert worker.pid == os.getpid() and worker.process_identity is None
+        task = reader.get_task("worker", info["task_id"])
+        assert task.claim_pid == os.getpid() and task.claim_process_identity is None
+        assert [t.task_id for t in reader.list_tasks("worker", statuses=["IN_PROGRESS"])] == [info["task_id"]]
+        assert len(reader.list_tasks("controller", experiment_id=e)) == 1
+        assert [w.worker_id for w, _ in reader.open_workers(e)] == [0]
+        assert reader.status_counts(e).workers[0][0].process_identity is None
+    finally:
+        reader.close()
+
+    db.upgrade("head")
+    assert schema_diff(db) == []
+    for table, column in IDENTITY_COLUMNS.items():
+        assert column_names(db_url, table)[-1] == column
+    assert row_counts(db_url) == counts
+    # rows from before 0008 have no identity: judged by their OS start time, as before
+    assert db.list_workers(e)[0].process_identity is None
+    assert db.fail_stale_workers(60) == []
+    assert db.get_task("worker", info["task_id"]).status is TaskStatus.IN_PROGRESS
+    # a worker registered again records its identity
+    assert db.register_worker(e, 0, os.getpid()).process_identity == own
+
+
+def test_process_identity_revision_in_offline_mode(db_url):
+    up = alembic_cli("upgrade", f"{BEFORE_IDENTITY}:{IDENTITY_REVISION}", "--sql", url=db_url)
+    assert up.returncode == 0, up.stdout + up.stderr
+    script = " ".join(up.stdout.split())
+    for table, column in IDENTITY_COLUMNS.items():
+        assert f"ALTER TABLE {table} ADD COLUMN {column} VARCHAR(64)" in script
+    assert "CREATE TABLE" not in script  # no table rebuild
+    assert f"version_num='{IDENTITY_REVISION}'" in script
+    down = alembic_cli("downgrade", f"{IDENTITY_REVISION}:{BEFORE_IDENTITY}", "--sql", url=db_url)
+    assert down.returncode == 0, down.stdout + down.stderr
+    for table, column in IDENTITY_COLUMNS.items():
+        assert f"ALTER TABLE {table} DROP COLUMN {column}" in down.stdout
     if db_url.startswith("sqlite"):
         assert not Path(db_url[len("sqlite:///"):]).exists()  # nothing was opened or created
 

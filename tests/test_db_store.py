@@ -961,11 +961,28 @@ def test_a_claimers_recycled_pid_is_not_taken_for_it(db, db_url, experiment):
     db.register_worker(e, 2, os.getpid())
     claim = db.claim_worker_task(2)
     assert db.fail_stale_workers(60) == []
-    # the claim's pid is running, but as a process started at another time: the claimer is gone
-    _set_claim(db_url, task.task_id, claim_process_started_at=claim.claim_process_started_at - 3600)
+    # the claim's pid is running, but as a process started at another moment since boot: the claimer is gone
+    boot, _, start = claim.claim_process_identity.partition(":")
+    _set_claim(db_url, task.task_id, claim_process_identity=f"{boot}:{int(start) + 1}")
     [report] = db.fail_stale_workers(60)
     assert report.claim_pid == os.getpid() and "another process" in report.reason
     assert report.failed_task_ids == (task.task_id,) and report.worker.alive
+
+
+def test_a_claim_without_an_identity_is_judged_by_its_start_time(db, db_url, experiment):
+    """Claims recorded before revision 0008 (or off Linux) have only the OS start time."""
+    e = experiment.experiment_id
+    wandered, recycled = db.create_worker_task(e, None, 2, 0), db.create_worker_task(e, None, 2, 1)
+    db.register_worker(e, 2, os.getpid())
+    first, second = db.claim_worker_task(2), db.claim_worker_task(2)
+    # the whole second the OS start time moves by as NTP slews the clock is not a recycled pid
+    _set_claim(db_url, wandered.task_id, claim_process_identity=None,
+               claim_process_started_at=first.claim_process_started_at - 1.0)
+    _set_claim(db_url, recycled.task_id, claim_process_identity=None,
+               claim_process_started_at=second.claim_process_started_at - 3600)
+    [report] = db.fail_stale_workers(60)
+    assert report.failed_task_ids == (recycled.task_id,) and "another process" in report.reason
+    assert db.get_task("worker", wandered.task_id).status is TaskStatus.IN_PROGRESS
 
 
 def test_claims_of_other_hosts_and_unrecorded_claims_are_judged_by_the_worker_row(db, db_url, experiment):

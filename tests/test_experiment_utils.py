@@ -34,6 +34,7 @@ from rapidfire_state.constants import (
 from rapidfire_state.datapaths import DataPath
 from rapidfire_state.db import Base, Experiment, Worker
 from rapidfire_state.exceptions import ExperimentException, NotFoundError
+from rapidfire_state.db.store.processes import process_identity
 from rapidfire_state.experiment_utils import CancelReport, ExperimentUtils
 
 HOST = socket.gethostname()
@@ -383,18 +384,53 @@ def test_dead_owner_after_every_run_completed_is_recovered_as_completed(utils, d
     assert {r.status for r in db.list_runs(record.experiment_id)} == {RunStatus.COMPLETED}
 
 
+def _set_experiment(db: StateDB, experiment_id: int, **values) -> None:
+    with db.transaction() as session:
+        session.execute(
+            update(Experiment.__table__).where(Experiment.__table__.c.experiment_id == experiment_id).values(**values)
+        )
+
+
 def test_reused_pid_counts_as_dead_owner(utils, db, exps):
-    # A live process whose pid is recorded as owner but which started long after
-    # the experiment was created: the pid was reused, the owner is gone.
+    # A live process whose pid is recorded as owner but whose process identity is
+    # another (it started at another moment since boot): the pid was reused.
     child = sleeper()
     try:
         crashed_id, _ = _crashed_experiment(db, exps, child.pid)
-        with db.transaction() as session:
-            session.execute(
-                update(Experiment.__table__)
-                .where(Experiment.__table__.c.experiment_id == crashed_id)
-                .values(created_at=db.now().replace(year=2020))
-            )
+        assert db.get_experiment(crashed_id).owner_process_identity == process_identity(child.pid)
+        _set_experiment(db, crashed_id, owner_process_identity=_another_start(process_identity(child.pid)))
+        _, name, messages = utils.create_experiment("fresh", exps)
+        assert db.get_experiment(crashed_id).status == ExperimentStatus.FAILED
+        assert messages[0].startswith("Recovered experiment 'crashed'")
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_an_owner_row_an_hour_older_than_its_live_owner_is_alive_by_its_identity(utils, db, exps):
+    # What a step of the wall clock makes of the owner: its experiment row written
+    # long "before" the process started.  The identity, which no clock moves, decides.
+    child = sleeper()
+    try:
+        crashed_id, _ = _crashed_experiment(db, exps, child.pid)
+        _set_experiment(db, crashed_id, created_at=db.now().replace(year=2020))
+        _, name, messages = utils.create_experiment("fresh", exps)
+        # taken over from a live owner (COMPLETED), not recovered from a crash (FAILED)
+        assert db.get_experiment(crashed_id).status == ExperimentStatus.COMPLETED
+        assert messages[0].startswith("Ended running experiment 'crashed'"), messages
+        assert "no longer running" not in db.history("experiment", crashed_id)[-1].reason
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_an_owner_row_without_an_identity_is_judged_by_its_start_time(utils, db, exps):
+    # Rows before revision 0008: a live process that started long after the
+    # experiment was created only inherited the owner's pid.
+    child = sleeper()
+    try:
+        crashed_id, _ = _crashed_experiment(db, exps, child.pid)
+        _set_experiment(db, crashed_id, owner_process_identity=None, created_at=db.now().replace(year=2020))
         _, name, messages = utils.create_experiment("fresh", exps)
         assert db.get_experiment(crashed_id).status == ExperimentStatus.FAILED
         assert messages[0].startswith("Recovered experiment 'crashed'")
@@ -488,14 +524,20 @@ def test_get_runs_info_shapes(utils, db, exps):
 # --- cleanup --------------------------------------------------------------------------
 
 
-def _set_worker_start(db: StateDB, experiment_id: int, worker_id: int, started: float) -> None:
+def _set_worker_start(db: StateDB, experiment_id: int, worker_id: int, **values) -> None:
     table = Worker.__table__
     with db.transaction() as session:
         session.execute(
             update(table)
             .where(table.c.experiment_id == experiment_id, table.c.worker_id == worker_id)
-            .values(process_started_at=started)
+            .values(**values)
         )
+
+
+def _another_start(identity: str) -> str:
+    """A process identity of the same boot, one clock tick later: another process of that pid."""
+    boot, _, start = identity.partition(":")
+    return f"{boot}:{int(start) + 1}"
 
 
 def test_cleanup_exact_post_state_and_idempotent(utils, db, exps):
@@ -511,12 +553,19 @@ def test_cleanup_exact_post_state_and_idempotent(utils, db, exps):
     db.upsert_shm_object("bystander_model", experiment_id=bystander, run_id=bystander_run)
 
     worker = sleeper()  # a real worker: must be terminated
-    impostor = sleeper()  # registered pid, but its create time does not match: never signalled
+    impostor = sleeper()  # registered pid, but its process identity does not match: never signalled
+    legacy_impostor = sleeper()  # a row without an identity (before 0008) whose create time does not match
+    stepped = sleeper()  # its row's create time is an hour off (a clock step), its identity matches: signalled
     remote = sleeper()  # registered on another host: never signalled
     try:
         db.register_worker(experiment_id, 0, worker.pid)
         db.register_worker(experiment_id, 1, impostor.pid)
-        _set_worker_start(db, experiment_id, 1, psutil.Process(impostor.pid).create_time() - 100.0)
+        _set_worker_start(db, experiment_id, 1, process_identity=_another_start(process_identity(impostor.pid)))
+        db.register_worker(experiment_id, 4, legacy_impostor.pid)
+        _set_worker_start(db, experiment_id, 4, process_identity=None,
+                          process_started_at=psutil.Process(legacy_impostor.pid).create_time() - 100.0)
+        db.register_worker(experiment_id, 5, stepped.pid)
+        _set_worker_start(db, experiment_id, 5, process_started_at=psutil.Process(stepped.pid).create_time() - 3600.0)
         db.register_worker(experiment_id, 2, remote.pid, host="another-host")
         db.register_worker(experiment_id, 3, os.getpid())  # ourselves: never signalled
         db.upsert_shm_object(f"{runs[RunStatus.ONGOING]}_model", experiment_id=experiment_id, run_id=runs[RunStatus.ONGOING])
@@ -532,8 +581,9 @@ def test_cleanup_exact_post_state_and_idempotent(utils, db, exps):
 
         # processes: the worker died of SIGTERM well within the grace; nobody else was hit
         assert worker.wait(timeout=5) == -signal.SIGTERM
+        assert stepped.wait(timeout=5) == -signal.SIGTERM
         assert elapsed < 4.0
-        assert impostor.poll() is None and remote.poll() is None
+        assert impostor.poll() is None and legacy_impostor.poll() is None and remote.poll() is None
 
         # the report
         open_statuses = (TaskStatus.PENDING, TaskStatus.SCHEDULED, TaskStatus.IN_PROGRESS)
@@ -544,7 +594,7 @@ def test_cleanup_exact_post_state_and_idempotent(utils, db, exps):
         )
         assert report.ended_run_ids == tuple(sorted((runs[RunStatus.NEW], runs[RunStatus.ONGOING])))
         assert report.frozen_run_ids == (runs[RunStatus.STOPPED],)
-        assert report.exited_worker_ids == (0, 1, 2, 3)
+        assert report.exited_worker_ids == (0, 1, 2, 3, 4, 5)
         assert sorted(o.key for o in report.removed_shm_objects) == sorted(["ckpt", f"{runs[RunStatus.ONGOING]}_model"])
 
         # the experiment
@@ -594,7 +644,7 @@ def test_cleanup_exact_post_state_and_idempotent(utils, db, exps):
         assert impostor.poll() is None and remote.poll() is None
         assert utils.cleanup_experiment() is None  # nothing running any more
     finally:
-        for child in (worker, impostor, remote):
+        for child in (worker, impostor, legacy_impostor, stepped, remote):
             child.kill()
             child.wait()
 

@@ -113,7 +113,11 @@ def test_host_cut_off_mid_run_is_failed_rescheduled_and_refused(pg_database_url,
             start(f"worker{worker_id}", "b", "worker", "--worker-id", str(worker_id), "--heartbeat", str(HEARTBEAT))
 
         def died() -> str:
-            return ", ".join(f"{n} exited {p.returncode}" for n, p in processes.items() if p.poll() is not None)
+            """The processes that exited before their time, each with the end of its log (why)."""
+            return "; ".join(
+                f"{n} exited {p.returncode}: ...{(tmp_path / (n + '.err')).read_text()[-1500:]}"
+                for n, p in processes.items() if p.poll() is not None
+            )
 
         def experiment():
             running = db.get_running_experiment()

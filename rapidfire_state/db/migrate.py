@@ -93,6 +93,7 @@ REVISIONS: tuple[str, ...] = (
     "0005_metric_outbox",
     "0006_claim_indexes",
     "0007_shm_host",
+    "0008_process_identity",
 )
 HEAD_REVISION = REVISIONS[-1]
 UPGRADE_COMMAND = "rapidfire-state db upgrade"

@@ -48,6 +48,7 @@ class Experiment(Base):
     updated_at: Mapped[datetime]
     started_at: Mapped[Optional[datetime]]
     ended_at: Mapped[Optional[datetime]]
+    owner_process_identity: Mapped[Optional[str]]
 
 
 class Run(Base):
@@ -103,6 +104,7 @@ class WorkerTaskRow(Base):
     claim_pid: Mapped[Optional[int]]
     claim_host: Mapped[Optional[str]]
     claim_process_started_at: Mapped[Optional[float]]
+    claim_process_identity: Mapped[Optional[str]]
 
 
 class ControllerTaskRow(Base):
@@ -125,6 +127,7 @@ class ControllerTaskRow(Base):
     claim_pid: Mapped[Optional[int]]
     claim_host: Mapped[Optional[str]]
     claim_process_started_at: Mapped[Optional[float]]
+    claim_process_identity: Mapped[Optional[str]]
 
 
 class Worker(Base):
@@ -142,6 +145,7 @@ class Worker(Base):
     heartbeat_at: Mapped[datetime]
     exited_at: Mapped[Optional[datetime]]
     exit_code: Mapped[Optional[int]]
+    process_identity: Mapped[Optional[str]]
 
 
 class SHMObject(Base):
@@ -199,6 +203,7 @@ class MetricStream(Base):
     claimed_at: Mapped[Optional[datetime]]
     last_error: Mapped[Optional[str]]
     created_at: Mapped[datetime]
+    claim_process_identity: Mapped[Optional[str]]
 
 
 class MetricOutboxRow(Base):

@@ -164,7 +164,11 @@ class _Record:
         a missing (say, renamed) column raises :class:`DBException` naming the
         record type, the column and the columns present, instead of a silent None.
         """
-        return cls._plan(tuple(extra)).from_mapping(row, extra)
+        return cls._plan(tuple(extra), cls._LATER).from_mapping(row, extra)
+
+    #: fields whose column a later revision added (``schema.COLUMNS_SINCE``): a reader of a
+    #: database behind head selects without it, and the field is None
+    _LATER: frozenset = frozenset()
 
     @classmethod
     def values_loader(
@@ -175,7 +179,7 @@ class _Record:
         The same record as :meth:`from_row` of that row, for a caller that has
         the driver's tuple (the prepared SQLite path): no mapping in between.
         """
-        return cls._plan(tuple(extra)).values_loader(columns, processors, extra)
+        return cls._plan(tuple(extra), cls._LATER).values_loader(columns, processors, extra)
 
     def to_dict(self) -> dict[str, Any]:
         """The record as a plain dict (enums as their string values)."""
@@ -202,8 +206,11 @@ class ExperimentRecord(_Record):
     updated_at: datetime
     started_at: Optional[datetime]
     ended_at: Optional[datetime]
+    #: the owner's :func:`~rapidfire_state.db.store.processes.process_identity` (None before 0008)
+    owner_process_identity: Optional[str] = None
 
     _ENUMS = {"status": ExperimentStatus, "current_task": ExperimentTask}
+    _LATER = frozenset({"owner_process_identity"})
 
 
 @dataclass(frozen=True)
@@ -267,13 +274,16 @@ class TaskRecord(_Record):
     claim_pid: Optional[int] = None
     claim_host: Optional[str] = None
     claim_process_started_at: Optional[float] = None
+    #: the claimer's :func:`~rapidfire_state.db.store.processes.process_identity` (None before 0008)
+    claim_process_identity: Optional[str] = None
 
     _ENUMS = {"status": TaskStatus}
 
-    #: per kind, the fields whose column that kind's table does not have (None on its records)
+    #: per kind, the fields whose column that kind's table does not have (None on its records),
+    #: with those a later revision added (a reader of an older database selects without them)
     _ABSENT = {
-        "worker": frozenset({"config_leaf"}),
-        "controller": frozenset({"worker_id", "chunk_id", "config_options"}),
+        "worker": frozenset({"config_leaf", "claim_process_identity"}),
+        "controller": frozenset({"worker_id", "chunk_id", "config_options", "claim_process_identity"}),
     }
     #: per kind, the enum of ``task_type``
     _TASK_TYPES = {"worker": (("task_type", WorkerTask),), "controller": (("task_type", ControllerTask),)}
@@ -318,6 +328,10 @@ class WorkerRecord(_Record):
     heartbeat_at: datetime
     exited_at: Optional[datetime]
     exit_code: Optional[int]
+    #: the process's :func:`~rapidfire_state.db.store.processes.process_identity` (None before 0008)
+    process_identity: Optional[str] = None
+
+    _LATER = frozenset({"process_identity"})
 
     @property
     def alive(self) -> bool:
@@ -383,12 +397,7 @@ class SHMObjectRecord(_Record):
 
     _ENUMS = {"object_type": SHMObjectType, "location": SHMLocation}
     #: the fields of 0007_shm_host: a reader of an older database selects without them (None here)
-    _SINCE_0007 = frozenset({"host", "copy_path"})
-
-    @classmethod
-    def from_old_row(cls, row: Mapping[str, Any]) -> "SHMObjectRecord":
-        """The record of a row read from a database before 0007_shm_host (``host``, ``copy_path`` None)."""
-        return cls._plan((), cls._SINCE_0007).from_mapping(row, {})
+    _LATER = frozenset({"host", "copy_path"})
 
     def held_elsewhere(self, host: str) -> bool:
         """Whether the payload is held by a host other than ``host`` (a NULL host is taken as ``host``)."""

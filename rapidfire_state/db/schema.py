@@ -134,6 +134,16 @@ def _claim() -> list[Column]:
     ]
 
 
+def _process_identity(name: str) -> Column:
+    """0008_process_identity: ``"<boot id>:<start ticks since boot>"`` of a recorded process.
+
+    What decides whether a pid of this host is still the recorded process: no
+    step of the wall clock moves it, unlike the OS start time beside it.  NULL
+    on rows written before 0008, or off Linux (the start time is judged then).
+    """
+    return Column(name, String(64))
+
+
 def _status(default: Enum) -> list[Column]:
     """The status column of a state machine, and the status it last moved from."""
     return [
@@ -204,6 +214,7 @@ experiments = Table(
     _updated_at(),
     _timestamp("started_at"),
     _timestamp("ended_at"),
+    _process_identity("owner_process_identity"),
     _enum_check("status", ExperimentStatus),
     _enum_check("current_task", ExperimentTask),
     Index(ONE_RUNNING_INDEX, "status", unique=True, sqlite_where=text(ONE_RUNNING_WHERE)),
@@ -270,6 +281,7 @@ worker_tasks = Table(
     _timestamp("started_at"),
     _timestamp("ended_at"),
     *_claim(),
+    _process_identity("claim_process_identity"),
     _enum_check("status", TaskStatus),
     _enum_check("task_type", WorkerTask),
     # claim_worker_task: the oldest SCHEDULED task of a worker
@@ -293,6 +305,7 @@ controller_tasks = Table(
     _timestamp("started_at"),
     _timestamp("ended_at"),
     *_claim(),
+    _process_identity("claim_process_identity"),
     _enum_check("status", TaskStatus),
     _enum_check("task_type", ControllerTask),
     Index("ix_controller_tasks_experiment_id_status_task_id", "experiment_id", "status", "task_id"),
@@ -315,6 +328,7 @@ workers = Table(
     _created_at("heartbeat_at"),
     _timestamp("exited_at"),
     Column("exit_code", Integer),
+    _process_identity("process_identity"),
     Index("uq_workers_experiment_id_worker_id", "experiment_id", "worker_id", unique=True),
     Index("ix_workers_exited_at", "exited_at"),
 )
@@ -396,6 +410,7 @@ metric_streams = Table(
     Column("claimed_at", UTCDateTime()),
     Column("last_error", Text),
     _created_at(),
+    _process_identity("claim_process_identity"),
     Index("uq_metric_streams_tracking_uri_metric_run_id", "tracking_uri", "metric_run_id", unique=True),
     Index("ix_metric_streams_run_id", "run_id"),
     Index("ix_metric_streams_experiment_id", "experiment_id"),
@@ -434,6 +449,21 @@ metric_outbox = Table(
         sqlite_where=text(OUTBOX_PENDING_WHERE),  # PostgreSQL's: attach_postgresql_options
     ),
 )
+
+#: The columns each revision since 0006 added to a table that already existed, by revision:
+#: a reader of a database behind head (``read_only``, never upgraded) selects without the
+#: columns of the revisions it lacks, and their record fields are None.
+COLUMNS_SINCE: dict[str, dict[str, tuple[str, ...]]] = {
+    "0007_shm_host": {"shm_objects": ("host", "copy_path")},
+    "0008_process_identity": {
+        "experiments": ("owner_process_identity",),
+        "workers": ("process_identity",),
+        "worker_tasks": ("claim_process_identity",),
+        "controller_tasks": ("claim_process_identity",),
+        "metric_streams": ("claim_process_identity",),
+    },
+}
+
 
 _postgresql_attached = False
 

@@ -227,12 +227,12 @@ class RawUnits:
             "pid": self.pid, "host": self.host, "reason": reason,
         }))
 
-    def claim(self, experiment_id: int, worker_id: int, token: str, started: Any):
+    def claim(self, experiment_id: int, worker_id: int, token: str, started: Any, identity: Any):
         try:
             row = self._row("claim", {
                 "rf_claim_experiment_id": experiment_id, "rf_claim_worker_id": worker_id,
                 "rf_new_claim_token": token, "rf_claim_pid": self.pid, "rf_claim_host": self.host,
-                "rf_claim_started": started,
+                "rf_claim_started": started, "rf_claim_identity": identity,
             })
             if row is not None:
                 self._history("worker_task", row[0], row[self._previous["claim"]], "IN_PROGRESS", "claimed")
@@ -286,7 +286,7 @@ def throughput_child(url: str, worker_id: int, experiment_id: int, run_ids: list
         db = StateDB(url)
         sql = library_statements()
         raw = RawUnits(url, sql, HOST)
-        _, process_started = own_process()
+        _, process_started, process_identity = own_process()
         status = {run_id: "ONGOING" for run_id in run_ids}
         capture_sent = DriverCapture()
 
@@ -306,7 +306,7 @@ def throughput_child(url: str, worker_id: int, experiment_id: int, run_ids: list
         def raw_loop(i: int) -> float:
             token = secrets.token_hex(16)  # as the library draws one per claim
             started = time.perf_counter()
-            row = raw.claim(experiment_id, worker_id, token, process_started)
+            row = raw.claim(experiment_id, worker_id, token, process_started, process_identity)
             claimed = time.perf_counter() - started
             if row is None:
                 raise RuntimeError(f"worker {worker_id} found no task to claim (raw)")
@@ -456,7 +456,8 @@ def claim_plan_index(db, experiment_id: int) -> str:
     compiled = claim_statement(WORKER_TASK, ("experiment_id", "worker_id")).compile(dialect=db.engine.dialect)
     params = {**{k: b.effective_value for k, b in compiled.binds.items() if not b.required},
               "rf_claim_experiment_id": experiment_id, "rf_claim_worker_id": 0, "rf_new_claim_token": "0" * 32,
-              "rf_claim_pid": 1, "rf_claim_host": "bench", "rf_claim_started": 0.0}
+              "rf_claim_pid": 1, "rf_claim_host": "bench", "rf_claim_started": 0.0,
+              "rf_claim_identity": None}
     with db.engine.connect() as connection:
         cursor = connection.connection.driver_connection.cursor()
         cursor.execute(f"EXPLAIN (FORMAT JSON) {compiled.string}", params)

@@ -42,7 +42,7 @@ from rapidfire_state.db.engine import (
 from rapidfire_state.db.fastpath import PostgreSQLPreparedWriter, SQLitePreparedWriter
 from rapidfire_state.db.records import SHMObjectRecord
 from rapidfire_state.db.schema import db_now
-from rapidfire_state.db.store.lookups import update_columns_without_commit
+from rapidfire_state.db.store.lookups import MISSING_COLUMNS_KEY, columns_missing_at, update_columns_without_commit
 from rapidfire_state.db.store.status_change import Entity, StatusChange, change_one_prepared
 from rapidfire_state.exceptions import DBException, RapidFireError, ReadOnlyError
 
@@ -85,6 +85,8 @@ class StoreCore:
         self.backup_path: Optional[str] = None
         #: read-only instances: what was found on opening (its ``revision``, ``status``)
         self.probe: Any = None
+        #: read-only instances of a database behind head: the columns it has not yet ({table: names})
+        self._missing_columns: dict[str, frozenset[str]] = {}
         from rapidfire_state.db import migrate
 
         if self._read_only:
@@ -94,6 +96,7 @@ class StoreCore:
             self._write_engine = None
             try:
                 self.probe = migrate.check_readable(self._url, self._engine)
+                self._missing_columns = columns_missing_at(self.probe)
             except BaseException:
                 self._engine.dispose()
                 raise
@@ -357,6 +360,9 @@ class StoreCore:
     def _read(self, unit: Callable[[Connection], T]) -> T:
         try:
             with self._engine.connect() as conn:  # deferred BEGIN: never the write lock
+                if self._missing_columns:
+                    # what lookups.all_columns selects on this reader's older schema
+                    conn.info[MISSING_COLUMNS_KEY] = self._missing_columns
                 return unit(conn)
         except RapidFireError:
             raise

@@ -22,12 +22,14 @@ from rapidfire_state.db.records import ExperimentRecord
 from rapidfire_state.db.schema import db_now
 from rapidfire_state.db.store.core import StoreCore
 from rapidfire_state.db.store.lookups import (
+    all_columns,
     check_id,
     enum_value,
     one_row,
     optional_str,
     status_filter,
 )
+from rapidfire_state.db.store.processes import HOST, process_identity
 from rapidfire_state.db.store.status_change import (
     EXPERIMENT,
     StatusChange,
@@ -180,6 +182,8 @@ class ExperimentStore(StoreCore):
             raise ConfigError(f"config_options {config_options!r} is not a dict")
         path_text = os.path.abspath(os.fspath(experiments_path))
         initial = states.INITIAL_STATES["experiment"]
+        # the owner's identity on this host, so that no step of the clock makes it look gone
+        owner_identity = process_identity(owner_pid) if owner_pid is not None and owner_host == HOST else None
 
         def unit(conn: Connection) -> ExperimentRecord:
             chosen = choose_unique_name(conn, cleaned) if unique else cleaned
@@ -195,6 +199,7 @@ class ExperimentStore(StoreCore):
                             config_options=config_options,
                             owner_pid=owner_pid,
                             owner_host=owner_host,
+                            owner_process_identity=owner_identity,
                         )
                         .returning(tables.experiments.c.experiment_id)
                     ).scalar_one()
@@ -229,7 +234,7 @@ class ExperimentStore(StoreCore):
 
         def unit(conn: Connection) -> Optional[ExperimentRecord]:
             row = conn.execute(
-                select(table).where(table.c.status == ExperimentStatus.RUNNING.value)
+                select(*all_columns(conn, table)).where(table.c.status == ExperimentStatus.RUNNING.value)
             ).mappings().first()
             return ExperimentRecord.from_row(row) if row is not None else None
 
@@ -241,7 +246,7 @@ class ExperimentStore(StoreCore):
         table = tables.experiments
 
         def unit(conn: Connection) -> list[ExperimentRecord]:
-            query = select(table).order_by(table.c.experiment_id)
+            query = select(*all_columns(conn, table)).order_by(table.c.experiment_id)
             if wanted is not None:
                 query = query.where(table.c.status.in_(wanted))
             return [ExperimentRecord.from_row(r) for r in conn.execute(query).mappings()]

@@ -22,9 +22,35 @@ from rapidfire_state.validation import check_int
 MAX_INTEGER = 2**31 - 1
 
 
+#: ``Connection.info`` key of the columns a reader's database lacks ({table: names}); unset at head
+MISSING_COLUMNS_KEY = "rapidfire_state.missing_columns"
+
+
+def columns_missing_at(probe: Any) -> dict[str, frozenset[str]]:
+    """The columns of :data:`~rapidfire_state.db.schema.COLUMNS_SINCE` that a database at ``probe``'s revision lacks."""
+    from rapidfire_state.db.schema import COLUMNS_SINCE
+
+    missing: dict[str, set[str]] = {}
+    for revision, added in COLUMNS_SINCE.items():
+        if not probe.at_least(revision):
+            for table_name, names in added.items():
+                missing.setdefault(table_name, set()).update(names)
+    return {name: frozenset(names) for name, names in missing.items()}
+
+
+def all_columns(conn: Connection, table: Table) -> list[Any]:
+    """The columns of ``table`` to select: all of them, but on a reader's database behind
+    head only those its revision has (the records' fields of the others are None)."""
+    missing = conn.info.get(MISSING_COLUMNS_KEY)
+    lacking = missing.get(table.name) if missing else None
+    if not lacking:
+        return list(table.c)
+    return [column for column in table.c if column.name not in lacking]
+
+
 def one_row(conn: Connection, table: Table, *conditions: Any, missing: tuple[str, Any]) -> Mapping[str, Any]:
     """The one row of ``table`` matching ``conditions``; :class:`NotFoundError` ``(*missing)`` when none."""
-    row = conn.execute(select(table).where(*conditions)).mappings().first()
+    row = conn.execute(select(*all_columns(conn, table)).where(*conditions)).mappings().first()
     if row is None:
         raise NotFoundError(*missing)
     return row

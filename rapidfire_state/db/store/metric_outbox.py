@@ -78,7 +78,9 @@ def _abandoned(claim: Any, now: Any, stale_after_seconds: float) -> bool:
         return False
     if claim.claim_pid == os.getpid():
         return claim.claim_token not in _IN_FLIGHT
-    return gone_here(claim.claim_host, claim.claim_pid, claim.claim_process_started_at) is not None
+    return gone_here(
+        claim.claim_host, claim.claim_pid, claim.claim_process_started_at, claim.claim_process_identity
+    ) is not None
 
 
 def _pending() -> Any:
@@ -311,7 +313,7 @@ class MetricOutboxStore(StoreCore):
         stale = check_number("stale_after_seconds", stale_after_seconds)
         skipped = frozenset(skip)
 
-        pid, started = own_process()
+        pid, started, identity = own_process()
 
         def unit(conn: Connection) -> Optional[MetricBatch]:
             now = conn.execute(select(db_now())).scalar_one()
@@ -335,7 +337,8 @@ class MetricOutboxStore(StoreCore):
             ranked = (
                 select(
                     _streams.c.stream_id, _streams.c.metric_run_id, _streams.c.claim_token, _streams.c.claim_pid,
-                    _streams.c.claim_host, _streams.c.claim_process_started_at, _streams.c.claimed_at, first_pending,
+                    _streams.c.claim_host, _streams.c.claim_process_started_at, _streams.c.claim_process_identity,
+                    _streams.c.claimed_at, first_pending,
                 )
                 .where(_streams.c.tracking_uri == tracking_uri, claimable)
                 .subquery()
@@ -363,7 +366,7 @@ class MetricOutboxStore(StoreCore):
                         else _streams.c.claim_token == candidate.claim_token,
                     )
                     .values(claim_token=token, claim_pid=pid, claim_host=HOST, claim_process_started_at=started,
-                            claimed_at=db_now())
+                            claim_process_identity=identity, claimed_at=db_now())
                 ).rowcount
                 if taken != 1:
                     continue  # another flusher took it first
@@ -415,7 +418,7 @@ class MetricOutboxStore(StoreCore):
                 update(_streams)
                 .where(_streams.c.stream_id == batch.stream_id, _streams.c.claim_token == batch.claim_token)
                 .values(claim_token=None, claim_pid=None, claim_host=None, claim_process_started_at=None,
-                        claimed_at=None, last_error=error)
+                        claim_process_identity=None, claimed_at=None, last_error=error)
             ).rowcount
             return released == 1
 

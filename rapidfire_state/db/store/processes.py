@@ -46,7 +46,13 @@ HOST = resolve_host()
 
 
 def process_start_time(pid: int) -> Optional[float]:
-    """The OS start time of ``pid`` on this host, or None when it cannot be read."""
+    """The OS start time of ``pid`` on this host (seconds since the epoch), or None when it cannot be read.
+
+    For display and for rows without an identity: it is the boot time plus the
+    start offset, and the boot time as the OS reports it moves with every step
+    of the wall clock (and by a whole second as NTP slews it), so two reads of
+    one process may disagree.  :func:`process_identity` does not.
+    """
     import psutil
 
     try:
@@ -55,29 +61,94 @@ def process_start_time(pid: int) -> Optional[float]:
         return None
 
 
-_OWN_PROCESS: Optional[tuple[int, Optional[float]]] = None
+#: where Linux says which boot this is: a random id made at each boot
+_BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+_BOOT_ID: Optional[str] = None
 
 
-def own_process() -> tuple[int, Optional[float]]:
-    """This process's pid and OS start time, for the claims it makes.
+def _boot_id() -> Optional[str]:
+    global _BOOT_ID
+    if _BOOT_ID is None:
+        try:
+            with open(_BOOT_ID_PATH, encoding="ascii") as file:
+                _BOOT_ID = file.read().strip() or None
+        except OSError:
+            return None
+    return _BOOT_ID
 
-    Cached per pid: one psutil call per process, and a forked child (another
-    pid) computes its own.
+
+def process_identity(pid: int) -> Optional[str]:
+    """``"<boot id>:<start>"`` of the process ``pid`` on this host, or None where it cannot be read.
+
+    The start is the process's start in clock ticks since boot (field 22 of
+    ``/proc/<pid>/stat``), which no change of the wall clock moves; the boot id
+    tells one boot from the next, when pids start over.  So it names one process
+    for the life of the host: a recycled pid has another start, a host restarted
+    since has another boot id.  Linux only (None elsewhere: the OS start time is
+    judged instead).
+    """
+    boot = _boot_id()
+    if boot is None:
+        return None
+    try:
+        with open(f"/proc/{int(pid)}/stat", "rb") as file:
+            stat = file.read()
+        # the command name (field 2) may hold spaces and parentheses: fields resume after the last ')'
+        start = stat[stat.rindex(b")") + 2:].split()[19]
+        return f"{boot}:{int(start)}"
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_OWN_PROCESS: Optional[tuple[int, Optional[float], Optional[str]]] = None
+
+
+def own_process() -> tuple[int, Optional[float], Optional[str]]:
+    """This process's pid, OS start time and :func:`process_identity`, for the claims it makes.
+
+    Cached per pid: read once per process, and a forked child (another pid)
+    reads its own.
     """
     global _OWN_PROCESS
     pid = os.getpid()
     cached = _OWN_PROCESS
     if cached is None or cached[0] != pid:
-        cached = (pid, process_start_time(pid))
+        cached = (pid, process_start_time(pid), process_identity(pid))
         _OWN_PROCESS = cached
     return cached
 
 
-def gone_here(host: Optional[str], pid: Optional[int], process_started_at: Optional[float]) -> Optional[str]:
-    """Why the process ``pid`` started at ``process_started_at`` on ``host`` is gone.
+#: how far the OS start time of one process may wander between two reads (rows without an identity):
+#: the boot time it is computed from is reported in whole seconds and moves as NTP slews the clock
+START_TIME_TOLERANCE_S = 1.5
+
+
+def identity_changed(recorded: Optional[str], pid: int) -> Optional[str]:
+    """Why ``pid`` is not the process of identity ``recorded``; None when it is or this host cannot tell."""
+    if not recorded:
+        return None
+    current = process_identity(pid)
+    if current is None or current == recorded:
+        return None
+    recorded_boot, _, _ = recorded.partition(":")
+    current_boot, _, _ = current.partition(":")
+    if recorded_boot != current_boot:
+        return "has exited (this host has restarted since)"
+    return "has exited (its pid now belongs to another process)"
+
+
+def gone_here(
+    host: Optional[str], pid: Optional[int], process_started_at: Optional[float],
+    process_identity_recorded: Optional[str] = None,
+) -> Optional[str]:
+    """Why the process ``pid`` recorded on ``host`` is gone.
 
     None while it runs, and whenever this host cannot tell: another host's
     pid means nothing here, and a process we may not inspect is taken as alive.
+    A recorded :func:`process_identity` decides whether the pid is still that
+    process (steps of the wall clock do not move it); a row without one (written
+    before revision 0008, or off Linux) is judged by ``process_started_at``
+    within :data:`START_TIME_TOLERANCE_S`.
     """
     if host != HOST or pid is None:
         return None
@@ -87,7 +158,9 @@ def gone_here(host: Optional[str], pid: Optional[int], process_started_at: Optio
         process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE:
             return "has exited (zombie process)"
-        if process_started_at is not None and abs(process.create_time() - process_started_at) > 1.0:
+        if process_identity_recorded and process_identity(pid) is not None:
+            return identity_changed(process_identity_recorded, pid)
+        if process_started_at is not None and abs(process.create_time() - process_started_at) > START_TIME_TOLERANCE_S:
             return "has exited (its pid now belongs to another process)"
     except psutil.NoSuchProcess:
         return "has exited (pid not running)"

@@ -28,8 +28,8 @@ from rapidfire_state.db.records import ExperimentRecord, SHMObjectRecord, TaskRe
 from rapidfire_state.db.schema import db_now
 from rapidfire_state.db.store.core import StoreCore
 from rapidfire_state.db.store.experiments import load_experiment
-from rapidfire_state.db.store.lookups import check_id, status_filter
-from rapidfire_state.db.store.processes import HOST
+from rapidfire_state.db.store.lookups import all_columns, check_id, status_filter
+from rapidfire_state.db.store.processes import HOST, identity_changed, process_identity
 from rapidfire_state.db.store.workers import staleness
 from rapidfire_state.exceptions import ConfigError
 from rapidfire_state.validation import check_positive_int
@@ -110,7 +110,7 @@ class ReportStore(StoreCore):
         table = tables.experiments
 
         def unit(conn: Connection) -> Optional[ExperimentRecord]:
-            row = conn.execute(select(table).order_by(table.c.experiment_id.desc()).limit(1)).mappings().first()
+            row = conn.execute(select(*all_columns(conn, table)).order_by(table.c.experiment_id.desc()).limit(1)).mappings().first()
             return ExperimentRecord.from_row(row) if row is not None else None
 
         return self._read(unit)
@@ -147,7 +147,8 @@ class ReportStore(StoreCore):
             workers = tables.workers
             live = [
                 WorkerRecord.from_row(row) for row in conn.execute(
-                    select(workers).where(workers.c.experiment_id == experiment_id, workers.c.exited_at.is_(None))
+                    select(*all_columns(conn, workers))
+                    .where(workers.c.experiment_id == experiment_id, workers.c.exited_at.is_(None))
                     .order_by(workers.c.worker_id)
                 ).mappings()
             ]
@@ -305,7 +306,7 @@ class ReportStore(StoreCore):
 
         def unit(conn: Connection) -> list[ExperimentRecord]:
             rows = conn.execute(
-                select(table).where(table.c.status == ExperimentStatus.RUNNING.value).order_by(table.c.experiment_id)
+                select(*all_columns(conn, table)).where(table.c.status == ExperimentStatus.RUNNING.value).order_by(table.c.experiment_id)
             ).mappings()
             return [ExperimentRecord.from_row(r) for r in rows]
 
@@ -318,7 +319,7 @@ class ReportStore(StoreCore):
 
         def unit(conn: Connection) -> list[tuple[WorkerRecord, Optional[str]]]:
             now = conn.execute(select(db_now())).scalar_one()
-            query = select(table).where(table.c.exited_at.is_(None)).order_by(table.c.experiment_id, table.c.worker_id)
+            query = select(*all_columns(conn, table)).where(table.c.exited_at.is_(None)).order_by(table.c.experiment_id, table.c.worker_id)
             if experiment_id is not None:
                 query = query.where(table.c.experiment_id == experiment_id)
             return [
@@ -419,7 +420,10 @@ class ReportStore(StoreCore):
         return [dict(row) for row in self._read(lambda conn: conn.execute(statement).mappings().all())]
 
 
-#: a process younger than its experiment row by more than this only inherited the owner's pid
+#: An owner row without a process identity (before revision 0008, or off Linux): a live
+#: pid whose process started more than this many seconds after the experiment row was
+#: written only inherited the owner's pid.  The row's time is the database clock:
+#: generous enough for a PostgreSQL server whose clock is a little off this host's.
 OWNER_START_TOLERANCE_S = 5.0
 
 
@@ -428,7 +432,9 @@ def owner_gone(experiment: ExperimentRecord) -> Optional[str]:
 
     Judged on this host only (another host's pid means nothing here), as the
     experiment service judges it on start: no such pid, a zombie, or a pid now
-    held by a process started after the experiment row was created.
+    held by another process: by the owner's recorded process identity (no step
+    of the wall clock moves it), or on a row without one (before revision 0008),
+    a process started after the experiment row was created.
     """
     if experiment.owner_pid is None or experiment.owner_host != HOST:
         return None
@@ -438,6 +444,8 @@ def owner_gone(experiment: ExperimentRecord) -> Optional[str]:
         process = psutil.Process(experiment.owner_pid)
         if process.status() == psutil.STATUS_ZOMBIE:
             return "has exited (zombie process)"
+        if experiment.owner_process_identity and process_identity(experiment.owner_pid) is not None:
+            return identity_changed(experiment.owner_process_identity, experiment.owner_pid)
         if process.create_time() > experiment.created_at.timestamp() + OWNER_START_TOLERANCE_S:
             return "has exited (its pid now belongs to a younger process)"
     except psutil.NoSuchProcess:

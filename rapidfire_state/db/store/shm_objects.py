@@ -29,8 +29,6 @@ from rapidfire_state.db.store.lookups import check_id, enum_value, optional_path
 from rapidfire_state.exceptions import ConfigError, InvalidTransitionError
 from rapidfire_state.validation import check_name, check_positive_int
 
-#: the revision that gave ``shm_objects`` its ``host`` and ``copy_path`` columns
-SHM_HOST_REVISION = "0007_shm_host"
 
 
 def claim_of(claim: Any) -> Optional[tuple[int, str]]:
@@ -205,24 +203,20 @@ class SHMObjectStore(StoreCore):
 
     # --- reading ---------------------------------------------------------------------------
 
-    def _shm_columns(self) -> tuple[list, Any]:
-        """The columns to select and the record builder: a reader of a database before
-        0007 selects without ``host``/``copy_path`` (their fields are None)."""
-        table = tables.shm_objects
-        probe = self.probe
-        if probe is not None and not probe.at_least(SHM_HOST_REVISION):
-            since = SHMObjectRecord._SINCE_0007
-            return [c for c in table.c if c.name not in since], SHMObjectRecord.from_old_row
-        return list(table.c), SHMObjectRecord.from_row
+    def _shm_columns(self) -> list:
+        """The columns to select: a reader of a database before 0007 selects without
+        ``host``/``copy_path`` (their fields are None)."""
+        lacking = self._missing_columns.get("shm_objects", frozenset())
+        return [column for column in tables.shm_objects.c if column.name not in lacking]
 
     def get_shm_object(self, key: str) -> Optional[SHMObjectRecord]:
         """The metadata row of ``key``, or None."""
         table = tables.shm_objects
-        columns, record = self._shm_columns()
+        columns = self._shm_columns()
 
         def unit(conn: Connection) -> Optional[SHMObjectRecord]:
             row = conn.execute(select(*columns).where(table.c.key == key)).mappings().first()
-            return record(row) if row is not None else None
+            return SHMObjectRecord.from_row(row) if row is not None else None
 
         return self._read(unit)
 
@@ -242,7 +236,7 @@ class SHMObjectStore(StoreCore):
         wanted_path = optional_path("disk_path", disk_path)
         wanted_copy = optional_path("copy_path", copy_path)
         table = tables.shm_objects
-        columns, record = self._shm_columns()
+        columns = self._shm_columns()
         if wanted_copy is not None and len(columns) != len(table.c):
             return []  # no copies before 0007
 
@@ -260,7 +254,7 @@ class SHMObjectStore(StoreCore):
                 query = query.where(table.c.copy_path == wanted_copy)
             if limit is not None:
                 query = query.limit(check_positive_int("limit", limit))
-            return [record(r) for r in conn.execute(query).mappings()]
+            return [SHMObjectRecord.from_row(r) for r in conn.execute(query).mappings()]
 
         return self._read(unit)
 

@@ -393,6 +393,7 @@ def claim_statement(entity: Entity, filters: tuple[str, ...]) -> Any:
             claim_pid=bindparam("rf_claim_pid"),
             claim_host=bindparam("rf_claim_host"),
             claim_process_started_at=bindparam("rf_claim_started"),
+            claim_process_identity=bindparam("rf_claim_identity"),
         )
         .returning(*table.c)
     )

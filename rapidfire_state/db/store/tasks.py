@@ -17,7 +17,7 @@ from rapidfire_state.db.records import TaskRecord
 from rapidfire_state.db.schema import db_now
 from rapidfire_state.db.store.core import StoreCore
 from rapidfire_state.db.store.experiments import load_experiment
-from rapidfire_state.db.store.lookups import check_id, enum_value, one_row, status_filter
+from rapidfire_state.db.store.lookups import all_columns, check_id, enum_value, one_row, status_filter
 from rapidfire_state.db.store.processes import HOST, own_process
 from rapidfire_state.db.store.runs import PROGRESS_COUNTERS, load_run, progress_values, set_progress_without_commit
 from rapidfire_state.db.store.status_change import (
@@ -92,6 +92,7 @@ def _task_change_values(entity: Entity, to_status: TaskStatus, with_error: bool)
         values["claim_pid"] = bindparam("rf_claim_pid")
         values["claim_host"] = bindparam("rf_claim_host")
         values["claim_process_started_at"] = bindparam("rf_claim_started")
+        values["claim_process_identity"] = bindparam("rf_claim_identity")
     if to_status in states.terminal_states("task"):
         values["ended_at"] = db_now()
     if with_error:
@@ -106,10 +107,10 @@ def _held_to_claim(entity: Entity) -> tuple[Any, ...]:
 
 
 def _new_claim_params() -> dict[str, Any]:
-    pid, process_started_at = own_process()
+    pid, process_started_at, identity = own_process()
     return {
         "rf_new_claim_token": secrets.token_hex(16), "rf_claim_pid": pid, "rf_claim_host": HOST,
-        "rf_claim_started": process_started_at,
+        "rf_claim_started": process_started_at, "rf_claim_identity": identity,
     }
 
 
@@ -272,7 +273,7 @@ class TaskStore(StoreCore):
         table = entity.table
 
         def unit(conn: Connection) -> list[TaskRecord]:
-            query = select(table).order_by(table.c.task_id)
+            query = select(*all_columns(conn, table)).order_by(table.c.task_id)
             if experiment_id is not None:
                 query = query.where(table.c.experiment_id == experiment_id)
             if wanted is not None:

@@ -27,8 +27,8 @@ from rapidfire_state.db.records import StaleWorkerReport, WorkerRecord
 from rapidfire_state.db.schema import db_now
 from rapidfire_state.db.store.core import StoreCore
 from rapidfire_state.db.store.experiments import load_experiment
-from rapidfire_state.db.store.lookups import check_id, one_row, update_columns_without_commit
-from rapidfire_state.db.store.processes import HOST, gone_here, process_start_time
+from rapidfire_state.db.store.lookups import all_columns, check_id, one_row, update_columns_without_commit
+from rapidfire_state.db.store.processes import HOST, gone_here, process_identity, process_start_time
 from rapidfire_state.db.store.runs import change_run_without_commit, plan_run_change
 from rapidfire_state.db.store.status_change import WORKER_TASK, change_matching_without_commit
 from rapidfire_state.exceptions import ConfigError, InvalidTransitionError, WorkerException
@@ -66,7 +66,7 @@ def fail_dead_claims_without_commit(
     tasks = tables.worker_tasks
     open_tasks = conn.execute(
         select(tasks.c.task_id, tasks.c.claim_token, tasks.c.claim_pid, tasks.c.claim_host,
-               tasks.c.claim_process_started_at)
+               tasks.c.claim_process_started_at, tasks.c.claim_process_identity)
         .where(tasks.c.experiment_id == experiment_id, tasks.c.worker_id == worker_id,
                tasks.c.status == TaskStatus.IN_PROGRESS.value)
         .order_by(tasks.c.task_id)
@@ -76,7 +76,7 @@ def fail_dead_claims_without_commit(
     previous_gone: Optional[str] = None
     if previous is not None:
         previous_gone = "was marked exited" if previous.exited_at is not None else gone_here(
-            previous.host, previous.pid, previous.process_started_at
+            previous.host, previous.pid, previous.process_started_at, previous.process_identity
         )
     # one message (and one report) per dead claimer
     doomed: dict[tuple, list[int]] = {}
@@ -87,12 +87,14 @@ def fail_dead_claims_without_commit(
             # claimed before claims were recorded: judged by the row it was claimed under
             if previous is None or previous_gone is None:
                 continue
-            claimer = (previous.pid, previous.host, previous.process_started_at)
+            claimer = (previous.pid, previous.host, previous.process_started_at, previous.process_identity)
             why = previous_gone
         else:
-            claimer = (task.claim_pid, task.claim_host, task.claim_process_started_at)
+            claimer = (task.claim_pid, task.claim_host, task.claim_process_started_at, task.claim_process_identity)
             if claimer not in judged:
-                judged[claimer] = gone_here(task.claim_host, task.claim_pid, task.claim_process_started_at)
+                judged[claimer] = gone_here(
+                    task.claim_host, task.claim_pid, task.claim_process_started_at, task.claim_process_identity
+                )
             why = judged[claimer]
             if why is None:
                 continue
@@ -237,7 +239,7 @@ def fail_queued_without_commit(
 
 def staleness(worker: WorkerRecord, now: Any, grace_seconds: float) -> Optional[str]:
     """Why the worker counts as gone, or None while it looks alive."""
-    gone = gone_here(worker.host, worker.pid, worker.process_started_at)
+    gone = gone_here(worker.host, worker.pid, worker.process_started_at, worker.process_identity)
     if gone is not None:
         return gone
     age = (now - worker.heartbeat_at).total_seconds()
@@ -272,6 +274,7 @@ class WorkerStore(StoreCore):
         check_name("host", host, optional=True, allow_blank=True)
         host = host or HOST
         started = process_start_time(pid) if host == HOST else None
+        identity = process_identity(pid) if host == HOST else None
         table = tables.workers
 
         def unit(conn: Connection) -> WorkerRecord:
@@ -287,7 +290,7 @@ class WorkerStore(StoreCore):
                 f"worker {worker_id} was registered again (pid {pid} on {host})", lost_runs,
             )
             values = dict(
-                pid=pid, host=host, process_started_at=started, started_at=db_now(),
+                pid=pid, host=host, process_started_at=started, process_identity=identity, started_at=db_now(),
                 heartbeat_at=db_now(), exited_at=None, exit_code=None,
             )
             if previous is not None:
@@ -355,7 +358,7 @@ class WorkerStore(StoreCore):
         table = tables.workers
 
         def unit(conn: Connection) -> list[WorkerRecord]:
-            query = select(table).order_by(table.c.experiment_id, table.c.worker_id)
+            query = select(*all_columns(conn, table)).order_by(table.c.experiment_id, table.c.worker_id)
             if experiment_id is not None:
                 query = query.where(table.c.experiment_id == experiment_id)
             if alive_only:
