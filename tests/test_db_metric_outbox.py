@@ -12,6 +12,7 @@ an unlinked run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ import sys
 import threading
 from datetime import timedelta
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from sqlalchemy import select, text, update
@@ -350,9 +352,9 @@ os._exit(0)
 """
 
 
-def test_a_claim_held_by_a_process_that_died_is_taken_over_with_its_rows_in_doubt(db, linked):
-    _, stream_id = linked
-    db.append_metric_rows(metric_rows(stream_id, 4))
+@contextlib.contextmanager
+def child_holding_a_claim(db: StateDB) -> Iterator[tuple[subprocess.Popen, dict]]:
+    """A real process that claimed a batch of ``URI`` and holds it until told to go (or killed)."""
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD_CLAIM, db.url.render_as_string(hide_password=False), URI],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
@@ -360,7 +362,17 @@ def test_a_claim_held_by_a_process_that_died_is_taken_over_with_its_rows_in_doub
     try:
         line = child.stdout.readline()
         assert line, child.stderr.read()
-        sent = json.loads(line)
+        yield child, json.loads(line)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_a_claim_held_by_a_process_that_died_is_taken_over_with_its_rows_in_doubt(db, linked):
+    _, stream_id = linked
+    db.append_metric_rows(metric_rows(stream_id, 4))
+    with child_holding_a_claim(db) as (child, sent):
         held = stream_row(db, stream_id)
         assert (held["claim_pid"], held["claim_token"]) == (sent["pid"], sent["token"])
         # alive: its claim is respected, however old a stale limit would call it later
@@ -368,10 +380,6 @@ def test_a_claim_held_by_a_process_that_died_is_taken_over_with_its_rows_in_doub
         child.stdin.write("go\n")
         child.stdin.flush()
         assert child.wait(timeout=60) == 0
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
     # dead, on this host: taken over at once, long before the stale limit
     batch = db.claim_metric_batch(URI, stale_after_seconds=3600)
     assert batch is not None and batch.in_doubt
@@ -389,13 +397,7 @@ def test_a_live_claimer_is_told_from_a_recycled_pid_by_its_identity_not_its_star
 
     _, stream_id = linked
     db.append_metric_rows(metric_rows(stream_id, 2))
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD_CLAIM, db.url.render_as_string(hide_password=False), URI],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-    )
-    try:
-        line = child.stdout.readline()
-        assert line, child.stderr.read()
+    with child_holding_a_claim(db) as (child, _):
         held = stream_row(db, stream_id)
         assert held["claim_process_identity"] == process_identity(child.pid)
         set_stream(db, stream_id, claim_process_started_at=held["claim_process_started_at"] - 3600)
@@ -406,9 +408,6 @@ def test_a_live_claimer_is_told_from_a_recycled_pid_by_its_identity_not_its_star
         taken = db.claim_metric_batch(URI, stale_after_seconds=3600)
         assert taken is not None and taken.in_doubt
         assert stream_row(db, stream_id)["claim_process_identity"] == process_identity(os.getpid())
-    finally:
-        child.kill()
-        child.wait()
 
 
 def test_a_claim_recorded_for_an_exited_pid_is_taken_over(db, linked):

@@ -52,15 +52,10 @@ def another_start(identity: str, ticks: int = 1) -> str:
     return f"{boot}:{int(start) + ticks}"
 
 
-def execute(url: str, sql: str, **params) -> None:
-    from sqlalchemy import create_engine
-
-    engine = create_engine(url)
-    try:
-        with engine.begin() as connection:
-            connection.execute(text(sql), params)
-    finally:
-        engine.dispose()
+def rewrite(db, sql: str, **params) -> None:
+    """Change rows as a clock step (or a recycled pid) leaves them."""
+    with db.transaction() as session:
+        session.execute(text(sql), params)
 
 
 # --- the identity itself ---------------------------------------------------------------------
@@ -134,7 +129,7 @@ def test_gone_here_without_an_identity_is_judged_by_the_start_time():
 # --- every judge, after a clock step -----------------------------------------------------------
 
 
-def test_a_clock_step_does_not_make_a_live_worker_or_its_claim_look_gone(db, db_url, tmp_path):
+def test_a_clock_step_does_not_make_a_live_worker_or_its_claim_look_gone(db, tmp_path):
     """Both rows recorded an hour "before" the live process started: nothing is failed."""
     e = db.transition_experiment(db.create_experiment("steps", str(tmp_path)).experiment_id, "RUNNING").experiment_id
     task = db.create_worker_task(e, None, 1, 0)
@@ -144,8 +139,8 @@ def test_a_clock_step_does_not_make_a_live_worker_or_its_claim_look_gone(db, db_
         assert worker.process_identity == process_identity(child.pid)
         claim = db.claim_worker_task(1)  # claimed by this process
         assert claim.claim_process_identity == process_identity(os.getpid())
-        execute(db_url, "UPDATE workers SET process_started_at = process_started_at - 3600 WHERE worker_id = 1")
-        execute(db_url, "UPDATE worker_tasks SET claim_process_started_at = claim_process_started_at - 3600")
+        rewrite(db, "UPDATE workers SET process_started_at = process_started_at - 3600 WHERE worker_id = 1")
+        rewrite(db, "UPDATE worker_tasks SET claim_process_started_at = claim_process_started_at - 3600")
         assert db.fail_stale_workers(60) == []
         assert db.list_workers(e, alive_only=True)[0].pid == child.pid
         # a restart of the worker id by the same process keeps the claim (its claimer is alive)
@@ -154,11 +149,11 @@ def test_a_clock_step_does_not_make_a_live_worker_or_its_claim_look_gone(db, db_
         assert [why for _, why in db.open_workers(e, grace_seconds=60)] == [None]
 
         # the same rows as a recycled pid leaves them: gone, both
-        execute(db_url, "UPDATE workers SET process_identity = :i WHERE worker_id = 1",
+        rewrite(db, "UPDATE workers SET process_identity = :i WHERE worker_id = 1",
                 i=another_start(process_identity(child.pid)))
         [why] = [why for _, why in db.open_workers(e, grace_seconds=60)]
         assert "another process" in why
-        execute(db_url, "UPDATE worker_tasks SET claim_process_identity = :i",
+        rewrite(db, "UPDATE worker_tasks SET claim_process_identity = :i",
                 i=another_start(claim.claim_process_identity))
         reports = db.fail_stale_workers(60)
         assert [t for r in reports for t in r.failed_task_ids] == [task.task_id]
