@@ -454,6 +454,15 @@ def test_a_bad_rf_host_is_refused_at_import(bad):
     assert repr(bad[:40]) in last and "allowed: 1-255 characters" in last and "whitespace" in last
 
 
+@pytest.mark.parametrize("bad", ["", "   ", "two words", "new\nline", "x" * 256, 7, b"node"])
+def test_a_bad_host_given_to_register_worker_is_refused_and_nothing_is_written(db, experiment, bad):
+    e = experiment.experiment_id
+    before = db.register_worker(e, 1, os.getpid())
+    with pytest.raises(ConfigError, match=r"host=.*(allowed: 1-255 characters|not a host name)"):
+        db.register_worker(e, 1, 4242, host=bad)
+    assert db.list_workers(e) == [before]
+
+
 def test_rf_host_unset_is_the_system_name_and_255_characters_are_allowed():
     import socket
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Optional
+from typing import Any, Optional
 
 from rapidfire_state.exceptions import ConfigError
 
@@ -14,6 +14,25 @@ HOST_ENV = "RF_HOST"
 MAX_HOST_LENGTH = 255
 
 
+def check_host(name: str, value: Any) -> str:
+    """``value`` when it is a host name this library records, else :class:`ConfigError` naming it.
+
+    1-255 characters without whitespace or control characters: the rules of
+    ``$RF_HOST``, so that every host column holds a name a reader can compare.
+    """
+    allowed = f"allowed: 1-{MAX_HOST_LENGTH} characters with no whitespace or control characters"
+    if not isinstance(value, str):
+        raise ConfigError(f"{name}={value!r} is not a host name; {allowed}")
+    if not value.strip():
+        raise ConfigError(f"{name}={value!r} is blank; {allowed}")
+    if len(value) > MAX_HOST_LENGTH:
+        raise ConfigError(f"{name}={value[:40]!r}... is {len(value)} characters long; {allowed}")
+    bad = next((c for c in value if c.isspace() or not c.isprintable()), None)
+    if bad is not None:
+        raise ConfigError(f"{name}={value!r} contains {bad!r}; {allowed}")
+    return value
+
+
 def resolve_host(environ: Optional[dict] = None) -> str:
     """This process's host name: ``$RF_HOST`` when set, else ``socket.gethostname()``.
 
@@ -21,23 +40,16 @@ def resolve_host(environ: Optional[dict] = None) -> str:
     network namespaces): pids are judged only for claims of this name, so two
     hosts recording the same name would judge each other's pids.  A set value
     must be 1-255 characters without whitespace or control characters;
-    anything else raises :class:`ConfigError` naming it.
+    anything else raises :class:`ConfigError` naming it (and saying how to go
+    back to the system's name).
     """
     value = (os.environ if environ is None else environ).get(HOST_ENV)
     if value is None:
         return socket.gethostname()
-    allowed = (
-        f"allowed: 1-{MAX_HOST_LENGTH} characters with no whitespace or control characters"
-        f" (unset {HOST_ENV} to use the system host name)"
-    )
-    if not value.strip():
-        raise ConfigError(f"{HOST_ENV}={value!r} is blank; {allowed}")
-    if len(value) > MAX_HOST_LENGTH:
-        raise ConfigError(f"{HOST_ENV}={value[:40]!r}... is {len(value)} characters long; {allowed}")
-    bad = next((c for c in value if c.isspace() or not c.isprintable()), None)
-    if bad is not None:
-        raise ConfigError(f"{HOST_ENV}={value!r} contains {bad!r}; {allowed}")
-    return value
+    try:
+        return check_host(HOST_ENV, value)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (unset {HOST_ENV} to use the system host name)") from None
 
 
 #: this host's name, as worker rows, claims and history rows record it (``$RF_HOST`` or the system's);

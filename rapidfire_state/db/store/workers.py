@@ -28,11 +28,11 @@ from rapidfire_state.db.schema import db_now
 from rapidfire_state.db.store.core import StoreCore
 from rapidfire_state.db.store.experiments import load_experiment
 from rapidfire_state.db.store.lookups import all_columns, check_id, one_row, update_columns_without_commit
-from rapidfire_state.db.store.processes import HOST, gone_here, process_identity, process_start_time
+from rapidfire_state.db.store.processes import HOST, check_host, gone_here, process_identity, process_start_time
 from rapidfire_state.db.store.runs import change_run_without_commit, plan_run_change
 from rapidfire_state.db.store.status_change import WORKER_TASK, change_matching_without_commit
 from rapidfire_state.exceptions import ConfigError, InvalidTransitionError, WorkerException
-from rapidfire_state.validation import check_int, check_name, check_number, check_positive_int
+from rapidfire_state.validation import check_int, check_number, check_positive_int
 
 
 #: what may become of the runs of the tasks failed for a lost worker (see the module's docstring)
@@ -271,8 +271,7 @@ class WorkerStore(StoreCore):
         check_id("experiment_id", experiment_id)
         check_id("worker_id", worker_id)
         check_positive_int("pid", pid)
-        check_name("host", host, optional=True, allow_blank=True)
-        host = host or HOST
+        host = HOST if host is None else check_host("host", host)
         started = process_start_time(pid) if host == HOST else None
         identity = process_identity(pid) if host == HOST else None
         table = tables.workers
