@@ -168,3 +168,40 @@ def test_a_worker_registered_for_another_host_records_no_identity(db, tmp_path):
     e = db.create_experiment("remote", str(tmp_path)).experiment_id
     record = db.register_worker(e, 1, os.getpid(), host="another-host")
     assert record.process_identity is None and record.process_started_at is None
+
+
+# --- readers in another time namespace ---------------------------------------------------------
+
+
+def _in_time_namespace(code: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a new time namespace whose boot clock is 1000 s ahead (root; skips otherwise)."""
+    probe = subprocess.run(["unshare", "--time", "--boottime", "1000", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a time namespace here: {probe.stderr.strip() or probe.returncode}")
+    return subprocess.run(
+        ["unshare", "--time", "--boottime", "1000", sys.executable, "-c", code, *args],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_a_reader_in_another_time_namespace_reads_the_same_identity():
+    # the kernel shows starts shifted by the reader's boot-clock offset; the identity is read back
+    code = "import sys; from rapidfire_state.db.store.processes import process_identity; print(process_identity(int(sys.argv[1])))"
+    result = _in_time_namespace(code, str(os.getpid()))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == process_identity(os.getpid())
+
+
+def test_a_judge_in_another_time_namespace_does_not_fail_a_live_worker(db, tmp_path):
+    e = db.transition_experiment(db.create_experiment("ns", str(tmp_path)).experiment_id, "RUNNING").experiment_id
+    task = db.create_worker_task(e, None, 1, 0)
+    db.register_worker(e, 1, os.getpid())
+    db.claim_worker_task(1)
+    code = (
+        "import sys; from rapidfire_state import StateDB; db = StateDB(sys.argv[1]); "
+        "print(len(db.fail_stale_workers(60)))"
+    )
+    result = _in_time_namespace(code, db.url.render_as_string(hide_password=False))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0"
+    assert db.get_task("worker", task.task_id).status is TaskStatus.IN_PROGRESS

@@ -89,6 +89,32 @@ def _boot_id() -> Optional[str]:
     return _BOOT_ID
 
 
+#: clock ticks per second of ``/proc/<pid>/stat`` (USER_HZ)
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_BOOTTIME_OFFSET: Optional[tuple[int, Optional[int]]] = None
+
+
+def _boottime_offset_ticks() -> Optional[int]:
+    """This process's time namespace's boot-clock offset in clock ticks (0 outside one), or
+    None when it is not a whole number of ticks (the start could not be told exactly)."""
+    global _BOOTTIME_OFFSET
+    pid = os.getpid()
+    if _BOOTTIME_OFFSET is None or _BOOTTIME_OFFSET[0] != pid:
+        ticks: Optional[int] = 0
+        try:
+            with open("/proc/self/timens_offsets", encoding="ascii") as file:
+                for line in file:
+                    clock, seconds, nanoseconds = line.split()
+                    if clock == "boottime":
+                        per_tick = 1_000_000_000 // _CLOCK_TICKS
+                        whole = int(nanoseconds) % per_tick == 0
+                        ticks = int(seconds) * _CLOCK_TICKS + int(nanoseconds) // per_tick if whole else None
+        except (OSError, ValueError):
+            pass  # a kernel without time namespaces: no offset
+        _BOOTTIME_OFFSET = (pid, ticks)
+    return _BOOTTIME_OFFSET[1]
+
+
 def process_identity(pid: int) -> Optional[str]:
     """``"<boot id>:<start>"`` of the process ``pid`` on this host, or None where it cannot be read.
 
@@ -96,18 +122,21 @@ def process_identity(pid: int) -> Optional[str]:
     ``/proc/<pid>/stat``), which no change of the wall clock moves; the boot id
     tells one boot from the next, when pids start over.  So it names one process
     for the life of the host: a recycled pid has another start, a host restarted
-    since has another boot id.  Linux only (None elsewhere: the OS start time is
-    judged instead).
+    since has another boot id.  The kernel shows the start shifted by the
+    reader's time namespace (``unshare --time``); it is read back to the host's
+    boot clock, so readers in any namespace agree.  Linux only (None elsewhere:
+    the OS start time is judged instead).
     """
     boot = _boot_id()
-    if boot is None:
+    offset = _boottime_offset_ticks()
+    if boot is None or offset is None:
         return None
     try:
         with open(f"/proc/{int(pid)}/stat", "rb") as file:
             stat = file.read()
         # the command name (field 2) may hold spaces and parentheses: fields resume after the last ')'
         start = stat[stat.rindex(b")") + 2:].split()[19]
-        return f"{boot}:{int(start)}"
+        return f"{boot}:{int(start) - offset}"
     except (OSError, ValueError, IndexError):
         return None
 
