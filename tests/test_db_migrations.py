@@ -567,13 +567,16 @@ def index_sql(url: str, name: str) -> str | None:
 
 
 def task_rows(url: str) -> dict[str, list[tuple]]:
+    """Both task tables' rows, without the claim's process identity (0008 drops it on the way down)."""
     engine = raw_engine(url)
     try:
         with engine.connect() as connection:
-            return {
-                table: [tuple(map(str, row)) for row in connection.execute(text(f"SELECT * FROM {table} ORDER BY 1"))]
-                for table in ("worker_tasks", "controller_tasks")
-            }
+            rows = {}
+            for table in ("worker_tasks", "controller_tasks"):
+                names = [c["name"] for c in inspect(connection).get_columns(table) if c["name"] != "claim_process_identity"]
+                rows[table] = [tuple(map(str, row)) for row in connection.execute(
+                    text(f"SELECT {', '.join(names)} FROM {table} ORDER BY 1"))]
+            return rows
     finally:
         engine.dispose()
 

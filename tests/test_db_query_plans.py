@@ -91,6 +91,7 @@ def _fill(db, backend: str, worker_finished: Optional[int] = None) -> dict[str, 
     return {
         "rf_claim_worker_id": 0, "rf_claim_experiment_id": experiment.experiment_id,
         "rf_new_claim_token": "0" * 32, "rf_claim_pid": 1, "rf_claim_host": "plans", "rf_claim_started": 0.0,
+        "rf_claim_identity": "plans:1",
     }
 
 
