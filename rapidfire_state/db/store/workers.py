@@ -256,7 +256,10 @@ class WorkerStore(StoreCore):
     ) -> WorkerRecord:
         """Record (or re-record, after a restart) worker ``worker_id``'s process.
 
-        ``host`` defaults to this process's (``$RF_HOST``, else the system's name).
+        ``host`` defaults to this process's (``$RF_HOST``, else the system's name);
+        one given is held to ``$RF_HOST``'s rules (:class:`ConfigError` naming it).
+        A worker of this host is recorded with its OS start time and its process
+        identity (``processes.process_identity``), by which a recycled pid is told apart.
         In the same transaction, the tasks of ``worker_id`` that a dead process
         left IN_PROGRESS are failed: every task whose own claim names a process of
         this host that is gone, and the tasks without a recorded claim when the
