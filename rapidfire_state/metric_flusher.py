@@ -87,6 +87,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from rapidfire_state import states
 from rapidfire_state.constants import MetricRowKind
+from rapidfire_state.threads import start_background_thread
 
 _log = logging.getLogger(__name__)
 
@@ -407,8 +408,7 @@ class Flusher:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._wakeup = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rapidfire-metric-flusher", daemon=True)
-        self._thread.start()
+        self._thread = start_background_thread(self._run, "rapidfire-metric-flusher")
 
     def wake(self) -> None:
         """Ask the background thread for a pass now (it still honours its back-off)."""

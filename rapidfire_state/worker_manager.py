@@ -97,6 +97,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol
 
 from rapidfire_state.constants import TaskStatus
 from rapidfire_state.exceptions import ConfigError, InvalidTransitionError, RapidFireError, WorkerException
+from rapidfire_state.threads import start_background_thread
 from rapidfire_state.validation import check_int, check_number, check_positive_int, check_positive_number
 
 if TYPE_CHECKING:  # imported for annotations only: keeps `import` of this module cheap
@@ -217,9 +218,7 @@ def _start_parent_watchdog(parent_pid: int, worker_id: int) -> threading.Thread:
                 finally:
                     os._exit(ORPHANED_EXIT_CODE)
 
-    thread = threading.Thread(target=watch, name=f"rf-worker-{worker_id}-watchdog", daemon=True)
-    thread.start()
-    return thread
+    return start_background_thread(watch, f"rf-worker-{worker_id}-watchdog")
 
 
 def _mark_exited_quietly(db: "StateDB", experiment_id: int, worker_id: int, exit_code: Optional[int]) -> None:
@@ -911,8 +910,7 @@ class _Heartbeat:
             raise
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"rf-worker-{self._worker_id}-heartbeat", daemon=True)
-        self._thread.start()
+        self._thread = start_background_thread(self._run, f"rf-worker-{self._worker_id}-heartbeat")
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):

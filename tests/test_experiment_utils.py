@@ -732,7 +732,11 @@ def _sleep_forever() -> None:
 
 def _signal_child(url: str, path: str, ready, info) -> None:
     """Spawned: a controller with one real worker process, handlers installed, idling."""
+    import faulthandler
     import multiprocessing as mp
+
+    # SIGUSR1 prints every thread's stack on stderr: what a child that does not end was doing
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     from rapidfire_state.db import StateDB as ChildStateDB
     from rapidfire_state.experiment_utils import ExperimentUtils as ChildUtils
@@ -750,7 +754,13 @@ def _signal_child(url: str, path: str, ready, info) -> None:
     utils.setup_signal_handlers([worker])
     info.put((experiment_id, run.run_id, task.task_id, worker.pid))
     ready.set()
-    time.sleep(120)  # the handler ends this with sys.exit(143)
+    # A controller's loop, in short sleeps: Python runs handlers only in the main thread, and
+    # the kernel may give the SIGTERM to a thread of multiprocessing's (the queue's feeder);
+    # then one long sleep ran to its end first (measured: 120 s, once in about 30 runs).
+    # The library's own threads block the signal (rapidfire_state/threads.py); this one is not ours.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.1)  # the handler ends this with sys.exit(143)
     os._exit(3)
 
 
@@ -766,6 +776,9 @@ def test_sigterm_handler_ends_the_experiment_truthfully_and_exits_143(db, db_url
         assert psutil.pid_exists(worker_pid)
         os.kill(child.pid, signal.SIGTERM)
         child.join(timeout=60)
+        if child.exitcode is None:
+            os.kill(child.pid, signal.SIGUSR1)  # its threads' stacks, into this test's captured stderr
+            time.sleep(2)
         assert child.exitcode == 128 + signal.SIGTERM
     finally:
         if child.is_alive():

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
@@ -27,6 +26,7 @@ from loguru import logger
 from rapidfire_state.shm_manager.errors import SHMLockTimeoutError, SHMRegistryUnavailableError
 from rapidfire_state.shm_manager.metadata import ObjectMeta, new_generation
 from rapidfire_state.shm_manager.packing import in_registry_process, keep_packed_in_this_process, packed_fetch
+from rapidfire_state.threads import start_background_thread
 
 #: Prefix of the registry keys holding each object's metadata entry.
 META_PREFIX = "__rf_shm_meta__/"
@@ -62,7 +62,7 @@ def manager_initializer(parent_pid: Optional[int] = None) -> None:
                 if os.getppid() != parent_pid:
                     os._exit(0)
 
-        threading.Thread(target=watch, name="rf-shm-parent-watch", daemon=True).start()
+        start_background_thread(watch, "rf-shm-parent-watch")
 
 
 def start_registry_manager() -> Any:
