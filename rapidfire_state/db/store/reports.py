@@ -110,7 +110,8 @@ class ReportStore(StoreCore):
         table = tables.experiments
 
         def unit(conn: Connection) -> Optional[ExperimentRecord]:
-            row = conn.execute(select(*all_columns(conn, table)).order_by(table.c.experiment_id.desc()).limit(1)).mappings().first()
+            latest = select(*all_columns(conn, table)).order_by(table.c.experiment_id.desc()).limit(1)
+            row = conn.execute(latest).mappings().first()
             return ExperimentRecord.from_row(row) if row is not None else None
 
         return self._read(unit)
@@ -306,7 +307,9 @@ class ReportStore(StoreCore):
 
         def unit(conn: Connection) -> list[ExperimentRecord]:
             rows = conn.execute(
-                select(*all_columns(conn, table)).where(table.c.status == ExperimentStatus.RUNNING.value).order_by(table.c.experiment_id)
+                select(*all_columns(conn, table))
+                .where(table.c.status == ExperimentStatus.RUNNING.value)
+                .order_by(table.c.experiment_id)
             ).mappings()
             return [ExperimentRecord.from_row(r) for r in rows]
 
@@ -319,7 +322,10 @@ class ReportStore(StoreCore):
 
         def unit(conn: Connection) -> list[tuple[WorkerRecord, Optional[str]]]:
             now = conn.execute(select(db_now())).scalar_one()
-            query = select(*all_columns(conn, table)).where(table.c.exited_at.is_(None)).order_by(table.c.experiment_id, table.c.worker_id)
+            query = (
+                select(*all_columns(conn, table)).where(table.c.exited_at.is_(None))
+                .order_by(table.c.experiment_id, table.c.worker_id)
+            )
             if experiment_id is not None:
                 query = query.where(table.c.experiment_id == experiment_id)
             return [
