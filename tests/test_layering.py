@@ -85,6 +85,7 @@ LAYERS = Layers(
             "rapidfire_state.serialize",
             "rapidfire_state.logging",
             "rapidfire_state.ping",
+            "rapidfire_state.threads",
             "rapidfire_state.trainer_config",
             "rapidfire_state.automl_utils",
             "rapidfire_state.automl",  # the spec's alias of automl_utils
